@@ -1,0 +1,152 @@
+"""`ttt-video` command line: parses, builds a config, calls one function per subcommand.
+
+A user's mistake ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _user_errors():
+    from .config import ConfigError
+    from .sample.pipeline import StoryboardError
+    from .train.checkpoint import CheckpointError
+
+    return (UsageError, ConfigError, CheckpointError, StoryboardError)
+
+
+def _check_writable(path):
+    """Fail now, not after an hour of work, if `path` cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True) if not path.suffix else path.parent.mkdir(parents=True, exist_ok=True)
+        folder = path if not path.suffix else path.parent
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
+    if path.is_dir() and path.suffix:
+        raise UsageError(f"output path {path} is a directory")
+
+
+def cmd_train(args):
+    from . import config as config_lib
+    from .presets import get_preset
+    from .train.checkpoint import resolve
+    from .train.trainer import train
+
+    cfg = config_lib.load(args.config) if args.config else get_preset(args.preset)
+    config_lib.apply_overrides(cfg, args.set)
+    out = Path(args.output_dir or f"runs/{args.preset}")
+    resume = None
+    if args.resume == "auto":
+        resume = out if (out / "last").is_file() else None
+    elif args.resume:
+        resume = resolve(args.resume)
+    _check_writable(out)
+    last = train(cfg, out, resume=resume, progress=not args.no_progress)
+    print(f"checkpoint: {last}")
+    print(f"loss log: {out / 'loss.jsonl'}")
+
+
+def cmd_generate(args):
+    from .sample.pipeline import generate, read_storyboard
+
+    captions = list(args.prompts)
+    if args.storyboard:
+        if captions:
+            raise UsageError("give prompts or --storyboard, not both")
+        captions = read_storyboard(args.storyboard)
+    if not captions:
+        raise UsageError("no prompts: give one caption per scene, or --storyboard FILE.json")
+    if args.num_frames is not None and args.seconds is not None:
+        raise UsageError("give --num-frames or --seconds, not both")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+    if args.num_frames is not None and args.num_frames <= 0:
+        raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    _check_writable(args.out)
+    result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
+                      fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                      out=args.out, device=args.device, progress=not args.no_progress)
+    print(f"video: {result.video}")
+    print(f"contact sheet: {result.sheet}")
+
+
+def cmd_bench(args, rest):
+    if args.what == "ttt":
+        from .eval import bench_ttt
+
+        return bench_ttt.main(rest)
+    raise UsageError(f"unknown benchmark {args.what!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ttt-video", description="Long multi-scene video generation with TTT layers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a preset or config file")
+    t.add_argument("--preset", default="shapes-tiny", help="named recipe (default: shapes-tiny)")
+    t.add_argument("--config", help="a config JSON (e.g. a checkpoint's config.json) instead of a preset")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--output-dir", help="run folder (default: runs/<preset>)")
+    t.add_argument("--resume", help="'auto' (the run folder's last checkpoint, if any) or a checkpoint path")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate a video, one caption per scene")
+    g.add_argument("prompts", nargs="*", help="one caption per scene")
+    g.add_argument("--storyboard", help="JSON list of segments (strings or {\"text\": ...})")
+    g.add_argument("--checkpoint", help="checkpoint or run folder (default: the bundled tiny model)")
+    g.add_argument("--seconds", type=float)
+    g.add_argument("--fps", type=float, help="frames per second (default: the model's)")
+    g.add_argument("--num-frames", type=int)
+    g.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="outputs/video.mp4")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks; `ttt-video bench ttt --help` for options")
+    b.add_argument("what", choices=["ttt"])
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    errors = _user_errors()
+    try:
+        result = args.func(args, rest) if args.command == "bench" else args.func(args)
+    except errors as e:
+        print(f"ttt-video: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ttt-video: interrupted", file=sys.stderr)
+        return 130
+    return result or 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Typed nested configuration: dataclasses, `--set a.b=c` overrides, JSON load/save.
+
+The resolved config is saved beside every checkpoint, so a checkpoint alone rebuilds its model.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user's mistake in a config value or override."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "tiny-dit"
+    in_channels: int = 3
+    patch_size: tuple[int, int, int] = (2, 4, 4)  # (t, h, w)
+    dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    seq_mixer: str = "ttt-mlp"  # attention | ttt-linear | ttt-mlp
+    ttt_mini_batch_size: int = 64
+    ttt_base_lr: float = 1.0
+    gate_init: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    num_scenes: int = 3
+    frames_per_scene: int = 8  # one segment per scene
+    height: int = 32
+    width: int = 32
+    fps: int = 8
+    seed: int = 0
+    text_max_length: int = 16
+    text_encoder: str = "minilm"
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "flow"
+    timestep_shift: float = 1.0
+    steps: int = 20
+    guidance_scale: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    log_every: int = 10
+    save_every: int = 500
+    save_limit: int = 2
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def _convert(value, tp, name):
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        args = typing.get_args(tp)
+        if len(items) != len(args):
+            raise ConfigError(f"{name} needs {len(args)} comma-separated values, got {value!r}")
+        return tuple(_convert(v, t, name) for v, t in zip(items, args))
+    if origin in (typing.Union, types.UnionType):
+        if value in (None, "none", "None", "null"):
+            return None
+        return _convert(value, [a for a in typing.get_args(tp) if a is not type(None)][0], name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}") from None
+
+
+def from_dict(cls, data, prefix=""):
+    """Build dataclass `cls` from a nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{sorted(unknown)[0]}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg, overrides):
+    """Apply `a.b=c` strings to a config in place; returns it."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        *path, last = key.strip().split(".")
+        node = cfg
+        for part in path:
+            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+                raise ConfigError(f"unknown config key {key}")
+            node = getattr(node, part)
+        if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"unknown config key {key}")
+        setattr(node, last, _convert(value.strip(), typing.get_type_hints(type(node))[last], key))
+    return cfg
+
+
+def save(cfg, path):
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load(path):
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return from_dict(Config, data)

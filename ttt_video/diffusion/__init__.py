@@ -1,0 +1,1 @@
+"""Schedules, objectives and samplers; they know nothing of model internals."""

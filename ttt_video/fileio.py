@@ -1,0 +1,40 @@
+"""Atomic file writes: write beside the destination under a temporary name, then rename."""
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _mode(base):
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
+def atomic_file(path, write):
+    """Call `write(tmp_path)`, then move the result to `path`; a failure leaves `path` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path, text):
+    return atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def temp_dir_beside(path):
+    """An empty folder beside `path` (same file system) to assemble a directory in."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(tmp, _mode(0o777))
+    return tmp

@@ -1,0 +1,34 @@
+"""Attention local to each segment: a segment's video tokens attend with its own caption tokens.
+
+Tokens `[B, S * L_seg, D]`: S segments laid end to end, each `[text, video]`. Reshaping to
+`[B * S, L_seg, D]` makes the attention local without masks across segments.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+
+class SegmentAttention(nn.Module):
+    def __init__(self, dim, num_heads, qk_norm=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x, num_segments, cos, sin, key_mask=None):
+        """x `[B, S*L_seg, D]`; cos/sin `[L_seg, Dh]`; key_mask `[B, S, L_seg]` bool (True = attend)."""
+        B, L, D = x.shape
+        seg = L // num_segments
+        qkv = self.qkv(x).view(B * num_segments, seg, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B*S, H, L_seg, Dh]
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        mask = None if key_mask is None else key_mask.reshape(B * num_segments, 1, 1, seg)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(B, L, D))

@@ -1,0 +1,607 @@
+"""Triton TTT-MLP / TTT-Linear: one program per (batch, head) chain, forward and backward kernels.
+
+Layout: q, k, v `[B, H, T, D]`; eta `[B, H, T]`; inside, chains `N = B * H`, tokens `[N, T, D]`
+and inner state in float32 `[N, ...]`. Semantics are those of `reference.py`, computed in the
+dual form of `torch.py`: with `G` the eta-scaled inner gradient at a mini-batch's pre-activations,
+    Z_q = Q W + b - (M * (Q X^T + 1)) G,   W' = W - X^T G,   b' = b - sum(G).
+
+Forward walks the mini-batches and stores the inner state at every `checkpoint_group`-th
+mini-batch border. Backward walks the groups in reverse: it recomputes the states inside a group
+from its checkpoint into a scratch buffer, then runs reverse mode through each mini-batch, newest
+first, carrying the adjoint of the state. TTT-Linear keeps its state and the adjoint in registers;
+TTT-MLP keeps them in global memory (per chain, so it stays in L2) and streams the hidden dim in
+chunks of `FC` columns of W1 / rows of W2. All arithmetic is float32 (tf32 matrix products on GPU).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MLP_KEYS = ("w1", "b1", "w2", "b2")
+LINEAR_KEYS = ("w1", "b1")
+HEAD_DIMS = (16, 32, 64, 128)
+MINI_BATCH_SIZES = (16, 32, 64, 128)
+
+
+def supports(q):
+    """True where these kernels run: CUDA (sm80+), float16/bfloat16/float32, head dim 16-128."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return q.shape[-1] in HEAD_DIMS and torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def _empty_like(x):
+    return torch.empty_like(x)
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _gelu(z):
+    """gelu (tanh approximation) and its first and second derivatives."""
+    c = 0.7978845608028654
+    a = 0.044715
+    du = c * (1.0 + 3.0 * a * z * z)
+    t = _tanh(c * (z + a * z * z * z))
+    s = 1.0 - t * t
+    g0 = 0.5 * z * (1.0 + t)
+    g1 = 0.5 * (1.0 + t) + 0.5 * z * s * du
+    g2 = s * (du - z * t * du * du + 3.0 * a * c * z * z)
+    return g0, g1, g2
+
+
+@triton.jit
+def _ln(z, D: tl.constexpr, eps):
+    mu = tl.sum(z, 1, keep_dims=True) / D
+    zc = z - mu
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1, keep_dims=True) / D + eps)
+    return zc * rstd, rstd
+
+
+@triton.jit
+def _ln_bwd(dxh, xh, rstd, D: tl.constexpr):
+    """Gradient at the LayerNorm input from the gradient `dxh` at its normalised output."""
+    return rstd * (dxh - tl.sum(dxh, 1, keep_dims=True) / D - xh * (tl.sum(dxh * xh, 1, keep_dims=True) / D))
+
+
+@triton.jit
+def _inner_grad(z, k, v, lnw, lnb, D: tl.constexpr, eps):
+    """Gradient of 0.5 |LN(z) - (v - k)|^2 at z, with the pieces its own backward needs."""
+    xh, rstd = _ln(z, D, eps)
+    dy = xh * lnw + lnb - v + k
+    dxh = dy * lnw
+    return xh, rstd, dy, dxh, _ln_bwd(dxh, xh, rstd, D)
+
+
+@triton.jit
+def _inner_grad_bwd(dgr, xh, rstd, dy, dxh, lnw, D: tl.constexpr):
+    """Reverse mode of `_inner_grad`: dz, d(dy) (= dk = -dv) and the LayerNorm weight/bias parts."""
+    c2 = tl.sum(dxh * xh, 1, keep_dims=True) / D
+    bracket = dxh - tl.sum(dxh, 1, keep_dims=True) / D - xh * c2
+    d_rstd = tl.sum(dgr * bracket, 1, keep_dims=True)
+    u = rstd * dgr
+    m_uxh = tl.sum(u * xh, 1, keep_dims=True) / D
+    d_dxh = u - tl.sum(u, 1, keep_dims=True) / D - xh * m_uxh
+    d_dy = d_dxh * lnw
+    d_xh = d_dy * lnw - u * c2 - dxh * m_uxh
+    dz = _ln_bwd(d_xh, xh, rstd, D) - d_rstd * rstd * rstd * xh / D
+    return dz, d_dy, tl.sum(d_dxh * dy + d_dy * xh, 0), tl.sum(d_dy, 0)
+
+
+@triton.jit
+def _scores(a, b, rows, CAUSAL: tl.constexpr):
+    """M * (a b^T + 1)."""
+    s = tl.dot(a, tl.trans(b)) + 1.0
+    if CAUSAL:
+        s = tl.where(rows[:, None] >= rows[None, :], s, 0.0)
+    return s
+
+
+@triton.jit
+def _load_rows(ptr, t0, T, rows, cols, D: tl.constexpr):
+    m = (t0 + rows) < T
+    return tl.load(ptr + (t0 + rows)[:, None] * D + cols[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, t0, T, rows, cols, D: tl.constexpr):
+    m = (t0 + rows) < T
+    tl.store(ptr + (t0 + rows)[:, None] * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=m[:, None])
+
+
+@triton.jit
+def _load_eta(ptr, t0, T, rows):
+    return tl.load(ptr + t0 + rows, mask=(t0 + rows) < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl.constexpr, eps):
+    z = tl.dot(k, w) + b  # [BS, D]
+    xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
+    g = eta[:, None] * gr
+    zq = tl.dot(q, w) + b - tl.dot(_scores(q, k, rows, CAUSAL), g)
+    xhq, _ = _ln(zq, D, eps)
+    w = w - tl.dot(tl.trans(k), g)
+    b = b - tl.sum(g, 0, keep_dims=True)
+    return q + xhq * lnw + lnb, w, b
+
+
+@triton.jit
+def _linear_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr,
+                       T, H, NG, eps, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
+                       CAUSAL: tl.constexpr, SAVE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    wofs = cols[:, None] * D + cols[None, :]
+    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    w = tl.load(w_ptr + pid * D * D + wofs)  # [D, D]
+    b = tl.load(b_ptr + pid * D + cols)[None, :]  # [1, D]
+    q_ptr += pid * T * D
+    k_ptr += pid * T * D
+    v_ptr += pid * T * D
+    o_ptr += pid * T * D
+    eta_ptr += pid * T
+    for n in range(0, tl.cdiv(T, BS)):
+        if SAVE:
+            if n % G == 0:
+                c = pid * NG + n // G
+                tl.store(cw_ptr + c * D * D + wofs, w)
+                tl.store(cb_ptr + c * D + cols[None, :], b)
+        t0 = n * BS
+        q = _load_rows(q_ptr, t0, T, rows, cols, D)
+        k = _load_rows(k_ptr, t0, T, rows, cols, D)
+        v = _load_rows(v_ptr, t0, T, rows, cols, D)
+        eta = _load_eta(eta_ptr, t0, T, rows)
+        out, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, eps)
+        _store_rows(o_ptr, out, t0, T, rows, cols, D)
+    tl.store(w_ptr + pid * D * D + wofs, w)
+    tl.store(b_ptr + pid * D + cols[None, :], b)
+
+
+@triton.jit
+def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw_ptr, cb_ptr, sw_ptr, sb_ptr,
+                       dw_ptr, db_ptr, dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr,
+                       T, H, NG, eps, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    wofs = cols[:, None] * D + cols[None, :]
+    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    dw = tl.load(dw_ptr + pid * D * D + wofs)  # adjoint of the state after the last mini-batch
+    db = tl.load(db_ptr + pid * D + cols[None, :])
+    dlnw = tl.zeros([D], dtype=tl.float32)
+    dlnb = tl.zeros([D], dtype=tl.float32)
+    q_ptr += pid * T * D
+    k_ptr += pid * T * D
+    v_ptr += pid * T * D
+    do_ptr += pid * T * D
+    dq_ptr += pid * T * D
+    dk_ptr += pid * T * D
+    dv_ptr += pid * T * D
+    eta_ptr += pid * T
+    deta_ptr += pid * T
+    sw_ptr += pid * G * D * D
+    sb_ptr += pid * G * D
+    NM = tl.cdiv(T, BS)
+    for gi in range(0, NG):
+        grp = NG - 1 - gi
+        n0 = grp * G
+        L = tl.minimum(G, NM - n0)
+        c = pid * NG + grp
+        w = tl.load(cw_ptr + c * D * D + wofs)
+        b = tl.load(cb_ptr + c * D + cols[None, :])
+        tl.debug_barrier()
+        for j in range(0, L - 1):
+            tl.store(sw_ptr + j * D * D + wofs, w)
+            tl.store(sb_ptr + j * D + cols[None, :], b)
+            t0 = (n0 + j) * BS
+            q = _load_rows(q_ptr, t0, T, rows, cols, D)
+            k = _load_rows(k_ptr, t0, T, rows, cols, D)
+            v = _load_rows(v_ptr, t0, T, rows, cols, D)
+            eta = _load_eta(eta_ptr, t0, T, rows)
+            _, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, eps)
+        tl.store(sw_ptr + (L - 1) * D * D + wofs, w)
+        tl.store(sb_ptr + (L - 1) * D + cols[None, :], b)
+        tl.debug_barrier()
+        for jj in range(0, L):
+            j = L - 1 - jj
+            w = tl.load(sw_ptr + j * D * D + wofs)
+            b = tl.load(sb_ptr + j * D + cols[None, :])
+            t0 = (n0 + j) * BS
+            q = _load_rows(q_ptr, t0, T, rows, cols, D)
+            k = _load_rows(k_ptr, t0, T, rows, cols, D)
+            v = _load_rows(v_ptr, t0, T, rows, cols, D)
+            do = _load_rows(do_ptr, t0, T, rows, cols, D)
+            eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+            # recompute the mini-batch
+            z = tl.dot(k, w) + b
+            xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
+            g = eta * gr
+            a1 = _scores(q, k, rows, CAUSAL)
+            zq = tl.dot(q, w) + b - tl.dot(a1, g)
+            xhq, rstdq = _ln(zq, D, eps)
+            # reverse mode
+            dlnw += tl.sum(do * xhq, 0)
+            dlnb += tl.sum(do, 0)
+            dzq = _ln_bwd(do * lnw, xhq, rstdq, D)
+            ds = -tl.dot(dzq, tl.trans(g))
+            if CAUSAL:
+                ds = tl.where(rows[:, None] >= rows[None, :], ds, 0.0)
+            dq = do + tl.dot(dzq, tl.trans(w)) + tl.dot(ds, k)
+            dk = tl.dot(tl.trans(ds), q) - tl.dot(g, tl.trans(dw))
+            dg = -tl.dot(tl.trans(a1), dzq) - tl.dot(k, dw) - db
+            deta = tl.sum(dg * gr, 1)
+            dz, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg, xh, rstd, dy, dxh, lnw, D)
+            dlnw += dlnw2
+            dlnb += dlnb2
+            dk += d_dy + tl.dot(dz, tl.trans(w))
+            dw += tl.dot(tl.trans(q), dzq) + tl.dot(tl.trans(k), dz)
+            db += tl.sum(dzq, 0, keep_dims=True) + tl.sum(dz, 0, keep_dims=True)
+            _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
+            _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
+            _store_rows(dv_ptr, -d_dy, t0, T, rows, cols, D)
+            tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+        tl.debug_barrier()
+    tl.store(dw_ptr + pid * D * D + wofs, dw)
+    tl.store(db_ptr + pid * D + cols[None, :], db)
+    tl.store(dlnw_ptr + pid * D + cols, dlnw)
+    tl.store(dlnb_ptr + pid * D + cols, dlnb)
+
+
+@triton.jit
+def _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D: tl.constexpr, F: tl.constexpr):
+    """Columns c:c+FC of W1 `[D, FC]` and b1 `[1, FC]`, rows c:c+FC of W2 `[FC, D]`."""
+    w1 = tl.load(w1_ptr + cols[:, None] * F + (c + fcols)[None, :])
+    b1 = tl.load(b1_ptr + c + fcols)[None, :]
+    w2 = tl.load(w2_ptr + (c + fcols)[:, None] * D + cols[None, :])
+    return w1, b1, w2
+
+
+@triton.jit
+def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr, cols,
+              D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
+    fcols = tl.arange(0, FC)
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1)
+        tl.store(ob1_ptr + c + fcols[None, :], b1)
+        tl.store(ow2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2)
+    tl.store(ob2_ptr + cols, tl.load(b2_ptr + cols))
+
+
+@triton.jit
+def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr,
+              rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
+              CAUSAL: tl.constexpr, eps):
+    """One mini-batch from the state at w*_ptr to the state at ow*_ptr (may be the same); returns out."""
+    fcols = tl.arange(0, FC)
+    b2 = tl.load(b2_ptr + cols)[None, :]
+    z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        x2, _, _ = _gelu(tl.dot(k, w1) + b1)
+        z2 += tl.dot(x2, w2)
+    _, _, _, _, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
+    g2 = eta[:, None] * gr  # [BS, D]
+    a1 = _scores(q, k, rows, CAUSAL)
+    s2 = tl.zeros([BS, BS], dtype=tl.float32)
+    zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+    tl.debug_barrier()
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        x2, gp, _ = _gelu(tl.dot(k, w1) + b1)
+        g1 = tl.dot(g2, tl.trans(w2)) * gp  # [BS, FC]
+        xq, _, _ = _gelu(tl.dot(q, w1) + b1 - tl.dot(a1, g1))
+        zq2 += tl.dot(xq, w2)
+        s2 += tl.dot(xq, tl.trans(x2))
+        tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1 - tl.dot(tl.trans(k), g1))
+        tl.store(ob1_ptr + c + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
+        tl.store(ow2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2 - tl.dot(tl.trans(x2), g2))
+    s2 += 1.0
+    if CAUSAL:
+        s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
+    zq2 -= tl.dot(s2, g2)
+    tl.store(ob2_ptr + cols[None, :], b2 - tl.sum(g2, 0, keep_dims=True))
+    xhq, _ = _ln(zq2, D, eps)
+    return q + xhq * lnw + lnb
+
+
+@triton.jit
+def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, T, H, NG, eps, D: tl.constexpr, F: tl.constexpr,
+                    FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                    SAVE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    w1_ptr += pid * D * F
+    b1_ptr += pid * F
+    w2_ptr += pid * F * D
+    b2_ptr += pid * D
+    q_ptr += pid * T * D
+    k_ptr += pid * T * D
+    v_ptr += pid * T * D
+    o_ptr += pid * T * D
+    eta_ptr += pid * T
+    for n in range(0, tl.cdiv(T, BS)):
+        if SAVE:
+            if n % G == 0:
+                c = pid * NG + n // G
+                _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F,
+                          cw2_ptr + c * F * D, cb2_ptr + c * D, cols, D, F, FC)
+        t0 = n * BS
+        q = _load_rows(q_ptr, t0, T, rows, cols, D)
+        k = _load_rows(k_ptr, t0, T, rows, cols, D)
+        v = _load_rows(v_ptr, t0, T, rows, cols, D)
+        eta = _load_eta(eta_ptr, t0, T, rows)
+        tl.debug_barrier()
+        out = _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                        rows, cols, D, F, FC, BS, CAUSAL, eps)
+        _store_rows(o_ptr, out, t0, T, rows, cols, D)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                  scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
+                  CAUSAL: tl.constexpr, eps):
+    """Reverse mode through one mini-batch from the state at w*_ptr; the adjoint at dw*_ptr moves
+    from the state after it to the state before it. `scr_ptr` holds a `[BS, F]` partial dZ1."""
+    fcols = tl.arange(0, FC)
+    fofs = rows[:, None] * F + fcols[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    # recompute the mini-batch
+    b2 = tl.load(b2_ptr + cols)[None, :]
+    z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        x2, _, _ = _gelu(tl.dot(k, w1) + b1)
+        z2 += tl.dot(x2, w2)
+    xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
+    g2 = eta * gr  # [BS, D]
+    a1 = _scores(q, k, rows, CAUSAL)
+    s2 = tl.zeros([BS, BS], dtype=tl.float32)
+    zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        x2, gp, _ = _gelu(tl.dot(k, w1) + b1)
+        g1 = tl.dot(g2, tl.trans(w2)) * gp
+        xq, _, _ = _gelu(tl.dot(q, w1) + b1 - tl.dot(a1, g1))
+        zq2 += tl.dot(xq, w2)
+        s2 += tl.dot(xq, tl.trans(x2))
+    s2 += 1.0
+    if CAUSAL:
+        s2 = tl.where(causal, s2, 0.0)
+    zq2 -= tl.dot(s2, g2)
+    xhq, rstdq = _ln(zq2, D, eps)
+    # reverse mode: output LayerNorm, then the query path chunk by chunk
+    dlnw = tl.sum(do * xhq, 0)
+    dlnb = tl.sum(do, 0)
+    dzq2 = _ln_bwd(do * lnw, xhq, rstdq, D)  # [BS, D]
+    ds2 = -tl.dot(dzq2, tl.trans(g2))
+    if CAUSAL:
+        ds2 = tl.where(causal, ds2, 0.0)
+    db2 = tl.load(db2_ptr + cols)[None, :]
+    dg2 = -tl.dot(tl.trans(s2), dzq2) - db2
+    dq = do
+    dk = tl.zeros([BS, D], dtype=tl.float32)
+    ds1 = tl.zeros([BS, BS], dtype=tl.float32)
+    tl.debug_barrier()
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
+        x2, gp, gpp = _gelu(tl.dot(k, w1) + b1)
+        p = tl.dot(g2, tl.trans(w2))
+        g1 = p * gp
+        xq, gpq, _ = _gelu(tl.dot(q, w1) + b1 - tl.dot(a1, g1))
+        dzq1 = (tl.dot(dzq2, tl.trans(w2)) + tl.dot(ds2, x2)) * gpq  # [BS, FC]
+        dq += tl.dot(dzq1, tl.trans(w1))
+        ds1 -= tl.dot(dzq1, tl.trans(g1))
+        dg1 = -tl.dot(tl.trans(a1), dzq1) - tl.dot(k, dw1) - db1
+        dk -= tl.dot(g1, tl.trans(dw1))
+        dx2 = tl.dot(tl.trans(ds2), xq) - tl.dot(g2, tl.trans(dw2))
+        dg2 -= tl.dot(x2, dw2)
+        dp = dg1 * gp
+        dg2 += tl.dot(dp, w2)
+        tl.store(scr_ptr + fofs + c, dg1 * p * gpp + dx2 * gp)
+        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + tl.dot(tl.trans(q), dzq1))
+        tl.store(db1_ptr + c + fcols[None, :], db1 + tl.sum(dzq1, 0, keep_dims=True))
+        tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :],
+                 dw2 + tl.dot(tl.trans(xq), dzq2) + tl.dot(tl.trans(dp), g2))
+    if CAUSAL:
+        ds1 = tl.where(causal, ds1, 0.0)
+    dq += tl.dot(ds1, k)
+    dk += tl.dot(tl.trans(ds1), q)
+    # reverse mode of the inner gradient, then the key path
+    deta = tl.sum(dg2 * gr, 1)
+    dz2, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
+    dk += d_dy
+    tl.debug_barrier()
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
+        x2, gp, _ = _gelu(tl.dot(k, w1) + b1)
+        dz1 = tl.load(scr_ptr + fofs + c) + tl.dot(dz2, tl.trans(w2)) * gp
+        dk += tl.dot(dz1, tl.trans(w1))
+        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + tl.dot(tl.trans(k), dz1))
+        tl.store(db1_ptr + c + fcols[None, :], db1 + tl.sum(dz1, 0, keep_dims=True))
+        tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :], dw2 + tl.dot(tl.trans(x2), dz2))
+    tl.store(db2_ptr + cols[None, :], db2 + tl.sum(dzq2 + dz2, 0, keep_dims=True))
+    return dq, dk, -d_dy, deta, dlnw + dlnw2, dlnb + dlnb2
+
+
+@triton.jit
+def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
+                    sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr,
+                    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, T, H, NG, eps, D: tl.constexpr,
+                    F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    dlnw = tl.zeros([D], dtype=tl.float32)
+    dlnb = tl.zeros([D], dtype=tl.float32)
+    dw1_ptr += pid * D * F
+    db1_ptr += pid * F
+    dw2_ptr += pid * F * D
+    db2_ptr += pid * D
+    sw1_ptr += pid * G * D * F
+    sb1_ptr += pid * G * F
+    sw2_ptr += pid * G * F * D
+    sb2_ptr += pid * G * D
+    scr_ptr += pid * BS * F
+    q_ptr += pid * T * D
+    k_ptr += pid * T * D
+    v_ptr += pid * T * D
+    do_ptr += pid * T * D
+    dq_ptr += pid * T * D
+    dk_ptr += pid * T * D
+    dv_ptr += pid * T * D
+    eta_ptr += pid * T
+    deta_ptr += pid * T
+    NM = tl.cdiv(T, BS)
+    for gi in range(0, NG):
+        grp = NG - 1 - gi
+        n0 = grp * G
+        L = tl.minimum(G, NM - n0)
+        c = pid * NG + grp
+        tl.debug_barrier()
+        _mlp_copy(cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D, cb2_ptr + c * D,
+                  sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
+        for j in range(0, L - 1):
+            t0 = (n0 + j) * BS
+            q = _load_rows(q_ptr, t0, T, rows, cols, D)
+            k = _load_rows(k_ptr, t0, T, rows, cols, D)
+            v = _load_rows(v_ptr, t0, T, rows, cols, D)
+            eta = _load_eta(eta_ptr, t0, T, rows)
+            tl.debug_barrier()
+            _mlp_step(q, k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
+                      sb2_ptr + j * D, sw1_ptr + (j + 1) * D * F, sb1_ptr + (j + 1) * F,
+                      sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, rows, cols, D, F, FC, BS, CAUSAL, eps)
+        for jj in range(0, L):
+            j = L - 1 - jj
+            t0 = (n0 + j) * BS
+            q = _load_rows(q_ptr, t0, T, rows, cols, D)
+            k = _load_rows(k_ptr, t0, T, rows, cols, D)
+            v = _load_rows(v_ptr, t0, T, rows, cols, D)
+            do = _load_rows(do_ptr, t0, T, rows, cols, D)
+            eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+            tl.debug_barrier()
+            dq, dk, dv, deta, dlnw_j, dlnb_j = _mlp_bwd_step(
+                q, k, v, eta, do, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
+                sb2_ptr + j * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr, rows, cols, D, F, FC, BS, CAUSAL, eps)
+            dlnw += dlnw_j
+            dlnb += dlnb_j
+            _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
+            _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
+            _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
+            tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+    tl.store(dlnw_ptr + pid * D + cols, dlnw)
+    tl.store(dlnb_ptr + pid * D + cols, dlnb)
+
+
+def _mlp_chunk_size(D):
+    return min(4 * D, 64)
+
+
+def _num_warps(D, BS, mlp):
+    return 8 if D * BS >= 4096 or mlp else 4
+
+
+class _TTT(torch.autograd.Function):
+    """Inputs: tokens `[N, T, D]`, eta `[N, T]`, LayerNorm `[H, D]` float32, state `[N, ...]` float32."""
+
+    @staticmethod
+    def forward(ctx, mlp, bs, causal, eps, group, q, k, v, eta, ln_w, ln_b, *state0):
+        N, T, D = q.shape
+        H = ln_w.shape[0]
+        NG = triton.cdiv(triton.cdiv(T, bs), group)
+        save = any(ctx.needs_input_grad)
+        state = [s.clone() for s in state0]
+        ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
+        out = _empty_like(q)
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, num_warps=_num_warps(D, bs, mlp))
+        if mlp:
+            _mlp_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps,
+                                  F=4 * D, FC=_mlp_chunk_size(D), **common)
+        else:
+            _linear_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps, **common)
+        ctx.save_for_backward(q, k, v, eta, ln_w, ln_b, *ckpt)
+        ctx.cfg = (mlp, bs, causal, eps, group, NG)
+        return (out, *state)
+
+    @staticmethod
+    def backward(ctx, dout, *dstate):
+        mlp, bs, causal, eps, group, NG = ctx.cfg
+        q, k, v, eta, ln_w, ln_b, *ckpt = ctx.saved_tensors
+        N, T, D = q.shape
+        H = ln_w.shape[0]
+        dout = dout.contiguous()
+        carry = [torch.zeros_like(c[:, 0]) if d is None else d.float().contiguous().clone()
+                 for c, d in zip(ckpt, dstate)]
+        scratch = [c.new_empty((N, group, *c.shape[2:])) for c in ckpt]
+        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        deta = _empty_like(eta.float())
+        dlnw = q.new_empty((N, D), dtype=torch.float32)
+        dlnb = torch.empty_like(dlnw)
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, num_warps=_num_warps(D, bs, mlp))
+        if mlp:
+            scr = q.new_empty((N, bs, 4 * D), dtype=torch.float32)
+            _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
+                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D), **common)
+        else:
+            _linear_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv, deta,
+                                     dlnw, dlnb, T, H, NG, eps, **common)
+        dlnw = dlnw.view(-1, H, D).sum(0)
+        dlnb = dlnb.view(-1, H, D).sum(0)
+        return (None,) * 5 + (dq, dk, dv, deta.to(eta.dtype), dlnw, dlnb, *carry)
+
+
+def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, causal, eps, initial_state,
+               return_state, checkpoint_group=16):
+    B, H, T, D = q.shape
+    if D not in HEAD_DIMS or mini_batch_size not in MINI_BATCH_SIZES:
+        raise ValueError(f"triton TTT supports head dim {HEAD_DIMS} and mini-batch {MINI_BATCH_SIZES}, "
+                         f"got {D} and {mini_batch_size}")
+    N = B * H
+    keys = tuple(weights)
+    if initial_state is None:
+        state0 = [w.float().unsqueeze(0).expand(B, *w.shape).reshape(N, *w.shape[1:]) for w in weights.values()]
+    else:
+        state0 = [initial_state[n].float().reshape(N, *initial_state[n].shape[2:]) for n in keys]
+    state0 = [s.contiguous() for s in state0]
+    res = _TTT.apply("w2" in weights, mini_batch_size, causal, float(eps), checkpoint_group,
+                     q.reshape(N, T, D).contiguous(), k.reshape(N, T, D).contiguous(),
+                     v.reshape(N, T, D).contiguous(), eta.reshape(N, T).contiguous(),
+                     ln_weight.float().contiguous(), ln_bias.float().contiguous(), *state0)
+    out = res[0].view(B, H, T, D)
+    if not return_state:
+        return out
+    return out, {n: s.view(B, H, *s.shape[1:]) for n, s in zip(keys, res[1:])}
+
+
+def ttt_mlp(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias, *, mini_batch_size=64, causal=False, eps=1e-6,
+            initial_state=None, return_state=False):
+    return ttt_triton(q, k, v, eta, dict(zip(MLP_KEYS, (w1, b1, w2, b2))), ln_weight, ln_bias,
+                      mini_batch_size=mini_batch_size, causal=causal, eps=eps, initial_state=initial_state,
+                      return_state=return_state)
+
+
+def ttt_linear(q, k, v, eta, w1, b1, ln_weight, ln_bias, *, mini_batch_size=64, causal=False, eps=1e-6,
+               initial_state=None, return_state=False):
+    return ttt_triton(q, k, v, eta, dict(zip(LINEAR_KEYS, (w1, b1))), ln_weight, ln_bias,
+                      mini_batch_size=mini_batch_size, causal=causal, eps=eps, initial_state=initial_state,
+                      return_state=return_state)

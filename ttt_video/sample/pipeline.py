@@ -1,0 +1,105 @@
+"""Text-to-video generation: captions -> segments -> sampler -> frames -> mp4 + contact sheet.
+
+Segment rule: the model works in segments of `frames_per_scene` frames, one caption each.
+With no length given, each caption gets one segment. With a frame count, the video has
+ceil(frames / frames_per_scene) segments, the captions are spread over them in order (caption i
+covers a consecutive run, earlier captions take the extra segment), and the decoded video is
+cut to exactly the requested frame count.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..diffusion.flow import sample_euler
+from ..encoders.text import build_text_encoder
+from ..train.checkpoint import load_model
+from ..train.trainer import encode_captions, resolve_device
+from .export import contact_sheet, video_to_uint8, write_video
+
+
+class StoryboardError(ValueError):
+    """A storyboard file or caption list that cannot be used."""
+
+
+def bundled_checkpoint():
+    """The tiny demo model shipped inside the package."""
+    return Path(str(resources.files("ttt_video") / "assets" / "shapes-tiny"))
+
+
+def read_storyboard(path):
+    """A JSON list of segments, each a caption string or an object with "text"."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoryboardError(f"storyboard file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoryboardError(f"storyboard {path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "scenes" in data:
+        data = data["scenes"]
+    if not isinstance(data, list) or not data:
+        raise StoryboardError(f"storyboard {path} must be a non-empty JSON list of segments")
+    captions = []
+    for i, entry in enumerate(data, 1):
+        text = entry.get("text", entry.get("caption")) if isinstance(entry, dict) else entry
+        if not isinstance(text, str) or not text.strip():
+            raise StoryboardError(f"storyboard {path}: segment {i} has no caption text")
+        captions.append(text)
+    return captions
+
+
+def plan_segments(num_captions, frames_per_segment, num_frames=None):
+    """Caption index per segment and the padded frame count."""
+    if num_captions < 1:
+        raise StoryboardError("no prompts: give at least one caption")
+    if num_frames is None:
+        return list(range(num_captions)), num_captions * frames_per_segment
+    if num_frames < 1:
+        raise StoryboardError(f"the video needs at least one frame, got {num_frames}")
+    segments = math.ceil(num_frames / frames_per_segment)
+    if num_captions > segments:
+        raise StoryboardError(f"{num_captions} captions need at least {num_captions} segments of "
+                              f"{frames_per_segment} frames, but {num_frames} frames make {segments}")
+    base, extra = divmod(segments, num_captions)
+    plan = [i for i in range(num_captions) for _ in range(base + (i < extra))]
+    return plan, segments * frames_per_segment
+
+
+@dataclass
+class Result:
+    video: Path
+    sheet: Path
+    frames: "torch.Tensor"  # uint8 [F, H, W, 3]
+
+
+def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None, steps=None, guidance_scale=None,
+             seed=0, out="outputs/video.mp4", device="auto", progress=True):
+    """Sample one video for `captions` and write `out` (mp4) and its contact sheet (png).
+    Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption."""
+    out = Path(out)
+    device = resolve_device(device)
+    model, cfg = load_model(checkpoint or bundled_checkpoint(), device)
+    fps = fps or cfg.data.fps
+    if seconds is not None:
+        num_frames = max(1, round(seconds * fps))
+    fps_seg = cfg.data.frames_per_scene
+    plan, padded = plan_segments(len(captions), fps_seg, num_frames)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device)
+    seg_captions = [[captions[i] for i in plan]]
+    cond = encode_captions(encoder, seg_captions)
+    uncond = encode_captions(encoder, [[""] * len(plan)])
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, cfg.model.in_channels, padded, cfg.data.height, cfg.data.width, generator=g)
+    x = sample_euler(model, noise.to(device), tuple(t.to(device) for t in cond),
+                     tuple(t.to(device) for t in uncond), steps=steps or cfg.diffusion.steps,
+                     guidance_scale=cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
+                     shift=cfg.diffusion.timestep_shift, progress=progress)
+    frames = video_to_uint8(x[0].float().cpu().clamp(-1, 1))[: num_frames or padded]
+    video = write_video(frames, out, fps=fps)
+    sheet = contact_sheet(frames, out.with_suffix(".png"), columns=fps_seg)  # one row per segment
+    return Result(video, sheet, frames)

@@ -1,0 +1,85 @@
+"""Checkpoints: `checkpoint-<step>/` with model.safetensors, config.json and training_state.pt.
+
+Writes are atomic: a checkpoint is assembled in a temporary folder and renamed into place, and
+the `last` pointer is replaced only after that, so an interrupted save never becomes "latest".
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import config as config_lib
+from ..fileio import temp_dir_beside, write_text_atomic
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "training_state.pt"
+LAST = "last"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not hold what it should."""
+
+
+def save_checkpoint(run_dir, step, model, cfg, training_state=None, save_limit=None):
+    """Write `run_dir/checkpoint-<step>` atomically, point `last` at it, prune old ones."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step}"
+    tmp = temp_dir_beside(final)
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / MODEL_FILE, metadata={"step": str(step)})
+        config_lib.save(cfg, tmp / CONFIG_FILE)
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(run_dir / LAST, final.name + "\n")
+    if save_limit:
+        for old in list_checkpoints(run_dir)[:-save_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir):
+    """Complete checkpoints of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if (p / MODEL_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve(path):
+    """A checkpoint folder, or a run folder (its `last` checkpoint)."""
+    path = Path(path)
+    if (path / LAST).is_file():
+        path = path / (path / LAST).read_text().strip()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+    return path
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model a checkpoint was trained with; returns (model, cfg)."""
+    from ..models import build_model
+
+    path = resolve(path)
+    cfg = config_lib.load(path / CONFIG_FILE)
+    model = build_model(cfg.model)
+    model.load_state_dict(load_file(path / MODEL_FILE))
+    return model.to(device).eval(), cfg
+
+
+def load_training_state(path):
+    path = resolve(path)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {STATE_FILE} to resume from")
+    return path, torch.load(path / STATE_FILE, weights_only=False)
