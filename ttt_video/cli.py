@@ -53,7 +53,7 @@ def cmd_train(args):
     elif args.resume:
         resume = resolve(args.resume)
     _check_writable(out)
-    last = train(cfg, out, resume=resume, progress=not args.no_progress)
+    last = train(cfg, out, resume=resume, progress=not args.no_progress, text_cache=args.text_cache)
     print(f"checkpoint: {last}")
     print(f"loss log: {out / 'loss.jsonl'}")
 
@@ -88,6 +88,21 @@ def cmd_generate(args):
     print(f"contact sheet: {result.sheet}")
 
 
+def cmd_cache_text(args):
+    from . import config as config_lib
+    from .data.synthetic import all_captions
+    from .encoders.text import build_text_encoder, save_text_cache
+    from .presets import get_preset
+
+    cfg = config_lib.apply_overrides(get_preset(args.preset), args.set)
+    if cfg.data.source != "synthetic":
+        raise UsageError("cache-text enumerates captions of the synthetic source only")
+    _check_writable(args.out)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length)
+    path = save_text_cache(encoder, all_captions(), args.out)
+    print(f"text cache: {path}")
+
+
 def cmd_bench(args, rest):
     if args.what == "ttt":
         from .eval import bench_ttt
@@ -106,8 +121,15 @@ def build_parser():
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--output-dir", help="run folder (default: runs/<preset>)")
     t.add_argument("--resume", help="'auto' (the run folder's last checkpoint, if any) or a checkpoint path")
+    t.add_argument("--text-cache", help="precomputed caption embeddings from `ttt-video cache-text`")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("cache-text", help="precompute the caption embeddings of a preset's synthetic data")
+    c.add_argument("--preset", default="shapes-tiny")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--out", required=True, help="output .safetensors file")
+    c.set_defaults(func=cmd_cache_text)
 
     g = sub.add_parser("generate", help="generate a video, one caption per scene")
     g.add_argument("prompts", nargs="*", help="one caption per scene")

@@ -91,6 +91,15 @@ def make_storyboard(seed: int, num_scenes: int) -> Storyboard:
     return Storyboard(scenes)
 
 
+def all_captions() -> list[str]:
+    """Every caption a storyboard can hold, plus the empty caption (the unconditional input)."""
+    first = [f"a {c} {s} moves {m}" for c in COLORS for s in SHAPES for m in MOTIONS]
+    later = [t.format(shape=s, motion=m) for t in ("the shape becomes a {shape} and moves {motion}",
+                                                   "it moves {motion} as a {shape}")
+             for s in SHAPES for m in MOTIONS]
+    return ["", *first, *later]
+
+
 def held_out(seed: int, num_scenes: int) -> Storyboard:
     """Evaluation storyboard `seed` (0, 1, ...), from a seed range no training item uses."""
     return make_storyboard(HELD_OUT_SEED + seed, num_scenes)

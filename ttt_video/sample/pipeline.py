@@ -78,7 +78,7 @@ class Result:
 
 
 def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None, steps=None, guidance_scale=None,
-             seed=0, out="outputs/video.mp4", device="auto", progress=True):
+             seed=0, out="outputs/video.mp4", device="auto", progress=True, text_cache=None):
     """Sample one video for `captions` and write `out` (mp4) and its contact sheet (png).
     Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption."""
     out = Path(out)
@@ -89,7 +89,8 @@ def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None,
         num_frames = max(1, round(seconds * fps))
     fps_seg = cfg.data.frames_per_scene
     plan, padded = plan_segments(len(captions), fps_seg, num_frames)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
+                                 cache=text_cache)
     seg_captions = [[captions[i] for i in plan]]
     cond = encode_captions(encoder, seg_captions)
     uncond = encode_captions(encoder, [[""] * len(plan)])

@@ -71,8 +71,9 @@ def encode_captions(encoder, captions, drop=None):
     return emb.view(B, S, *emb.shape[1:]), mask.view(B, S, -1)
 
 
-def train(cfg, output_dir, resume=None, progress=True):
-    """Train `cfg` into `output_dir`; returns the last checkpoint's path."""
+def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
+    """Train `cfg` into `output_dir`; returns the last checkpoint's path.
+    `text_cache`: optional file of precomputed caption embeddings (`ttt-video cache-text`)."""
     tc = cfg.train
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,8 @@ def train(cfg, output_dir, resume=None, progress=True):
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
     dataset = build_dataset(cfg.data)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
+                                 cache=text_cache)
     objective = FlowMatching(cfg.diffusion.timestep_shift)
     log_path = out / "loss.jsonl"
 
