@@ -12,16 +12,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-    pass
-
-
-def _user_errors():
-    from .config import ConfigError
-    from .sample.pipeline import StoryboardError
-    from .train.checkpoint import CheckpointError
-
-    return (UsageError, ConfigError, CheckpointError, StoryboardError)
+from .errors import UserError as UsageError
 
 
 def _check_writable(path):
@@ -157,10 +148,9 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    errors = _user_errors()
     try:
         result = args.func(args, rest) if args.command == "bench" else args.func(args)
-    except errors as e:
+    except UsageError as e:
         print(f"ttt-video: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

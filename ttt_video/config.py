@@ -10,8 +10,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user's mistake in a config value or override."""
 
 

@@ -17,12 +17,13 @@ import torch
 
 from ..diffusion.flow import sample_euler
 from ..encoders.text import build_text_encoder
+from ..errors import UserError
 from ..train.checkpoint import load_model
 from ..train.trainer import encode_captions, resolve_device
 from .export import contact_sheet, video_to_uint8, write_video
 
 
-class StoryboardError(ValueError):
+class StoryboardError(UserError):
     """A storyboard file or caption list that cannot be used."""
 
 

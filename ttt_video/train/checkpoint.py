@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import config as config_lib
+from ..errors import UserError
 from ..fileio import temp_dir_beside, write_text_atomic
 
 MODEL_FILE = "model.safetensors"
@@ -20,7 +21,7 @@ STATE_FILE = "training_state.pt"
 LAST = "last"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint path that does not hold what it should."""
 
 

@@ -594,14 +594,14 @@ def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, ca
 
 
 def ttt_mlp(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias, *, mini_batch_size=64, causal=False, eps=1e-6,
-            initial_state=None, return_state=False):
+            initial_state=None, return_state=False, checkpoint_group=16):
     return ttt_triton(q, k, v, eta, dict(zip(MLP_KEYS, (w1, b1, w2, b2))), ln_weight, ln_bias,
                       mini_batch_size=mini_batch_size, causal=causal, eps=eps, initial_state=initial_state,
-                      return_state=return_state)
+                      return_state=return_state, checkpoint_group=checkpoint_group)
 
 
 def ttt_linear(q, k, v, eta, w1, b1, ln_weight, ln_bias, *, mini_batch_size=64, causal=False, eps=1e-6,
-               initial_state=None, return_state=False):
+               initial_state=None, return_state=False, checkpoint_group=16):
     return ttt_triton(q, k, v, eta, dict(zip(LINEAR_KEYS, (w1, b1))), ln_weight, ln_bias,
                       mini_batch_size=mini_batch_size, causal=causal, eps=eps, initial_state=initial_state,
-                      return_state=return_state)
+                      return_state=return_state, checkpoint_group=checkpoint_group)

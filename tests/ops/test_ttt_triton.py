@@ -1,0 +1,158 @@
+"""Triton TTT kernels against the float64 reference: outputs, final state and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter, which must be switched on before the
+kernel module is imported (it is imported lazily, inside the tests). With CUDA the same small
+cases run compiled on the GPU, plus one at realistic size in bfloat16.
+"""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = "cuda" if CUDA else "cpu"
+pytest.importorskip("triton")
+
+B, H, D, MB = 2, 2, 16, 16
+
+
+def _kernels(monkeypatch):
+    from ttt_video.ops.ttt import triton as triton_impl
+
+    monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d: 16)  # several hidden chunks at D=16
+    return triton_impl
+
+
+def _inputs(kind, T, seed, batch=B, dim=D, dtype=torch.float64, device="cpu", eta_scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+    q, k, v = (r(batch, H, T, dim) for _ in range(3))
+    eta = (torch.rand(batch, H, T, generator=g, dtype=torch.float64) * eta_scale).to(device, dtype)
+    if kind == "mlp":
+        weights = [r(H, dim, 4 * dim, scale=0.3), r(H, 1, 4 * dim, scale=0.1), r(H, 4 * dim, dim, scale=0.3),
+                   r(H, 1, dim, scale=0.1)]
+    else:
+        weights = [r(H, dim, dim, scale=0.3), r(H, 1, dim, scale=0.1)]
+    return [q, k, v, eta, *weights, r(H, dim, scale=0.1, shift=1.0), r(H, dim, scale=0.1)]
+
+
+def _names(kind):
+    return ["q", "k", "v", "eta", *(("w1", "b1", "w2", "b2") if kind == "mlp" else ("w1", "b1")), "ln_w", "ln_b"]
+
+
+def _run(module, kind, args, state=None, **kw):
+    """Output, final state and gradients of a fixed random loss over both, for `args` and `state`."""
+    args = [a.detach().requires_grad_() for a in args]
+    init = None if state is None else {n: s.detach().requires_grad_() for n, s in state.items()}
+    fn = module.ttt_mlp if kind == "mlp" else module.ttt_linear
+    out, final = fn(*args, initial_state=init, return_state=True, **kw)
+    g = torch.Generator().manual_seed(123)
+
+    def probe(x):
+        return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)
+
+    loss = (out * probe(out)).sum() + sum((s * probe(s)).sum() for s in final.values())
+    leaves = args + ([] if init is None else list(init.values()))
+    return out, final, torch.autograd.grad(loss, leaves)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _check(name, got, ref, tol):
+    assert not got.isnan().any(), f"{name}: NaN (unwritten element?)"
+    assert got.shape == ref.shape, name
+    assert _rel(got, ref) < tol, f"{name}: rel err {_rel(got, ref):.2e}"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("T,mb", [(37, 16), (75, 32)])
+def test_matches_reference(monkeypatch, kind, causal, T, mb):
+    from ttt_video.ops.ttt import reference
+
+    tri = _kernels(monkeypatch)
+    args = _inputs(kind, T, seed=T + causal)
+    out_r, state_r, grads_r = _run(reference, kind, args, mini_batch_size=mb, causal=causal)
+    args32 = [a.float().to(DEVICE) for a in args]
+    out, state, grads = _run(tri, kind, args32, mini_batch_size=mb, causal=causal, checkpoint_group=2)
+    assert out.dtype == torch.float32
+    _check("out", out, out_r, 1e-4)
+    for n in state_r:
+        assert state[n].dtype == torch.float32
+        _check(f"state {n}", state[n], state_r[n], 1e-4)
+    for name, gt, gr in zip(_names(kind), grads, grads_r):
+        _check(f"grad {name}", gt, gr, 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_initial_state_and_carry(monkeypatch, kind):
+    from ttt_video.ops.ttt import reference
+
+    tri = _kernels(monkeypatch)
+    args = _inputs(kind, 45, seed=7)
+    n_w = len(args) - 6
+    keys = ("w1", "b1", "w2", "b2")[:n_w]
+    g = torch.Generator().manual_seed(8)
+    state = {n: (w.unsqueeze(0) + 0.05 * torch.randn(B, *w.shape, generator=g, dtype=w.dtype))
+             for n, w in zip(keys, args[4:4 + n_w])}
+    kw = dict(mini_batch_size=MB, causal=True)
+    out_r, final_r, grads_r = _run(reference, kind, args, state, **kw)
+    args32 = [a.float().to(DEVICE) for a in args]
+    state32 = {n: s.float().to(DEVICE) for n, s in state.items()}
+    out, final, grads = _run(tri, kind, args32, state32, **kw)
+    _check("out", out, out_r, 1e-4)
+    for n in keys:
+        _check(f"state {n}", final[n], final_r[n], 1e-4)
+    for name, gt, gr in zip(_names(kind) + [f"initial {n}" for n in keys], grads, grads_r):
+        _check(f"grad {name}", gt, gr, 1e-4)
+
+    fn = tri.ttt_mlp if kind == "mlp" else tri.ttt_linear
+    cut = 2 * MB
+    first, mid = fn(*[a[:, :, :cut] if i < 4 else a for i, a in enumerate(args32)], initial_state=state32,
+                    return_state=True, **kw)
+    second, end = fn(*[a[:, :, cut:] if i < 4 else a for i, a in enumerate(args32)], initial_state=mid,
+                     return_state=True, **kw)
+    _check("carried out", torch.cat([first, second], 2), out_r, 1e-4)
+    for n in keys:
+        _check(f"carried state {n}", end[n], final_r[n], 1e-4)
+
+
+def test_supports_and_errors():
+    from ttt_video.ops.ttt import triton as triton_impl
+
+    assert not triton_impl.supports(torch.zeros(1, 1, 8, 64))
+    assert not triton_impl.supports(torch.zeros(1, 1, 8, 64, dtype=torch.float64, device=DEVICE))
+    if CUDA:
+        assert triton_impl.supports(torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16, device=DEVICE))
+        assert not triton_impl.supports(torch.zeros(1, 1, 8, 48, dtype=torch.bfloat16, device=DEVICE))
+    args = _inputs("linear", 20, seed=0)
+    with pytest.raises(ValueError, match="mini-batch"):
+        triton_impl.ttt_linear(*args, mini_batch_size=24)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_bf16_realistic(kind, causal):
+    from ttt_video.ops.ttt import torch as torch_impl
+    from ttt_video.ops.ttt import triton as triton_impl
+
+    args = _inputs(kind, 1000, seed=3, batch=1, dim=64, device="cuda", eta_scale=0.02)
+    out_r, state_r, grads_r = _run(torch_impl, kind, args, mini_batch_size=64, causal=causal)
+    bf = [a.to(torch.bfloat16) if i < 4 else a.float() for i, a in enumerate(args)]
+    out, state, grads = _run(triton_impl, kind, bf, mini_batch_size=64, causal=causal)
+    assert out.dtype == torch.bfloat16
+    _check("out", out, out_r, 1e-2)
+    for n in state_r:
+        _check(f"state {n}", state[n], state_r[n], 1e-2)
+    for name, gt, gr in zip(_names(kind), grads, grads_r):
+        _check(f"grad {name}", gt, gr, 1e-2)
