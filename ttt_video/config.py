@@ -31,6 +31,7 @@ class ModelConfig:
     ttt_mini_batch_size: int = 64
     ttt_base_lr: float = 1.0
     gate_init: float = 0.1
+    ttt_impl: str = "auto"  # auto | torch | triton | reference
 
 
 @dataclass

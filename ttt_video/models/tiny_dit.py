@@ -49,7 +49,8 @@ class Block(nn.Module):
         if cfg.seq_mixer != "attention":
             self.ttt = BidirectionalTTT(dim, cfg.num_heads, kind=cfg.seq_mixer.removeprefix("ttt-"),
                                         mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr,
-                                        gate_init=cfg.gate_init)
+                                        gate_init=cfg.gate_init,
+                                        impl=None if cfg.ttt_impl == "auto" else cfg.ttt_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
