@@ -78,30 +78,35 @@ class Result:
     frames: "torch.Tensor"  # uint8 [F, H, W, 3]
 
 
+def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None, seed=0, progress=True):
+    """Sample B videos at once; `captions` holds B lists of one caption per segment.
+    Returns the latents `[B, C, S * frames_per_scene, h, w]`."""
+    device = next(model.parameters()).device
+    B, S = len(captions), len(captions[0])
+    cond = encode_captions(encoder, captions)
+    uncond = encode_captions(encoder, [[""] * S] * B)
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, cfg.model.in_channels, S * cfg.data.frames_per_scene, cfg.data.height, cfg.data.width)
+    noise = torch.randn(shape, generator=g)
+    return sample_euler(model, noise.to(device), tuple(t.to(device) for t in cond),
+                        tuple(t.to(device) for t in uncond), steps=steps or cfg.diffusion.steps,
+                        guidance_scale=cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
+                        shift=cfg.diffusion.timestep_shift, progress=progress)
+
+
 def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None, steps=None, guidance_scale=None,
              seed=0, out="outputs/video.mp4", device="auto", progress=True, text_cache=None):
     """Sample one video for `captions` and write `out` (mp4) and its contact sheet (png).
     Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption."""
     out = Path(out)
-    device = resolve_device(device)
-    model, cfg = load_model(checkpoint or bundled_checkpoint(), device)
+    model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
     fps = fps or cfg.data.fps
     if seconds is not None:
         num_frames = max(1, round(seconds * fps))
-    fps_seg = cfg.data.frames_per_scene
-    plan, padded = plan_segments(len(captions), fps_seg, num_frames)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
-                                 cache=text_cache)
-    seg_captions = [[captions[i] for i in plan]]
-    cond = encode_captions(encoder, seg_captions)
-    uncond = encode_captions(encoder, [[""] * len(plan)])
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(1, cfg.model.in_channels, padded, cfg.data.height, cfg.data.width, generator=g)
-    x = sample_euler(model, noise.to(device), tuple(t.to(device) for t in cond),
-                     tuple(t.to(device) for t in uncond), steps=steps or cfg.diffusion.steps,
-                     guidance_scale=cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
-                     shift=cfg.diffusion.timestep_shift, progress=progress)
-    frames = video_to_uint8(x[0].float().cpu().clamp(-1, 1))[: num_frames or padded]
+    plan, padded = plan_segments(len(captions), cfg.data.frames_per_scene, num_frames)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache)
+    x = sample_batch(model, cfg, encoder, [[captions[i] for i in plan]], steps, guidance_scale, seed, progress)
+    frames = video_to_uint8(x[0].cpu().clamp(-1, 1))[: num_frames or padded]
     video = write_video(frames, out, fps=fps)
-    sheet = contact_sheet(frames, out.with_suffix(".png"), columns=fps_seg)  # one row per segment
+    sheet = contact_sheet(frames, out.with_suffix(".png"), columns=cfg.data.frames_per_scene)  # a row per segment
     return Result(video, sheet, frames)

@@ -36,7 +36,9 @@ def _empty_like(x):
 
 @triton.jit
 def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
@@ -92,9 +94,17 @@ def _inner_grad_bwd(dgr, xh, rstd, dy, dxh, lnw, D: tl.constexpr):
 
 
 @triton.jit
-def _scores(a, b, rows, CAUSAL: tl.constexpr):
+def _dot(a, b, LP: tl.constexpr):
+    """a @ b with float32 accumulation; LP rounds the operands to bfloat16 (else tf32 on GPU)."""
+    if LP:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(a, b, rows, CAUSAL: tl.constexpr, LP: tl.constexpr):
     """M * (a b^T + 1)."""
-    s = tl.dot(a, tl.trans(b)) + 1.0
+    s = _dot(a, tl.trans(b), LP) + 1.0
     if CAUSAL:
         s = tl.where(rows[:, None] >= rows[None, :], s, 0.0)
     return s
@@ -118,13 +128,13 @@ def _load_eta(ptr, t0, T, rows):
 
 
 @triton.jit
-def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl.constexpr, eps):
-    z = tl.dot(k, w) + b  # [BS, D]
+def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
+    z = _dot(k, w, LP) + b  # [BS, D]
     xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
     g = eta[:, None] * gr
-    zq = tl.dot(q, w) + b - tl.dot(_scores(q, k, rows, CAUSAL), g)
+    zq = _dot(q, w, LP) + b - _dot(_scores(q, k, rows, CAUSAL, LP), g, LP)
     xhq, _ = _ln(zq, D, eps)
-    w = w - tl.dot(tl.trans(k), g)
+    w = w - _dot(tl.trans(k), g, LP)
     b = b - tl.sum(g, 0, keep_dims=True)
     return q + xhq * lnw + lnb, w, b
 
@@ -132,7 +142,7 @@ def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl
 @triton.jit
 def _linear_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr,
                        T, H, NG, eps, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
-                       CAUSAL: tl.constexpr, SAVE: tl.constexpr):
+                       CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     rows = tl.arange(0, BS)
@@ -158,7 +168,7 @@ def _linear_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w_
         k = _load_rows(k_ptr, t0, T, rows, cols, D)
         v = _load_rows(v_ptr, t0, T, rows, cols, D)
         eta = _load_eta(eta_ptr, t0, T, rows)
-        out, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, eps)
+        out, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, LP, eps)
         _store_rows(o_ptr, out, t0, T, rows, cols, D)
     tl.store(w_ptr + pid * D * D + wofs, w)
     tl.store(b_ptr + pid * D + cols[None, :], b)
@@ -167,7 +177,8 @@ def _linear_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w_
 @triton.jit
 def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw_ptr, cb_ptr, sw_ptr, sb_ptr,
                        dw_ptr, db_ptr, dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr,
-                       T, H, NG, eps, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr):
+                       T, H, NG, eps, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                       LP: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     rows = tl.arange(0, BS)
@@ -207,7 +218,7 @@ def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, c
             k = _load_rows(k_ptr, t0, T, rows, cols, D)
             v = _load_rows(v_ptr, t0, T, rows, cols, D)
             eta = _load_eta(eta_ptr, t0, T, rows)
-            _, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, eps)
+            _, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, LP, eps)
         tl.store(sw_ptr + (L - 1) * D * D + wofs, w)
         tl.store(sb_ptr + (L - 1) * D + cols[None, :], b)
         tl.debug_barrier()
@@ -222,28 +233,28 @@ def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, c
             do = _load_rows(do_ptr, t0, T, rows, cols, D)
             eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
             # recompute the mini-batch
-            z = tl.dot(k, w) + b
+            z = _dot(k, w, LP) + b
             xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
             g = eta * gr
-            a1 = _scores(q, k, rows, CAUSAL)
-            zq = tl.dot(q, w) + b - tl.dot(a1, g)
+            a1 = _scores(q, k, rows, CAUSAL, LP)
+            zq = _dot(q, w, LP) + b - _dot(a1, g, LP)
             xhq, rstdq = _ln(zq, D, eps)
             # reverse mode
             dlnw += tl.sum(do * xhq, 0)
             dlnb += tl.sum(do, 0)
             dzq = _ln_bwd(do * lnw, xhq, rstdq, D)
-            ds = -tl.dot(dzq, tl.trans(g))
+            ds = -_dot(dzq, tl.trans(g), LP)
             if CAUSAL:
                 ds = tl.where(rows[:, None] >= rows[None, :], ds, 0.0)
-            dq = do + tl.dot(dzq, tl.trans(w)) + tl.dot(ds, k)
-            dk = tl.dot(tl.trans(ds), q) - tl.dot(g, tl.trans(dw))
-            dg = -tl.dot(tl.trans(a1), dzq) - tl.dot(k, dw) - db
+            dq = do + _dot(dzq, tl.trans(w), LP) + _dot(ds, k, LP)
+            dk = _dot(tl.trans(ds), q, LP) - _dot(g, tl.trans(dw), LP)
+            dg = -_dot(tl.trans(a1), dzq, LP) - _dot(k, dw, LP) - db
             deta = tl.sum(dg * gr, 1)
             dz, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg, xh, rstd, dy, dxh, lnw, D)
             dlnw += dlnw2
             dlnb += dlnb2
-            dk += d_dy + tl.dot(dz, tl.trans(w))
-            dw += tl.dot(tl.trans(q), dzq) + tl.dot(tl.trans(k), dz)
+            dk += d_dy + _dot(dz, tl.trans(w), LP)
+            dw += _dot(tl.trans(q), dzq, LP) + _dot(tl.trans(k), dz, LP)
             db += tl.sum(dzq, 0, keep_dims=True) + tl.sum(dz, 0, keep_dims=True)
             _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
             _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
@@ -280,35 +291,35 @@ def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr
 @triton.jit
 def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr,
               rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-              CAUSAL: tl.constexpr, eps):
+              CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
     """One mini-batch from the state at w*_ptr to the state at ow*_ptr (may be the same); returns out."""
     fcols = tl.arange(0, FC)
     b2 = tl.load(b2_ptr + cols)[None, :]
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, _, _ = _gelu(tl.dot(k, w1) + b1)
-        z2 += tl.dot(x2, w2)
+        x2, _, _ = _gelu(_dot(k, w1, LP) + b1)
+        z2 += _dot(x2, w2, LP)
     _, _, _, _, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
     g2 = eta[:, None] * gr  # [BS, D]
-    a1 = _scores(q, k, rows, CAUSAL)
+    a1 = _scores(q, k, rows, CAUSAL, LP)
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
     zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, gp, _ = _gelu(tl.dot(k, w1) + b1)
-        g1 = tl.dot(g2, tl.trans(w2)) * gp  # [BS, FC]
-        xq, _, _ = _gelu(tl.dot(q, w1) + b1 - tl.dot(a1, g1))
-        zq2 += tl.dot(xq, w2)
-        s2 += tl.dot(xq, tl.trans(x2))
-        tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1 - tl.dot(tl.trans(k), g1))
+        x2, gp, _ = _gelu(_dot(k, w1, LP) + b1)
+        g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
+        xq, _, _ = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+        zq2 += _dot(xq, w2, LP)
+        s2 += _dot(xq, tl.trans(x2), LP)
+        tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
         tl.store(ob1_ptr + c + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
-        tl.store(ow2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2 - tl.dot(tl.trans(x2), g2))
+        tl.store(ow2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
     s2 += 1.0
     if CAUSAL:
         s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
-    zq2 -= tl.dot(s2, g2)
+    zq2 -= _dot(s2, g2, LP)
     tl.store(ob2_ptr + cols[None, :], b2 - tl.sum(g2, 0, keep_dims=True))
     xhq, _ = _ln(zq2, D, eps)
     return q + xhq * lnw + lnb
@@ -318,7 +329,7 @@ def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, o
 def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                     cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, T, H, NG, eps, D: tl.constexpr, F: tl.constexpr,
                     FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
-                    SAVE: tl.constexpr):
+                    SAVE: tl.constexpr, LP: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     rows = tl.arange(0, BS)
@@ -347,7 +358,7 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         eta = _load_eta(eta_ptr, t0, T, rows)
         tl.debug_barrier()
         out = _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                        rows, cols, D, F, FC, BS, CAUSAL, eps)
+                        rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
         _store_rows(o_ptr, out, t0, T, rows, cols, D)
         tl.debug_barrier()
 
@@ -355,7 +366,7 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
 @triton.jit
 def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                   scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                  CAUSAL: tl.constexpr, eps):
+                  CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
     """Reverse mode through one mini-batch from the state at w*_ptr; the adjoint at dw*_ptr moves
     from the state after it to the state before it. `scr_ptr` holds a `[BS, F]` partial dZ1."""
     fcols = tl.arange(0, FC)
@@ -366,34 +377,34 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, _, _ = _gelu(tl.dot(k, w1) + b1)
-        z2 += tl.dot(x2, w2)
+        x2, _, _ = _gelu(_dot(k, w1, LP) + b1)
+        z2 += _dot(x2, w2, LP)
     xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
     g2 = eta * gr  # [BS, D]
-    a1 = _scores(q, k, rows, CAUSAL)
+    a1 = _scores(q, k, rows, CAUSAL, LP)
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
     zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, gp, _ = _gelu(tl.dot(k, w1) + b1)
-        g1 = tl.dot(g2, tl.trans(w2)) * gp
-        xq, _, _ = _gelu(tl.dot(q, w1) + b1 - tl.dot(a1, g1))
-        zq2 += tl.dot(xq, w2)
-        s2 += tl.dot(xq, tl.trans(x2))
+        x2, gp, _ = _gelu(_dot(k, w1, LP) + b1)
+        g1 = _dot(g2, tl.trans(w2), LP) * gp
+        xq, _, _ = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+        zq2 += _dot(xq, w2, LP)
+        s2 += _dot(xq, tl.trans(x2), LP)
     s2 += 1.0
     if CAUSAL:
         s2 = tl.where(causal, s2, 0.0)
-    zq2 -= tl.dot(s2, g2)
+    zq2 -= _dot(s2, g2, LP)
     xhq, rstdq = _ln(zq2, D, eps)
     # reverse mode: output LayerNorm, then the query path chunk by chunk
     dlnw = tl.sum(do * xhq, 0)
     dlnb = tl.sum(do, 0)
     dzq2 = _ln_bwd(do * lnw, xhq, rstdq, D)  # [BS, D]
-    ds2 = -tl.dot(dzq2, tl.trans(g2))
+    ds2 = -_dot(dzq2, tl.trans(g2), LP)
     if CAUSAL:
         ds2 = tl.where(causal, ds2, 0.0)
     db2 = tl.load(db2_ptr + cols)[None, :]
-    dg2 = -tl.dot(tl.trans(s2), dzq2) - db2
+    dg2 = -_dot(tl.trans(s2), dzq2, LP) - db2
     dq = do
     dk = tl.zeros([BS, D], dtype=tl.float32)
     ds1 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -401,28 +412,28 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
-        x2, gp, gpp = _gelu(tl.dot(k, w1) + b1)
-        p = tl.dot(g2, tl.trans(w2))
+        x2, gp, gpp = _gelu(_dot(k, w1, LP) + b1)
+        p = _dot(g2, tl.trans(w2), LP)
         g1 = p * gp
-        xq, gpq, _ = _gelu(tl.dot(q, w1) + b1 - tl.dot(a1, g1))
-        dzq1 = (tl.dot(dzq2, tl.trans(w2)) + tl.dot(ds2, x2)) * gpq  # [BS, FC]
-        dq += tl.dot(dzq1, tl.trans(w1))
-        ds1 -= tl.dot(dzq1, tl.trans(g1))
-        dg1 = -tl.dot(tl.trans(a1), dzq1) - tl.dot(k, dw1) - db1
-        dk -= tl.dot(g1, tl.trans(dw1))
-        dx2 = tl.dot(tl.trans(ds2), xq) - tl.dot(g2, tl.trans(dw2))
-        dg2 -= tl.dot(x2, dw2)
+        xq, gpq, _ = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+        dzq1 = (_dot(dzq2, tl.trans(w2), LP) + _dot(ds2, x2, LP)) * gpq  # [BS, FC]
+        dq += _dot(dzq1, tl.trans(w1), LP)
+        ds1 -= _dot(dzq1, tl.trans(g1), LP)
+        dg1 = -_dot(tl.trans(a1), dzq1, LP) - _dot(k, dw1, LP) - db1
+        dk -= _dot(g1, tl.trans(dw1), LP)
+        dx2 = _dot(tl.trans(ds2), xq, LP) - _dot(g2, tl.trans(dw2), LP)
+        dg2 -= _dot(x2, dw2, LP)
         dp = dg1 * gp
-        dg2 += tl.dot(dp, w2)
+        dg2 += _dot(dp, w2, LP)
         tl.store(scr_ptr + fofs + c, dg1 * p * gpp + dx2 * gp)
-        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + tl.dot(tl.trans(q), dzq1))
+        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + _dot(tl.trans(q), dzq1, LP))
         tl.store(db1_ptr + c + fcols[None, :], db1 + tl.sum(dzq1, 0, keep_dims=True))
         tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :],
-                 dw2 + tl.dot(tl.trans(xq), dzq2) + tl.dot(tl.trans(dp), g2))
+                 dw2 + _dot(tl.trans(xq), dzq2, LP) + _dot(tl.trans(dp), g2, LP))
     if CAUSAL:
         ds1 = tl.where(causal, ds1, 0.0)
-    dq += tl.dot(ds1, k)
-    dk += tl.dot(tl.trans(ds1), q)
+    dq += _dot(ds1, k, LP)
+    dk += _dot(tl.trans(ds1), q, LP)
     # reverse mode of the inner gradient, then the key path
     deta = tl.sum(dg2 * gr, 1)
     dz2, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
@@ -431,12 +442,12 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
-        x2, gp, _ = _gelu(tl.dot(k, w1) + b1)
-        dz1 = tl.load(scr_ptr + fofs + c) + tl.dot(dz2, tl.trans(w2)) * gp
-        dk += tl.dot(dz1, tl.trans(w1))
-        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + tl.dot(tl.trans(k), dz1))
+        x2, gp, _ = _gelu(_dot(k, w1, LP) + b1)
+        dz1 = tl.load(scr_ptr + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
+        dk += _dot(dz1, tl.trans(w1), LP)
+        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + _dot(tl.trans(k), dz1, LP))
         tl.store(db1_ptr + c + fcols[None, :], db1 + tl.sum(dz1, 0, keep_dims=True))
-        tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :], dw2 + tl.dot(tl.trans(x2), dz2))
+        tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :], dw2 + _dot(tl.trans(x2), dz2, LP))
     tl.store(db2_ptr + cols[None, :], db2 + tl.sum(dzq2 + dz2, 0, keep_dims=True))
     return dq, dk, -d_dy, deta, dlnw + dlnw2, dlnb + dlnb2
 
@@ -445,7 +456,8 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
 def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
                     sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr,
                     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, T, H, NG, eps, D: tl.constexpr,
-                    F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr):
+                    F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                    LP: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     rows = tl.arange(0, BS)
@@ -490,7 +502,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
             tl.debug_barrier()
             _mlp_step(q, k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
                       sb2_ptr + j * D, sw1_ptr + (j + 1) * D * F, sb1_ptr + (j + 1) * F,
-                      sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, rows, cols, D, F, FC, BS, CAUSAL, eps)
+                      sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
         for jj in range(0, L):
             j = L - 1 - jj
             t0 = (n0 + j) * BS
@@ -502,7 +514,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
             tl.debug_barrier()
             dq, dk, dv, deta, dlnw_j, dlnb_j = _mlp_bwd_step(
                 q, k, v, eta, do, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
-                sb2_ptr + j * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr, rows, cols, D, F, FC, BS, CAUSAL, eps)
+                sb2_ptr + j * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr, rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
             dlnw += dlnw_j
             dlnb += dlnb_j
             _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
@@ -517,8 +529,14 @@ def _mlp_chunk_size(D):
     return min(4 * D, 64)
 
 
-def _num_warps(D, BS, mlp):
-    return 8 if D * BS >= 4096 or mlp else 4
+def _launch_options(D, BS, mlp):
+    """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory."""
+    return dict(num_warps=8 if mlp else 4, num_stages=1 if mlp else 2)
+
+
+def _bf16_products(q):
+    """Round matrix-product operands to bfloat16 for 16-bit activations (state stays float32)."""
+    return q.is_cuda and q.dtype != torch.float32
 
 
 class _TTT(torch.autograd.Function):
@@ -533,7 +551,8 @@ class _TTT(torch.autograd.Function):
         state = [s.clone() for s in state0]
         ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
         out = _empty_like(q)
-        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, num_warps=_num_warps(D, bs, mlp))
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
+                      **_launch_options(D, bs, mlp))
         if mlp:
             _mlp_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps,
                                   F=4 * D, FC=_mlp_chunk_size(D), **common)
@@ -557,7 +576,7 @@ class _TTT(torch.autograd.Function):
         deta = _empty_like(eta.float())
         dlnw = q.new_empty((N, D), dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
-        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, num_warps=_num_warps(D, bs, mlp))
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(D, bs, mlp))
         if mlp:
             scr = q.new_empty((N, bs, 4 * D), dtype=torch.float32)
             _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,

@@ -1,0 +1,65 @@
+import torch
+
+from ttt_video.layers.attention import SegmentAttention
+from ttt_video.layers.rope import apply_rope, rope_3d, with_text
+from ttt_video.layers.ttt import TTT, BidirectionalTTT
+
+
+def test_rope_keeps_norm_and_depends_on_relative_position():
+    cos, sin = rope_3d(6, 1, 1, 16)
+    q = torch.randn(16).expand(6, 16)
+    k = torch.randn(16).expand(6, 16)
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
+    # same offset, same score
+    torch.testing.assert_close((rq[3] * rk[1]).sum(), (rq[5] * rk[3]).sum())
+    assert not torch.allclose((rq[3] * rk[1]).sum(), (rq[4] * rk[1]).sum())
+
+
+def test_text_rows_are_not_rotated_and_positions_restart_per_segment():
+    cos, sin = rope_3d(2, 2, 2, 8)
+    c, s = with_text(cos, sin, text_len=3, num_segments=2)
+    assert c.shape == (2 * (3 + 8), 8)
+    x = torch.randn(c.shape[0], 8)
+    y = apply_rope(x, c, s)
+    torch.testing.assert_close(y[:3], x[:3])
+    torch.testing.assert_close(c[:11], c[11:])
+
+
+def test_segment_attention_is_local():
+    torch.manual_seed(0)
+    attn = SegmentAttention(32, 4)
+    cos, sin = with_text(*rope_3d(1, 2, 2, 8), 2, 1)
+    x = torch.randn(1, 3 * 6, 32)
+    y = attn(x, 3, cos, sin)
+    x2 = x.clone()
+    x2[:, 12:] += 1.0  # change segment 3 only
+    y2 = attn(x2, 3, cos, sin)
+    torch.testing.assert_close(y[:, :12], y2[:, :12])
+    assert (y[:, 12:] - y2[:, 12:]).abs().max() > 1e-3
+
+
+def test_ttt_reverse_pass_is_the_forward_pass_on_the_flipped_sequence():
+    torch.manual_seed(0)
+    layer = TTT(32, 2, kind="mlp", mini_batch_size=8).double()
+    x = torch.randn(2, 24, 32, dtype=torch.float64)
+    cos, sin = (t.double() for t in rope_3d(24, 1, 1, 16))
+    rev = layer(x, cos, sin, reverse=True)
+    ref = layer(x.flip(1), cos.flip(0), sin.flip(0)).flip(1)
+    torch.testing.assert_close(rev, ref)
+    assert (rev - layer(x, cos, sin)).abs().max() > 1e-6
+
+
+def test_bidirectional_gates_and_global_context():
+    torch.manual_seed(0)
+    block = BidirectionalTTT(32, 2, kind="linear", mini_batch_size=8, gate_init=0.0)
+    cos, sin = rope_3d(40, 1, 1, 16)
+    x = torch.randn(1, 40, 32)
+    torch.testing.assert_close(block(x, cos, sin), x)  # closed gates: identity
+    with torch.no_grad():
+        block.gate_fwd.fill_(0.5)
+        block.gate_bwd.fill_(0.5)
+    y = block(x, cos, sin)
+    x2 = x.clone()
+    x2[:, -1] = torch.randn(32)  # the reversed pass carries the last token's change to the first mini-batch
+    assert (block(x2, cos, sin)[:, 0] - y[:, 0]).abs().max() > 1e-5

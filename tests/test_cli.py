@@ -1,0 +1,70 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ttt_video.cli import main
+from ttt_video.sample.export import read_video
+
+from .train.test_trainer import TINY
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_with_bundled_model(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    code, stdout, _ = run_cli(["generate", "a blue square moves left", "it moves down as a circle",
+                               "--steps", "4", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0
+    assert f"video: {out}" in stdout and f"contact sheet: {out.with_suffix('.png')}" in stdout
+    assert read_video(out).shape[0] == 16
+    code, _, _ = run_cli(["generate", "a red circle moves up", "--seconds", "2.5", "--fps", "8", "--steps", "2",
+                          "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and read_video(out).shape[0] == 20
+
+
+def test_train_then_generate_from_checkpoint(tmp_path, capsys):
+    sets = [a for s in TINY + ["train.max_steps=2"] for a in ("--set", s)]
+    code, stdout, _ = run_cli(["train", "--preset", "shapes-tiny", *sets, "--output-dir", str(tmp_path / "run"),
+                               "--no-progress"], capsys)
+    assert code == 0 and "checkpoint-2" in stdout
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps([{"text": "a red circle moves up"}, "it moves left as a square"]))
+    out = tmp_path / "g.mp4"
+    code, _, _ = run_cli(["generate", "--storyboard", str(story), "--checkpoint", str(tmp_path / "run"),
+                          "--steps", "2", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and read_video(out).shape[0] == 8
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--set", "train.max_steps=x"], "train.max_steps must be int"),
+    (["generate"], "no prompts"),
+    (["generate", "a", "--checkpoint", "/no/such/ckpt"], "checkpoint not found: /no/such/ckpt"),
+    (["generate", "a", "--seconds", "0"], "--seconds must be positive"),
+    (["generate", "a", "--seconds", "-2"], "--seconds must be positive"),
+    (["generate", "a", "--out", "/proc/forbidden/v.mp4"], "cannot write to /proc/forbidden/v.mp4"),
+    (["generate", "--storyboard", "STORY"], "is not valid JSON"),
+    (["generate", "a", "b", "c", "--num-frames", "8"], "3 captions need at least 3 segments"),
+])
+def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
+    story = tmp_path / "bad.json"
+    story.write_text("[{'text': 1}")
+    args = [str(story) if a == "STORY" else a for a in args]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_exit_status(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    p = subprocess.run([sys.executable, "-m", "ttt_video.cli", "generate", "x", "--checkpoint", str(tmp_path)],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("ttt-video: error: checkpoint") and "Traceback" not in p.stderr

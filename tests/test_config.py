@@ -1,0 +1,33 @@
+import pytest
+
+from ttt_video import config as config_lib
+from ttt_video.config import Config, ConfigError, apply_overrides
+from ttt_video.presets import get_preset
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(Config(), ["train.max_steps=20", "model.patch_size=1,2,2", "train.lr=3e-4",
+                                     "model.seq_mixer=ttt-linear"])
+    assert cfg.train.max_steps == 20 and cfg.model.patch_size == (1, 2, 2)
+    assert cfg.train.lr == 3e-4 and cfg.model.seq_mixer == "ttt-linear"
+
+
+@pytest.mark.parametrize("bad,msg", [("train.max_steps=abc", "must be int"), ("train.nope=1", "unknown config key"),
+                                     ("max_steps", "not key=value"), ("model.patch_size=1,2", "3 comma")])
+def test_bad_overrides(bad, msg):
+    with pytest.raises(ConfigError, match=msg):
+        apply_overrides(Config(), [bad])
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = apply_overrides(get_preset("shapes-tiny"), ["data.num_scenes=5"])
+    config_lib.save(cfg, tmp_path / "c.json")
+    assert config_lib.load(tmp_path / "c.json") == cfg
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        config_lib.load(tmp_path / "bad.json")
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'x'; available: shapes-tiny"):
+        get_preset("x")

@@ -1,0 +1,185 @@
+"""Benchmark TTT-MLP / TTT-Linear against local SDPA attention at CogVideoX-5B video lengths.
+
+Workload per 3 s segment: 13 latent frames x 30 x 45 patches plus text give 18,008 attention
+tokens per segment and 16,722 TTT tokens (63 s: 21 segments, T = 351,168). TTT runs both
+directions (forward and reversed sequence) as one call with the two directions stacked on the
+batch dim; attention runs `scaled_dot_product_attention` over `[segments, heads, 18008, head_dim]`.
+
+FLOPs counted (matrix products only, per chain and mini-batch of b tokens, hidden F = 4D):
+TTT-MLP forward 14 b D F + 4 b^2 F + 4 b^2 D, TTT-Linear forward 6 b D^2 + 4 b^2 D, attention
+forward 4 S^2 D per segment and head; forward+backward counts 3x the TTT forward (no recompute)
+and 3.5x the attention forward.
+"""
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+TTT_TOKENS_PER_SEGMENT = 16_722
+ATTN_TOKENS_PER_SEGMENT = 18_008
+SECONDS_PER_SEGMENT = 3
+
+
+def ttt_flops(op, T, chains, head_dim, mini_batch_size):
+    """Forward matrix-product FLOPs of one TTT call over `chains` (batch x heads) sequences."""
+    b, d = mini_batch_size, head_dim
+    full, tail = divmod(T, b)
+    sizes = [b] * full + ([tail] if tail else [])
+    if op == "mlp":
+        f = 4 * d
+        per = sum(14 * s * d * f + 4 * s * s * f + 4 * s * s * d for s in sizes)
+    else:
+        per = sum(6 * s * d * d + 4 * s * s * d for s in sizes)
+    return chains * per
+
+
+def attention_flops(segments, heads, head_dim):
+    return 4 * segments * heads * ATTN_TOKENS_PER_SEGMENT**2 * head_dim
+
+
+def _time_ms(fn, budget_ms=1500.0, max_reps=50):
+    """Median of CUDA-event timings after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    total = 0.0
+    while len(times) < 3 or (total < budget_ms and len(times) < max_reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        total += times[-1]
+    return statistics.median(times)
+
+
+def _ttt_inputs(op, T, heads, head_dim, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, scale=1.0, dtype=torch.float32):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    q, k, v = (r(2, heads, T, head_dim, dtype=torch.bfloat16) for _ in range(3))  # both directions
+    eta = (torch.rand(2, heads, T, generator=g, device=device) * 0.02).to(torch.bfloat16)
+    d, f = head_dim, 4 * head_dim
+    if op == "mlp":
+        weights = [r(heads, d, f, scale=0.02), r(heads, 1, f, scale=0.02), r(heads, f, d, scale=0.02),
+                   r(heads, 1, d, scale=0.02)]
+    else:
+        weights = [r(heads, d, d, scale=0.02), r(heads, 1, d, scale=0.02)]
+    return [q, k, v, eta, *weights, 1 + r(heads, d, scale=0.1), r(heads, d, scale=0.1)]
+
+
+def _ttt_fn(op, impl, args, mini_batch_size, backward):
+    from ttt_video.ops import ttt_linear, ttt_mlp
+
+    fn = ttt_mlp if op == "mlp" else ttt_linear
+    if not backward:
+        def run():
+            with torch.no_grad():
+                fn(*args, mini_batch_size=mini_batch_size, impl=impl)
+        return run
+    leaves = [a.requires_grad_() for a in args]
+    grad = torch.randn_like(args[0])
+
+    def run():
+        out = fn(*leaves, mini_batch_size=mini_batch_size, impl=impl)
+        torch.autograd.grad(out, leaves, grad)
+    return run
+
+
+def _attn_fn(segments, heads, head_dim, device, backward):
+    q, k, v = (torch.randn(segments, heads, ATTN_TOKENS_PER_SEGMENT, head_dim, device=device,
+                           dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+    if not backward:
+        def run():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v)
+        return run
+    grad = torch.randn_like(q)
+
+    def run():
+        out = F.scaled_dot_product_attention(q, k, v)
+        torch.autograd.grad(out, (q, k, v), grad)
+    return run
+
+
+def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("triton", "torch"), device="cuda",
+        max_estimate_s=2.0):
+    """Time every (length, op, impl, mode); rows carry ms, TFLOP/s and the ratio to attention.
+
+    A torch-path case whose time, extrapolated from the previous length, exceeds `max_estimate_s`
+    per call is skipped and reported with that estimate.
+    """
+    rows = []
+    last = {}
+    for sec in seconds:
+        segments = max(1, round(sec / SECONDS_PER_SEGMENT))
+        T = segments * TTT_TOKENS_PER_SEGMENT
+        attn = {}
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            ms = _time_ms(_attn_fn(segments, heads, head_dim, device, backward))
+            flops = attention_flops(segments, heads, head_dim) * (3.5 if backward else 1.0)
+            attn[mode] = ms
+            rows.append(dict(seconds=sec, T=T, op="attention", impl="sdpa", mode=mode, ms=ms,
+                             tflops=flops / ms / 1e9, ratio=1.0))
+            torch.cuda.empty_cache()
+        for op in ("mlp", "linear"):
+            for impl in impls:
+                for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                    key = (op, impl, mode)
+                    row = dict(seconds=sec, T=T, op=f"ttt-{op}", impl=impl, mode=mode)
+                    prev = last.get(key)
+                    estimate = None if prev is None else prev[1] * T / prev[0] / 1e3
+                    if impl == "torch" and estimate is not None and estimate > max_estimate_s:
+                        rows.append(dict(row, ms=None, tflops=None, ratio=None, skipped=estimate))
+                        continue
+                    args = _ttt_inputs(op, T, heads, head_dim, device)
+                    ms = _time_ms(_ttt_fn(op, impl, args, mini_batch_size, backward),
+                                  budget_ms=300.0 if impl == "torch" else 1500.0)
+                    del args
+                    torch.cuda.empty_cache()
+                    flops = ttt_flops(op, T, 2 * heads, head_dim, mini_batch_size) * (3.0 if backward else 1.0)
+                    last[key] = (T, ms)
+                    rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9, ratio=ms / attn[mode]))
+    return rows
+
+
+def format_table(rows):
+    lines = [f"{'len':>4} {'T':>8} {'op':<11} {'impl':<7} {'mode':<8} {'ms':>10} {'TFLOP/s':>8} {'x attn':>7}"]
+    for r in rows:
+        head = f"{r['seconds']:>3}s {r['T']:>8} {r['op']:<11} {r['impl']:<7} {r['mode']:<8}"
+        if r.get("skipped") is not None:
+            lines.append(f"{head} skipped (est. {r['skipped']:.1f} s)")
+        else:
+            lines.append(f"{head} {r['ms']:>10.2f} {r['tflops']:>8.1f} {r['ratio']:>7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="ttt-video bench ttt", description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=int, nargs="+", default=[3, 18, 63], help="video lengths (multiples of 3)")
+    p.add_argument("--heads", type=int, default=48)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--mini-batch-size", type=int, default=64)
+    p.add_argument("--impls", nargs="+", default=["triton", "torch"], choices=["triton", "torch"])
+    p.add_argument("--max-estimate-s", type=float, default=2.0,
+                   help="skip a torch-path case whose extrapolated time per call exceeds this")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.exit(2, "ttt-video bench ttt: needs a CUDA device\n")
+    if any(s % SECONDS_PER_SEGMENT for s in args.seconds):
+        p.exit(2, f"ttt-video bench ttt: --seconds must be multiples of {SECONDS_PER_SEGMENT}\n")
+    rows = run(tuple(args.seconds), args.heads, args.head_dim, args.mini_batch_size, tuple(args.impls),
+               max_estimate_s=args.max_estimate_s)
+    print(f"device: {torch.cuda.get_device_name()}, heads {args.heads} x {args.head_dim}, "
+          f"mini-batch {args.mini_batch_size}, TTT both directions in one call, bf16")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
