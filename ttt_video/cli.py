@@ -74,7 +74,8 @@ def cmd_generate(args):
     _check_writable(args.out)
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                      out=args.out, device=args.device, progress=not args.no_progress)
+                      out=args.out, device=args.device, progress=not args.no_progress,
+                      text_cache=args.text_cache)
     print(f"video: {result.video}")
     print(f"contact sheet: {result.sheet}")
 
@@ -92,6 +93,24 @@ def cmd_cache_text(args):
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length)
     path = save_text_cache(encoder, all_captions(), args.out)
     print(f"text cache: {path}")
+
+
+def cmd_evaluate(args):
+    import json
+
+    from .eval.evaluate import evaluate, format_scores
+
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    if args.num_videos < 1:
+        raise UsageError(f"--num-videos must be at least 1, got {args.num_videos}")
+    scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
+                      guidance_scale=args.guidance_scale, seed=args.seed, device=args.device,
+                      text_cache=args.text_cache, progress=not args.no_progress)
+    if args.json:
+        _check_writable(args.json)
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+    print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
 
 
 def cmd_bench(args, rest):
@@ -134,8 +153,22 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="outputs/video.mp4")
     g.add_argument("--device", default="auto")
+    g.add_argument("--text-cache", help="precomputed caption embeddings (optional; same result, faster)")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="sample held-out synthetic storyboards and score them")
+    e.add_argument("--checkpoint", help="checkpoint or run folder (default: the bundled tiny model)")
+    e.add_argument("--num-videos", type=int, default=64)
+    e.add_argument("--num-scenes", type=int, help="scenes per storyboard (default: the training length)")
+    e.add_argument("--steps", type=int)
+    e.add_argument("--guidance-scale", type=float)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--text-cache")
+    e.add_argument("--json", help="also write the scores to this file")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="benchmarks; `ttt-video bench ttt --help` for options")
     b.add_argument("what", choices=["ttt"])

@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0  # 0: torch's default
+    num_workers: int = 0  # data-loading processes
 
 
 @dataclass

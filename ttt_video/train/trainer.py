@@ -39,6 +39,20 @@ def build_dataset(data_cfg):
                                 seed=data_cfg.seed, size=10**8)
 
 
+class StepBatches(torch.utils.data.Sampler):
+    """Batch i is dataset items [i*B, (i+1)*B): the data position of a run is its step."""
+
+    def __init__(self, start, stop, batch_size):
+        self.start, self.stop, self.batch_size = start, stop, batch_size
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        for s in range(self.start, self.stop):
+            yield list(range(s * self.batch_size, (s + 1) * self.batch_size))
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: no weight decay on biases, norms, gates, embeddings and the inner LN."""
     decay, no_decay = [], []
@@ -98,6 +112,8 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                                  cache=text_cache)
     objective = FlowMatching(cfg.diffusion.timestep_shift)
     log_path = out / "loss.jsonl"
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(step, tc.max_steps, tc.batch_size),
+                                         collate_fn=collate, num_workers=tc.num_workers)
 
     def save():
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
@@ -110,8 +126,9 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     t0 = time.perf_counter()
     try:
         with open(log_path, "a") as log:
-            while step < tc.max_steps and not interrupted:
-                batch = collate([dataset[i] for i in range(step * tc.batch_size, (step + 1) * tc.batch_size)])
+            for batch in loader:
+                if interrupted:
+                    break
                 x0 = batch["video"].to(device)  # [B, C, F, H, W]
                 B = x0.shape[0]
                 g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
