@@ -17,13 +17,14 @@ DEVICE = "cuda" if CUDA else "cpu"
 pytest.importorskip("triton")
 
 B, H, D, MB = 2, 2, 16, 16
+TOL = 2e-3 if CUDA else 1e-4  # float32 matrix products run as tf32 on GPU
 
 
 def _kernels(monkeypatch):
     from ttt_video.ops.ttt import triton as triton_impl
 
     monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.full_like(x, float("nan")))
-    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d: 16)  # several hidden chunks at D=16
+    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d, backward: 16)  # several hidden chunks at D=16
     return triton_impl
 
 
@@ -86,12 +87,12 @@ def test_matches_reference(monkeypatch, kind, causal, T, mb):
     args32 = [a.float().to(DEVICE) for a in args]
     out, state, grads = _run(tri, kind, args32, mini_batch_size=mb, causal=causal, checkpoint_group=2)
     assert out.dtype == torch.float32
-    _check("out", out, out_r, 1e-4)
+    _check("out", out, out_r, TOL)
     for n in state_r:
         assert state[n].dtype == torch.float32
-        _check(f"state {n}", state[n], state_r[n], 1e-4)
+        _check(f"state {n}", state[n], state_r[n], TOL)
     for name, gt, gr in zip(_names(kind), grads, grads_r):
-        _check(f"grad {name}", gt, gr, 1e-4)
+        _check(f"grad {name}", gt, gr, TOL)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
@@ -110,13 +111,13 @@ def test_initial_state_and_carry(monkeypatch, kind):
     args32 = [a.float().to(DEVICE) for a in args]
     state32 = {n: s.float().to(DEVICE) for n, s in state.items()}
     out, final, grads = _run(tri, kind, args32, state32, **kw)
-    _check("out", out, out_r, 1e-4)
+    _check("out", out, out_r, TOL)
     for n in keys:
-        _check(f"state {n}", final[n], final_r[n], 1e-4)
+        _check(f"state {n}", final[n], final_r[n], TOL)
     names = ["q", "k", "v", "eta", "ln_w", "ln_b"] + [f"initial {n}" for n in keys]
     assert len(grads) == len(names)
     for name, gt, gr in zip(names, grads, grads_r):
-        _check(f"grad {name}", gt, gr, 1e-4)
+        _check(f"grad {name}", gt, gr, TOL)
 
     fn = tri.ttt_mlp if kind == "mlp" else tri.ttt_linear
     cut = 2 * MB
@@ -124,9 +125,9 @@ def test_initial_state_and_carry(monkeypatch, kind):
                     return_state=True, **kw)
     second, end = fn(*[a[:, :, cut:] if i < 4 else a for i, a in enumerate(args32)], initial_state=mid,
                      return_state=True, **kw)
-    _check("carried out", torch.cat([first, second], 2), out_r, 1e-4)
+    _check("carried out", torch.cat([first, second], 2), out_r, TOL)
     for n in keys:
-        _check(f"carried state {n}", end[n], final_r[n], 1e-4)
+        _check(f"carried state {n}", end[n], final_r[n], TOL)
 
 
 def test_supports_and_errors():

@@ -1,7 +1,8 @@
 """Benchmark TTT-MLP / TTT-Linear against local SDPA attention at CogVideoX-5B video lengths.
 
 Workload per 3 s segment: 13 latent frames x 30 x 45 patches plus text give 18,008 attention
-tokens per segment and 16,722 TTT tokens (63 s: 21 segments, T = 351,168). TTT runs both
+tokens per segment; TTT runs over T = 351,168 tokens at 63 s (21 segments) and proportionally
+fewer for shorter videos (about 16,722 per segment). TTT runs both
 directions (forward and reversed sequence) as one call with the two directions stacked on the
 batch dim; attention runs `scaled_dot_product_attention` over `[segments, heads, 18008, head_dim]`.
 
@@ -17,7 +18,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-TTT_TOKENS_PER_SEGMENT = 16_722
+TTT_TOKENS_63S = 351_168
+SEGMENTS_63S = 21
 ATTN_TOKENS_PER_SEGMENT = 18_008
 SECONDS_PER_SEGMENT = 3
 
@@ -118,7 +120,7 @@ def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("
     last = {}
     for sec in seconds:
         segments = max(1, round(sec / SECONDS_PER_SEGMENT))
-        T = segments * TTT_TOKENS_PER_SEGMENT
+        T = round(TTT_TOKENS_63S * segments / SEGMENTS_63S)
         attn = {}
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):
             ms = _time_ms(_attn_fn(segments, heads, head_dim, device, backward))

@@ -42,7 +42,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _gelu(z):
+def _gelu_parts(z):
     """gelu (tanh approximation) and its first and second derivatives."""
     c = 0.7978845608028654
     a = 0.044715
@@ -53,6 +53,18 @@ def _gelu(z):
     g1 = 0.5 * (1.0 + t) + 0.5 * z * s * du
     g2 = s * (du - z * t * du * du + 3.0 * a * c * z * z)
     return g0, g1, g2
+
+
+@triton.jit
+def _gelu(z):
+    g0, g1, g2 = _gelu_parts(z)
+    return g0
+
+
+@triton.jit
+def _gelu_d(z):
+    g0, g1, g2 = _gelu_parts(z)
+    return g0, g1
 
 
 @triton.jit
@@ -133,7 +145,7 @@ def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl
     xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
     g = eta[:, None] * gr
     zq = _dot(q, w, LP) + b - _dot(_scores(q, k, rows, CAUSAL, LP), g, LP)
-    xhq, _ = _ln(zq, D, eps)
+    xhq, rstdq = _ln(zq, D, eps)
     w = w - _dot(tl.trans(k), g, LP)
     b = b - tl.sum(g, 0, keep_dims=True)
     return q + xhq * lnw + lnb, w, b
@@ -218,7 +230,7 @@ def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, c
             k = _load_rows(k_ptr, t0, T, rows, cols, D)
             v = _load_rows(v_ptr, t0, T, rows, cols, D)
             eta = _load_eta(eta_ptr, t0, T, rows)
-            _, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, LP, eps)
+            out, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, LP, eps)
         tl.store(sw_ptr + (L - 1) * D * D + wofs, w)
         tl.store(sb_ptr + (L - 1) * D + cols[None, :], b)
         tl.debug_barrier()
@@ -298,9 +310,9 @@ def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, o
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, _, _ = _gelu(_dot(k, w1, LP) + b1)
+        x2 = _gelu(_dot(k, w1, LP) + b1)
         z2 += _dot(x2, w2, LP)
-    _, _, _, _, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
+    xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
     g2 = eta[:, None] * gr  # [BS, D]
     a1 = _scores(q, k, rows, CAUSAL, LP)
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -308,9 +320,9 @@ def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, o
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, gp, _ = _gelu(_dot(k, w1, LP) + b1)
+        x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
         g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-        xq, _, _ = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+        xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
         zq2 += _dot(xq, w2, LP)
         s2 += _dot(xq, tl.trans(x2), LP)
         tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
@@ -321,46 +333,113 @@ def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, o
         s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
     zq2 -= _dot(s2, g2, LP)
     tl.store(ob2_ptr + cols[None, :], b2 - tl.sum(g2, 0, keep_dims=True))
-    xhq, _ = _ln(zq2, D, eps)
+    xhq, rstdq = _ln(zq2, D, eps)
     return q + xhq * lnw + lnb
 
 
 @triton.jit
+def _chain_barrier(cnt_ptr, target, patience):
+    """Wait until the counter of this chain reaches `target`, spinning at most `patience` times;
+    returns the patience left for later barriers (0 once a wait timed out)."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+    spins = 0
+    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    while (seen < target) & (spins < patience):
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    tl.debug_barrier()
+    return tl.where(seen < target, 0, patience)
+
+
+@triton.jit
 def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, T, H, NG, eps, D: tl.constexpr, F: tl.constexpr,
-                    FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, S, eps, D: tl.constexpr,
+                    F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
                     SAVE: tl.constexpr, LP: tl.constexpr):
+    """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
+    of Z2 and Z_q2 go through `xch` `[N, 2, S, BS, D]`, with a barrier among the chain's S programs, which
+    must all be resident at once; `ok_ptr` `[N * S]` gets 0 where a barrier timed out."""
     pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
+    chain = pid // S
+    s = pid % S
+    h = chain % H
+    c0 = s * (F // S)
     rows = tl.arange(0, BS)
     cols = tl.arange(0, D)
+    fcols = tl.arange(0, FC)
+    tile = rows[:, None] * D + cols[None, :]
     lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
     lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
-    w1_ptr += pid * D * F
-    b1_ptr += pid * F
-    w2_ptr += pid * F * D
-    b2_ptr += pid * D
-    q_ptr += pid * T * D
-    k_ptr += pid * T * D
-    v_ptr += pid * T * D
-    o_ptr += pid * T * D
-    eta_ptr += pid * T
+    w1_ptr += chain * D * F
+    b1_ptr += chain * F
+    w2_ptr += chain * F * D
+    b2 = tl.load(b2_ptr + chain * D + cols)[None, :]  # [1, D], updated alike in every program
+    q_ptr += chain * T * D
+    k_ptr += chain * T * D
+    v_ptr += chain * T * D
+    o_ptr += chain * T * D
+    eta_ptr += chain * T
+    part_ptr = xch_ptr + (chain * 2 * S + s) * BS * D
+    cnt_ptr += chain
+    patience = pid.to(tl.int32) * 0 + (1 << 22)
     for n in range(0, tl.cdiv(T, BS)):
         if SAVE:
             if n % G == 0:
-                c = pid * NG + n // G
-                _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F,
-                          cw2_ptr + c * F * D, cb2_ptr + c * D, cols, D, F, FC)
+                c = chain * NG + n // G
+                for cc in range(c0, c0 + F // S, FC):
+                    w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+                    tl.store(cw1_ptr + c * D * F + cols[:, None] * F + (cc + fcols)[None, :], w1)
+                    tl.store(cb1_ptr + c * F + cc + fcols[None, :], b1)
+                    tl.store(cw2_ptr + c * F * D + (cc + fcols)[:, None] * D + cols[None, :], w2)
+                if s == 0:
+                    tl.store(cb2_ptr + c * D + cols[None, :], b2)
         t0 = n * BS
         q = _load_rows(q_ptr, t0, T, rows, cols, D)
         k = _load_rows(k_ptr, t0, T, rows, cols, D)
         v = _load_rows(v_ptr, t0, T, rows, cols, D)
         eta = _load_eta(eta_ptr, t0, T, rows)
-        tl.debug_barrier()
-        out = _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                        rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
-        _store_rows(o_ptr, out, t0, T, rows, cols, D)
-        tl.debug_barrier()
+        part = tl.zeros([BS, D], dtype=tl.float32)
+        for cc in range(c0, c0 + F // S, FC):
+            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+            part += _dot(_gelu(_dot(k, w1, LP) + b1), w2, LP)
+        tl.store(part_ptr + tile, part)
+        patience = _chain_barrier(cnt_ptr, S * (2 * n + 1), patience)
+        z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+        for j in range(0, S):
+            z2 += tl.load(xch_ptr + (chain * 2 * S + j) * BS * D + tile, cache_modifier=".cg")
+        xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
+        g2 = eta[:, None] * gr  # [BS, D]
+        a1 = _scores(q, k, rows, CAUSAL, LP)
+        s2 = tl.zeros([BS, BS], dtype=tl.float32)
+        part = tl.zeros([BS, D], dtype=tl.float32)
+        for cc in range(c0, c0 + F // S, FC):
+            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+            x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
+            g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
+            xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+            part += _dot(xq, w2, LP)
+            s2 += _dot(xq, tl.trans(x2), LP)
+            tl.store(w1_ptr + cols[:, None] * F + (cc + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
+            tl.store(b1_ptr + cc + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
+            tl.store(w2_ptr + (cc + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
+        if CAUSAL:
+            s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
+        tl.store(part_ptr + S * BS * D + tile, part - _dot(s2, g2, LP))
+        patience = _chain_barrier(cnt_ptr, S * (2 * n + 2), patience)
+        if s == 0:
+            ones = tl.full([BS, BS], 1.0, tl.float32)
+            if CAUSAL:
+                ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
+            zq2 = b2 - _dot(ones, g2, LP)
+            for j in range(0, S):
+                zq2 += tl.load(xch_ptr + ((chain * 2 + 1) * S + j) * BS * D + tile, cache_modifier=".cg")
+            xhq, rstdq = _ln(zq2, D, eps)
+            _store_rows(o_ptr, q + xhq * lnw + lnb, t0, T, rows, cols, D)
+        b2 -= tl.sum(g2, 0, keep_dims=True)
+    if s == 0:
+        tl.store(b2_ptr + chain * D + cols[None, :], b2)
+    tl.store(ok_ptr + pid, patience)
 
 
 @triton.jit
@@ -377,7 +456,7 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, _, _ = _gelu(_dot(k, w1, LP) + b1)
+        x2 = _gelu(_dot(k, w1, LP) + b1)
         z2 += _dot(x2, w2, LP)
     xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
     g2 = eta * gr  # [BS, D]
@@ -386,9 +465,9 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, gp, _ = _gelu(_dot(k, w1, LP) + b1)
+        x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
         g1 = _dot(g2, tl.trans(w2), LP) * gp
-        xq, _, _ = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+        xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
         zq2 += _dot(xq, w2, LP)
         s2 += _dot(xq, tl.trans(x2), LP)
     s2 += 1.0
@@ -412,10 +491,10 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
-        x2, gp, gpp = _gelu(_dot(k, w1, LP) + b1)
+        x2, gp, gpp = _gelu_parts(_dot(k, w1, LP) + b1)
         p = _dot(g2, tl.trans(w2), LP)
         g1 = p * gp
-        xq, gpq, _ = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+        xq, gpq = _gelu_d(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
         dzq1 = (_dot(dzq2, tl.trans(w2), LP) + _dot(ds2, x2, LP)) * gpq  # [BS, FC]
         dq += _dot(dzq1, tl.trans(w1), LP)
         ds1 -= _dot(dzq1, tl.trans(g1), LP)
@@ -442,7 +521,7 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
-        x2, gp, _ = _gelu(_dot(k, w1, LP) + b1)
+        x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
         dz1 = tl.load(scr_ptr + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
         dk += _dot(dz1, tl.trans(w1), LP)
         tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + _dot(tl.trans(k), dz1, LP))
@@ -525,11 +604,12 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     tl.store(dlnb_ptr + pid * D + cols, dlnb)
 
 
-def _mlp_chunk_size(D):
+def _mlp_chunk_size(D, backward):
+    """Hidden units per chunk of the MLP loops."""
     return min(4 * D, 64)
 
 
-def _launch_options(D, BS, mlp):
+def _launch_options(D, BS, mlp, backward):
     """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory."""
     return dict(num_warps=8 if mlp else 4, num_stages=1 if mlp else 2)
 
@@ -537,6 +617,32 @@ def _launch_options(D, BS, mlp):
 def _bf16_products(q):
     """Round matrix-product operands to bfloat16 for 16-bit activations (state stays float32)."""
     return q.is_cuda and q.dtype != torch.float32
+
+
+def _mlp_slices(N, chunks, q, key, warmup, num_warps):
+    """Programs per chain in the MLP forward: the most (dividing the hidden chunks) that keep all
+    N * S programs resident at once. One where programs run one after another (the interpreter)."""
+    if not q.is_cuda or chunks == 1:
+        return 1
+    key = (q.device, N, chunks, num_warps, key)
+    if key not in _SLICES:
+        dummy = q.new_empty(1, dtype=torch.int32)
+        kernel = warmup(q.new_empty(1, dtype=torch.float32), dummy, dummy)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(q.device)
+        smem = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
+        regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * num_warps
+        per_sm = min(65536 // regs, props.max_threads_per_multi_processor // (32 * num_warps),
+                     smem // (kernel.metadata.shared + 1024))
+        resident = per_sm * props.multi_processor_count
+        s = chunks
+        while s > 1 and N * s > resident:
+            s //= 2
+        _SLICES[key] = s
+    return _SLICES[key]
+
+
+_SLICES = {}
 
 
 class _TTT(torch.autograd.Function):
@@ -552,10 +658,19 @@ class _TTT(torch.autograd.Function):
         ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
         out = _empty_like(q)
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
-                      **_launch_options(D, bs, mlp))
+                      **_launch_options(D, bs, mlp, False))
         if mlp:
-            _mlp_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps,
-                                  F=4 * D, FC=_mlp_chunk_size(D), **common)
+            F, FC = 4 * D, _mlp_chunk_size(D, False)
+            args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
+            key = (D, FC, tuple(sorted(common.items())))
+            S = _mlp_slices(N, F // FC, q, key, lambda xch, cnt, ok: _mlp_fwd_kernel.warmup(
+                *args, xch, cnt, ok, T, H, NG, 2, eps, F=F, FC=FC, grid=(1,), **common), common["num_warps"])
+            xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
+            cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
+            ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
+            _mlp_fwd_kernel[(N * S,)](*args, xch, cnt, ok, T, H, NG, S, eps, F=F, FC=FC, **common)
+            if not bool((ok > 0).all()):
+                raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
             _linear_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps, **common)
         ctx.save_for_backward(q, k, v, eta, ln_w, ln_b, *ckpt)
@@ -576,11 +691,11 @@ class _TTT(torch.autograd.Function):
         deta = _empty_like(eta.float())
         dlnw = q.new_empty((N, D), dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
-        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(D, bs, mlp))
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(D, bs, mlp, True))
         if mlp:
             scr = q.new_empty((N, bs, 4 * D), dtype=torch.float32)
             _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
-                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D), **common)
+                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D, True), **common)
         else:
             _linear_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv, deta,
                                      dlnw, dlnb, T, H, NG, eps, **common)
