@@ -145,12 +145,12 @@ def test_supports_and_errors():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_bf16_realistic(kind, causal):
+@pytest.mark.parametrize("dim,causal", [(64, False), (64, True), (128, True)])
+def test_cuda_bf16_realistic(kind, dim, causal):
     from ttt_video.ops.ttt import torch as torch_impl
     from ttt_video.ops.ttt import triton as triton_impl
 
-    args = _inputs(kind, 1000, seed=3, batch=1, dim=64, device="cuda", eta_scale=0.02)
+    args = _inputs(kind, 1000, seed=3, batch=1, dim=dim, device="cuda", eta_scale=0.02)
     out_r, state_r, grads_r = _run(torch_impl, kind, args, mini_batch_size=64, causal=causal)
     bf = [a.to(torch.bfloat16) if i < 4 else a.float() for i, a in enumerate(args)]
     out, state, grads = _run(triton_impl, kind, bf, mini_batch_size=64, causal=causal)

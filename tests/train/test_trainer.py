@@ -76,3 +76,21 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 2, model, cfg)
     assert (tmp_path / "last").read_text().strip() == "checkpoint-1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "last"]
+
+
+def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    calls = []
+
+    def loss(self, pred, target):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.mean((pred - target) ** 2)
+
+    monkeypatch.setattr(FlowMatching, "loss", loss)
+    last = train(tiny(10), tmp_path, progress=False)
+    assert last.name == "checkpoint-2" and len(calls) == 2
+    assert (tmp_path / "last").read_text().strip() == "checkpoint-2"

@@ -127,8 +127,6 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     try:
         with open(log_path, "a") as log:
             for batch in loader:
-                if interrupted:
-                    break
                 x0 = batch["video"].to(device)  # [B, C, F, H, W]
                 B = x0.shape[0]
                 g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
@@ -157,6 +155,8 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step % tc.save_every == 0:
                     last = save()
+                if interrupted:  # stop before asking the loader (and its workers) for more
+                    break
         if last is None or not last.name.endswith(f"-{step}"):
             last = save()
     finally:

@@ -404,7 +404,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
             part += _dot(_gelu(_dot(k, w1, LP) + b1), w2, LP)
         tl.store(part_ptr + tile, part)
-        patience = _chain_barrier(cnt_ptr, S * (2 * n + 1), patience)
+        if S > 1:
+            patience = _chain_barrier(cnt_ptr, S * (2 * n + 1), patience)
+        else:
+            tl.debug_barrier()
         z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
         for j in range(0, S):
             z2 += tl.load(xch_ptr + (chain * 2 * S + j) * BS * D + tile, cache_modifier=".cg")
@@ -426,7 +429,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         if CAUSAL:
             s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
         tl.store(part_ptr + S * BS * D + tile, part - _dot(s2, g2, LP))
-        patience = _chain_barrier(cnt_ptr, S * (2 * n + 2), patience)
+        if S > 1:
+            patience = _chain_barrier(cnt_ptr, S * (2 * n + 2), patience)
+        else:
+            tl.debug_barrier()
         if s == 0:
             ones = tl.full([BS, BS], 1.0, tl.float32)
             if CAUSAL:
@@ -605,13 +611,13 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
 
 
 def _mlp_chunk_size(D, backward):
-    """Hidden units per chunk of the MLP loops."""
-    return min(4 * D, 64)
+    """Hidden units per chunk of the MLP loops (F / 4 = D; the only width run on GPU so far)."""
+    return D
 
 
 def _launch_options(D, BS, mlp, backward):
     """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory."""
-    return dict(num_warps=8 if mlp else 4, num_stages=1 if mlp else 2)
+    return dict(num_warps=(4 if backward else 8) if mlp else 4, num_stages=1 if mlp else 2)
 
 
 def _bf16_products(q):
