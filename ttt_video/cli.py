@@ -67,10 +67,7 @@ def cmd_generate(args):
         raise UsageError(f"--fps must be positive, got {args.fps}")
     if args.num_frames is not None and args.num_frames <= 0:
         raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps must be positive, got {args.steps}")
-    if args.checkpoint and not Path(args.checkpoint).exists():
-        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    _check_sampling(args)
     _check_writable(args.out)
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -100,8 +97,7 @@ def cmd_evaluate(args):
 
     from .eval.evaluate import evaluate, format_scores
 
-    if args.checkpoint and not Path(args.checkpoint).exists():
-        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    _check_sampling(args)
     if args.num_videos < 1:
         raise UsageError(f"--num-videos must be at least 1, got {args.num_videos}")
     scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
@@ -119,6 +115,23 @@ def cmd_bench(args, rest):
 
         return bench_ttt.main(rest)
     raise UsageError(f"unknown benchmark {args.what!r}")
+
+
+def _sampling_args(p):
+    p.add_argument("--checkpoint", help="checkpoint or run folder (default: the bundled tiny model)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--text-cache", help="precomputed caption embeddings (optional; same result, faster)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _check_sampling(args):
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint not found: {args.checkpoint}")
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
 
 
 def build_parser():
@@ -144,30 +157,18 @@ def build_parser():
     g = sub.add_parser("generate", help="generate a video, one caption per scene")
     g.add_argument("prompts", nargs="*", help="one caption per scene")
     g.add_argument("--storyboard", help="JSON list of segments (strings or {\"text\": ...})")
-    g.add_argument("--checkpoint", help="checkpoint or run folder (default: the bundled tiny model)")
     g.add_argument("--seconds", type=float)
     g.add_argument("--fps", type=float, help="frames per second (default: the model's)")
     g.add_argument("--num-frames", type=int)
-    g.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
-    g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="outputs/video.mp4")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--text-cache", help="precomputed caption embeddings (optional; same result, faster)")
-    g.add_argument("--no-progress", action="store_true")
+    _sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="sample held-out synthetic storyboards and score them")
-    e.add_argument("--checkpoint", help="checkpoint or run folder (default: the bundled tiny model)")
     e.add_argument("--num-videos", type=int, default=64)
     e.add_argument("--num-scenes", type=int, help="scenes per storyboard (default: the training length)")
-    e.add_argument("--steps", type=int)
-    e.add_argument("--guidance-scale", type=float)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--text-cache")
     e.add_argument("--json", help="also write the scores to this file")
-    e.add_argument("--no-progress", action="store_true")
+    _sampling_args(e)
     e.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="benchmarks; `ttt-video bench ttt --help` for options")

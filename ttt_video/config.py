@@ -8,9 +8,9 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import UserError
+from .fileio import read_json, write_text_atomic
 
 
 class ConfigError(UserError):
@@ -148,15 +148,8 @@ def apply_overrides(cfg, overrides):
 
 
 def save(cfg, path):
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def load(path):
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return from_dict(Config, data)
+    return from_dict(Config, read_json(path, "config file", ConfigError))

@@ -1,8 +1,11 @@
 """Atomic file writes: write beside the destination under a temporary name, then rename."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 
 def _mode(base):
@@ -26,6 +29,17 @@ def atomic_file(path, write):
             os.unlink(tmp)
         raise
     return path
+
+
+def read_json(path, what, error=UserError):
+    """Parse a user's JSON file; a missing or malformed file raises `error` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
 
 
 def write_text_atomic(path, text):

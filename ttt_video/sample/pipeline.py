@@ -7,7 +7,6 @@ covers a consecutive run, earlier captions take the extra segment), and the deco
 cut to exactly the requested frame count.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +17,7 @@ import torch
 from ..diffusion.flow import sample_euler
 from ..encoders.text import build_text_encoder
 from ..errors import UserError
+from ..fileio import read_json
 from ..train.checkpoint import load_model
 from ..train.trainer import encode_captions, resolve_device
 from .export import contact_sheet, video_to_uint8, write_video
@@ -34,13 +34,7 @@ def bundled_checkpoint():
 
 def read_storyboard(path):
     """A JSON list of segments, each a caption string or an object with "text"."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoryboardError(f"storyboard file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoryboardError(f"storyboard {path} is not valid JSON: {e}") from None
+    data = read_json(path, "storyboard", StoryboardError)
     if isinstance(data, dict) and "scenes" in data:
         data = data["scenes"]
     if not isinstance(data, list) or not data:
