@@ -49,16 +49,20 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path, monkeypatch):
     assert (tmp_path / "last").read_text().strip() == "checkpoint-2"
 
 
-def test_no_weight_decay_on_biases_norms_and_gates():
+def test_param_groups_by_name():
     from ttt_video.models import build_model
 
     model = build_model(tiny(1).model)
-    decay, no_decay = param_groups(model, 0.1)
+    groups = {g["name"]: g for g in param_groups(model, 0.1, lr=1e-5, ttt_lr=1e-4)}
+    assert set(groups) == {"base", "base_no_decay", "ttt", "ttt_no_decay"}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.dim() >= 2 for p in decay["params"])
-    no = {names[id(p)] for p in no_decay["params"]}
+    assert all(p.dim() >= 2 for g in ("base", "ttt") for p in groups[g]["params"])
+    assert all(".ttt." in names[id(p)] for g in ("ttt", "ttt_no_decay") for p in groups[g]["params"])
+    assert groups["ttt"]["lr"] == 1e-4 and groups["base"]["lr"] == 1e-5
+    assert groups["base_no_decay"]["weight_decay"] == 0.0 and groups["base"]["weight_decay"] == 0.1
+    no = {names[id(p)] for p in groups["ttt_no_decay"]["params"] + groups["base_no_decay"]["params"]}
     assert any(n.endswith("gate_fwd") for n in no) and any(n.endswith(".bias") for n in no)
-    assert no_decay["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -94,3 +98,74 @@ def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
     last = train(tiny(10), tmp_path, progress=False)
     assert last.name == "checkpoint-2" and len(calls) == 2
     assert (tmp_path / "last").read_text().strip() == "checkpoint-2"
+
+
+@pytest.mark.parametrize("adapter,trained", [
+    ("full", lambda n: True),
+    ("qkvo", lambda n: ".attn.qkv." in n or ".attn.out." in n),
+    ("ttt-only", lambda n: ".ttt." in n),
+    ("lora", lambda n: "lora_" in n),
+])
+def test_adapters_train_exactly_what_they_claim(tmp_path, adapter, trained):
+    base = train(tiny(5), tmp_path / "base", progress=False)  # a "pretrained" model: adaLN gates open
+    cfg = tiny(2)
+    cfg.train.adapter, cfg.train.init_from = adapter, str(base)
+    last = train(cfg, tmp_path / adapter, progress=False)
+    model, _ = ckpt.load_model(last)
+    after = model.state_dict()
+    before = load_file(base / "model.safetensors")
+    base_name = {k: k.replace("base_layer.", "") for k in after}  # peft renames the wrapped layers
+    assert {base_name[k] for k in after if "lora_" not in k} == set(before)
+    changed = {k for k in after if "lora_" in k or not torch.equal(after[k], before[base_name[k]])}
+    assert changed == {k for k in after if trained(k)}
+    assert all(after[k].abs().sum() > 0 for k in after if "lora_B" in k)  # B starts at zero
+
+
+def test_caption_dropout_really_drops(monkeypatch):
+    from ttt_video.train import trainer
+
+    seen = []
+    real = trainer.encode_captions
+
+    def spy(encoder, captions, drop=None):
+        seen.append(drop.clone())
+        return real(encoder, captions, drop)
+
+    monkeypatch.setattr(trainer, "encode_captions", spy)
+    cfg = tiny(6)
+    cfg.train.caption_dropout = 0.5
+    cfg.train.batch_size = 4
+    train(cfg, __import__("tempfile").mkdtemp(), progress=False)
+    drops = torch.cat(seen)
+    assert drops.shape == (24, 2)
+    assert 0.25 < drops.float().mean() < 0.75
+    _, _, none = trainer.item_randomness(range(50), (1,), 2, 0.0, FlowMatching(), 0)
+    assert not none.any()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    a = tiny(2)
+    b = tiny(2)
+    b.train.batch_size, b.train.grad_accum_steps = 1, 2
+    ra = train(a, tmp_path / "a", progress=False)
+    rb = train(b, tmp_path / "b", progress=False)
+    wa, wb = load_file(ra / "model.safetensors"), load_file(rb / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_ema_validation_samples_and_tensorboard(tmp_path):
+    cfg = tiny(2)
+    cfg.train.ema_decay = 0.5
+    cfg.train.validate_every = 2
+    cfg.train.validation_videos = 1
+    last = train(cfg, tmp_path, progress=False)
+    assert (last / "ema.safetensors").is_file()
+    plain, _ = ckpt.load_model(last)
+    averaged, _ = ckpt.load_model(last, ema=True)
+    diff = [k for k, v in plain.state_dict().items() if not torch.equal(v, averaged.state_dict()[k])]
+    assert diff
+    assert (tmp_path / "samples" / "step-2-0.mp4").is_file() and (tmp_path / "samples" / "step-2-0.png").is_file()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    rec = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[-1])
+    assert rec["samples_per_s"] > 0 and rec["peak_memory_gb"] > 0

@@ -13,6 +13,7 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import SegmentAttention
 from ..layers.rope import rope_3d, with_text
@@ -80,6 +81,7 @@ class TinyDiT(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
         self.final = nn.Linear(cfg.dim, self.patch_dim)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.initialize()
 
     def initialize(self):
@@ -120,7 +122,10 @@ class TinyDiT(nn.Module):
             key_mask = torch.cat([text_mask.bool(), video_mask], 2)
         c = self.t_embed(timestep)
         for block in self.blocks:
-            x = block(x, c, S, seg_rope, full_rope, key_mask)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, c, S, seg_rope, full_rope, key_mask, use_reentrant=False)
+            else:
+                x = block(x, c, S, seg_rope, full_rope, key_mask)
         shift, scale = self.final_ada(c)[:, None].chunk(2, -1)
         x = self.final(modulate(self.final_norm(x), shift, scale))
         x = x.view(B, S, Lt + gt * gh * gw, -1)[:, :, Lt:]

@@ -1,4 +1,5 @@
-"""Checkpoints: `checkpoint-<step>/` with model.safetensors, config.json and training_state.pt.
+"""Checkpoints: `checkpoint-<step>/` with model.safetensors, config.json, training_state.pt and,
+with EMA on, ema.safetensors (the averaged trainable weights).
 
 Writes are atomic: a checkpoint is assembled in a temporary folder and renamed into place, and
 the `last` pointer is replaced only after that, so an interrupted save never becomes "latest".
@@ -18,6 +19,7 @@ from ..fileio import temp_dir_beside, write_text_atomic
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
+EMA_FILE = "ema.safetensors"
 LAST = "last"
 
 
@@ -25,7 +27,7 @@ class CheckpointError(UserError):
     """A checkpoint path that does not hold what it should."""
 
 
-def save_checkpoint(run_dir, step, model, cfg, training_state=None, save_limit=None):
+def save_checkpoint(run_dir, step, model, cfg, training_state=None, save_limit=None, ema=None):
     """Write `run_dir/checkpoint-<step>` atomically, point `last` at it, prune old ones."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,8 @@ def save_checkpoint(run_dir, step, model, cfg, training_state=None, save_limit=N
         config_lib.save(cfg, tmp / CONFIG_FILE)
         if training_state is not None:
             torch.save(training_state, tmp / STATE_FILE)
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / EMA_FILE)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -68,14 +72,37 @@ def resolve(path):
     return path
 
 
-def load_model(path, device="cpu"):
+def load_weights(model, path, ema=False):
+    """Load a checkpoint's weights into `model` (built with its config and adapter);
+    `ema=True` then overwrites the trained parameters with their moving average."""
+    model.load_state_dict(load_file(path / MODEL_FILE))
+    if ema:
+        missing = set(load_ema(path)) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise CheckpointError(f"{path / EMA_FILE} names parameters the model lacks: {sorted(missing)[0]}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in load_ema(path).items():
+                params[n].copy_(v)
+
+
+def load_ema(path):
+    if not (Path(path) / EMA_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {EMA_FILE}")
+    return load_file(Path(path) / EMA_FILE)
+
+
+def load_model(path, device="cpu", ema=False):
     """Rebuild the model a checkpoint was trained with; returns (model, cfg)."""
     from ..models import build_model
+    from .adapters import apply_adapter
 
     path = resolve(path)
     cfg = config_lib.load(path / CONFIG_FILE)
     model = build_model(cfg.model)
-    model.load_state_dict(load_file(path / MODEL_FILE))
+    if cfg.train.adapter == "lora":
+        model = apply_adapter(model, "lora", cfg.train.lora_rank, cfg.train.lora_alpha)
+    load_weights(model, path, ema)
     return model.to(device).eval(), cfg
 
 

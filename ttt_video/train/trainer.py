@@ -1,11 +1,14 @@
-"""The training loop: data -> objective -> model -> loss -> AdamW -> checkpoints and a loss log.
+"""The training loop: data -> objective -> model -> loss -> AdamW -> checkpoints, logs, samples.
 
-Runs are exactly resumable: batch i always holds dataset items [i*B, (i+1)*B) and the noise
-and times of step i come from a generator seeded by (seed, i), so the data position is the step.
+Launch plainly or with `accelerate launch` (DDP, FSDP through an Accelerate config); the model
+knows nothing of Accelerate. Runs are exactly resumable and independent of how the global
+batch is split: micro-batch m of process r holds dataset items [(m*P + r)*B, (m*P + r + 1)*B),
+and each item's noise, time and caption dropout come from a generator seeded by its index.
 """
 
 import json
 import math
+import resource
 import signal
 import time
 from pathlib import Path
@@ -13,13 +16,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.synthetic import SyntheticStoryboards, collate
+from ..data.cache import cached_text
+from ..data.dataset import EpochReport, collate
+from ..data.synthetic import SyntheticStoryboards
 from ..diffusion.flow import FlowMatching
 from ..encoders.text import build_text_encoder
+from ..encoders.vae import build_vae
 from ..models import build_model
 from . import checkpoint as ckpt
+from .adapters import apply_adapter
 
 NO_DECAY = ("bias", "norm", "gate", "embed", "ln_")
+ITEM_SEED_STRIDE = 1_000_003
 
 
 class TrainingError(RuntimeError):
@@ -33,44 +41,63 @@ def resolve_device(name):
 
 
 def build_dataset(data_cfg):
+    """Synthetic storyboards, or a manifest's clips: decoded on the fly, or from `data.cache_dir`."""
+    if data_cfg.source == "manifest":
+        from ..data.cache import CachedDataset
+        from ..data.dataset import ManifestDataset
+
+        return CachedDataset(data_cfg) if data_cfg.cache_dir else ManifestDataset(data_cfg)
     if data_cfg.source != "synthetic":
-        raise ValueError(f"unknown data source {data_cfg.source!r}; available: synthetic")
+        raise ValueError(f"unknown data source {data_cfg.source!r}; available: synthetic, manifest")
     return SyntheticStoryboards(data_cfg.num_scenes, data_cfg.frames_per_scene, data_cfg.height, data_cfg.width,
                                 seed=data_cfg.seed, size=10**8)
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch i is dataset items [i*B, (i+1)*B): the data position of a run is its step."""
+    """Index lists of this process's micro-batches `start .. stop-1` (see the module docstring)."""
 
-    def __init__(self, start, stop, batch_size):
-        self.start, self.stop, self.batch_size = start, stop, batch_size
+    def __init__(self, start, stop, batch_size, rank=0, world=1):
+        self.start, self.stop, self.batch_size, self.rank, self.world = start, stop, batch_size, rank, world
 
     def __len__(self):
         return self.stop - self.start
 
+    def indices(self, micro):
+        first = (micro * self.world + self.rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
     def __iter__(self):
-        for s in range(self.start, self.stop):
-            yield list(range(s * self.batch_size, (s + 1) * self.batch_size))
+        for m in range(self.start, self.stop):
+            yield self.indices(m)
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms, gates, embeddings and the inner LN."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay, lr, ttt_lr=0.0):
+    """AdamW groups by name: no weight decay on biases, norms, gates and embeddings; TTT
+    parameters at their own learning rate when `ttt_lr` is set. Only trainable parameters."""
+    groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = p.dim() >= 2 and not any(k in name for k in NO_DECAY)
+        ttt = bool(ttt_lr) and ".ttt." in f".{name}"
+        key = ("ttt" if ttt else "base") + ("" if decay else "_no_decay")
+        groups.setdefault(key, {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0,
+                                "lr": ttt_lr if ttt else lr})["params"].append(p)
+    return list(groups.values())
 
 
 def lr_lambda(train_cfg):
-    """Linear warmup, then cosine decay to min_lr_ratio at max_steps."""
+    """Linear warmup, then cosine decay to min_lr_ratio at max_steps (or constant)."""
     def f(step):
         if step < train_cfg.warmup_steps:
             return (step + 1) / train_cfg.warmup_steps
+        if train_cfg.lr_schedule == "constant":
+            return 1.0
         progress = (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * cosine
+    if train_cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr_schedule {train_cfg.lr_schedule!r}; choose cosine or constant")
     return f
 
 
@@ -85,83 +112,185 @@ def encode_captions(encoder, captions, drop=None):
     return emb.view(B, S, *emb.shape[1:]), mask.view(B, S, -1)
 
 
+def item_randomness(indices, shape, num_segments, caption_dropout, objective, seed):
+    """Per-item time `[B]`, noise `[B, ...shape]` and caption-dropout mask `[B, S]`, each drawn
+    from a generator seeded by the item's index, so any split of a batch draws the same."""
+    ts, noises, drops = [], [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * ITEM_SEED_STRIDE + i)
+        ts.append(objective.sample_time(1, generator=g))
+        noises.append(torch.randn(shape, generator=g))
+        drops.append(torch.rand(num_segments, generator=g) < caption_dropout)
+    return torch.cat(ts), torch.stack(noises), torch.stack(drops)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model):
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def write_validation_samples(model, cfg, encoder, out_dir, step, num_videos):
+    from ..data.synthetic import held_out
+    from ..sample.export import contact_sheet, video_to_uint8, write_video
+    from ..sample.pipeline import sample_batch
+
+    boards = [held_out(i, cfg.data.num_scenes) for i in range(num_videos)]
+    model.eval()
+    x = sample_batch(model, cfg, encoder, [b.captions for b in boards], progress=False)
+    model.train()
+    for i, video in enumerate(x):
+        frames = video_to_uint8(video.cpu().clamp(-1, 1))
+        path = Path(out_dir) / "samples" / f"step-{step}-{i}.mp4"
+        write_video(frames, path, fps=cfg.data.fps)
+        contact_sheet(frames, path.with_suffix(".png"), columns=cfg.data.frames_per_scene)
+
+
 def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     """Train `cfg` into `output_dir`; returns the last checkpoint's path.
     `text_cache`: optional file of precomputed caption embeddings (`ttt-video cache-text`)."""
+    from accelerate import Accelerator
+
     tc = cfg.train
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = resolve_device(tc.device)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
+                              cpu=resolve_device(tc.device) == "cpu")
+    device, main = accelerator.device, accelerator.is_main_process
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
+    model = build_model(cfg.model)
+    if tc.init_from:
+        ckpt.load_weights(model, ckpt.resolve(tc.init_from))
+    model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha).to(device).train()
+    model.gradient_checkpointing = tc.grad_checkpointing
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
     step = 0
     if resume is not None:
         path, state = ckpt.load_training_state(resume)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(path / ckpt.MODEL_FILE))
+        ckpt.load_weights(model, path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
+        if ema is not None:
+            ema.shadow = ckpt.load_ema(path)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
     dataset = build_dataset(cfg.data)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
-                                 cache=text_cache)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device, cache=text_cache)
     objective = FlowMatching(cfg.diffusion.timestep_shift)
-    log_path = out / "loss.jsonl"
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(step, tc.max_steps, tc.batch_size),
-                                         collate_fn=collate, num_workers=tc.num_workers)
+    A = tc.grad_accum_steps
+    make_sampler = getattr(dataset, "batch_sampler", StepBatches)  # bucketed datasets bring their own
+    sampler = make_sampler(step * A, tc.max_steps * A, tc.batch_size, accelerator.process_index,
+                           accelerator.num_processes)
+    epochs = EpochReport(dataset, sampler)
+    vae = None if getattr(dataset, "has_text", False) else build_vae(cfg.data.vae, device)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=tc.num_workers)
+    writer = None
+    if main and tc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out / "tensorboard")
 
     def save():
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
-        return ckpt.save_checkpoint(out, step, model, cfg, state, tc.save_limit)
+        return ckpt.save_checkpoint(out, step, unwrapped, cfg, state, tc.save_limit,
+                                    ema=None if ema is None else ema.shadow)
 
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
-    last = None
-    t0 = time.perf_counter()
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not (progress and main), dynamic_ncols=True)
+    last, losses, seen = None, [], 0
+    t0 = t_log = time.perf_counter()
+    log = open(out / "loss.jsonl", "a") if main else None
     try:
-        with open(log_path, "a") as log:
-            for batch in loader:
-                x0 = batch["video"].to(device)  # [B, C, F, H, W]
-                B = x0.shape[0]
-                g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-                drop = torch.rand(B, cfg.data.num_scenes, generator=g) < tc.caption_dropout
+        for micro, batch in enumerate(loader, start=step * A):
+            if main:
+                epochs.update(micro + 1, batch)
+            if "latents" in batch:
+                x0 = batch["latents"].to(device)  # [B, C, F, h, w]
+            else:
+                x0 = vae.sample(batch["video"].to(device), [[cfg.data.seed, i] for i in sampler.indices(micro)])
+            t, noise, drop = item_randomness(sampler.indices(micro), x0.shape[1:], len(batch["captions"][0]),
+                                             tc.caption_dropout, objective, tc.seed)
+            if "text" in batch:
+                text, mask = cached_text(batch, dataset.empty_text, drop)
+            else:
                 text, mask = encode_captions(encoder, batch["captions"], drop)
-                t = objective.sample_time(B, generator=g)
-                noise = torch.randn(x0.shape, generator=g)
-                xt, target = objective.training_pair(x0, t.to(device), noise.to(device))
+            xt, target = objective.training_pair(x0, t.to(device), noise.to(device))
+            with accelerator.accumulate(model), accelerator.autocast():
                 pred = model(xt, t.to(device) * 1000, text.to(device), mask.to(device))
                 loss = objective.loss(pred, target)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}; "
                                         f"last good checkpoint: {last or 'none'}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    rec = {"step": step, "loss": round(loss.item(), 6), "grad_norm": round(grad_norm.item(), 4),
-                           "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 2)}
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            seen += x0.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            if ema is not None:
+                ema.update(unwrapped)
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                now = time.perf_counter()
+                rec = {"step": step, "loss": round(mean_loss, 6), "grad_norm": round(float(grad_norm), 4),
+                       "lr": scheduler.get_last_lr()[0], "samples_per_s": round(seen / (now - t_log), 2),
+                       "peak_memory_gb": round(peak_memory_gb(device), 3), "elapsed_s": round(now - t0, 2)}
+                losses, seen, t_log = [], 0, now
+                if main:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step % tc.save_every == 0:
-                    last = save()
-                if interrupted:  # stop before asking the loader (and its workers) for more
-                    break
-        if last is None or not last.name.endswith(f"-{step}"):
+                    if writer is not None:
+                        for k in ("loss", "grad_norm", "samples_per_s", "peak_memory_gb"):
+                            writer.add_scalar(f"train/{k}", rec[k], step)
+                        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                            writer.add_scalar(f"lr/{group['name']}", lr, step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if tc.validate_every and step % tc.validate_every == 0 and main:
+                write_validation_samples(unwrapped, cfg, encoder, out, step, tc.validation_videos)
+            if step % tc.save_every == 0 and main:
+                last = save()
+            if interrupted:  # stop before asking the loader (and its workers) for more
+                break
+        if main and (last is None or not last.name.endswith(f"-{step}")):
             last = save()
+        if main:
+            epochs.close(step * A)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
-    if interrupted:
+        if main:
+            log.close()
+            if writer is not None:
+                writer.close()
+        accelerator.end_training()
+    if interrupted and main:
         print(f"interrupted at step {step}; saved {last}")
     return last

@@ -1,0 +1,37 @@
+"""What a run trains: full, attention q/k/v/o only, TTT only, or LoRA (through peft).
+
+`apply_adapter(model, name)` freezes everything the mode does not train (and, for LoRA, adds
+the low-rank weights); the trainer then optimises exactly the parameters left trainable.
+"""
+
+ADAPTERS = ("full", "qkvo", "ttt-only", "lora")
+ATTENTION_MODULES = ("attn.qkv", "attn.out")
+
+
+def _select(model, keep):
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep(name))
+    return model
+
+
+def apply_adapter(model, name, lora_rank=8, lora_alpha=8.0):
+    if name == "full":
+        return _select(model, lambda n: True)
+    if name == "qkvo":
+        return _select(model, lambda n: any(f".{m}." in f".{n}" for m in ATTENTION_MODULES))
+    if name == "ttt-only":
+        return _select(model, lambda n: ".ttt." in f".{n}")
+    if name == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        _select(model, lambda n: False)
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=True,
+                            target_modules=[m for m in ATTENTION_MODULES])
+        return inject_adapter_in_model(config, model)
+    raise ValueError(f"unknown adapter {name!r}; choose one of {ADAPTERS}")
+
+
+def trainable_state_dict(model):
+    """The weights a checkpoint must keep to restore what was trained."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
