@@ -32,11 +32,12 @@ class ModelConfig:
     ttt_base_lr: float = 1.0
     gate_init: float = 0.1
     ttt_impl: str = "auto"  # auto | torch | triton | reference
+    pretrained: str = ""  # arch "cogvideox-ttt": a local diffusers CogVideoX (transformer) folder
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = "synthetic"  # synthetic | manifest
     num_scenes: int = 3
     frames_per_scene: int = 8  # one segment per scene
     height: int = 32
@@ -45,6 +46,13 @@ class DataConfig:
     seed: int = 0
     text_max_length: int = 16
     text_encoder: str = "minilm"
+    data_root: str = ""  # manifest paths are relative to this folder
+    manifest: str = ""  # a .jsonl manifest or a metadata.json list (source "manifest")
+    buckets: str = ""  # resolution buckets "HxW,HxW,..."; empty: height x width only
+    i2v_ratio: float = 0.0  # share of items whose first frame (or cond_image) is a condition
+    strict: bool = False  # bad data is an error instead of skipped and counted
+    cache_dir: str = ""  # read latents and text embeddings from `ttt-video prepare` output
+    vae: str = "identity"  # identity | a local diffusers VAE folder
 
 
 @dataclass
@@ -72,6 +80,19 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int = 0  # 0: torch's default
     num_workers: int = 0  # data-loading processes
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 with loss scaling)
+    grad_checkpointing: bool = False
+    lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    ttt_lr: float = 0.0  # learning rate of TTT parameters; 0: same as lr
+    adapter: str = "full"  # full | qkvo | ttt-only | lora
+    init_from: str = ""  # start from this checkpoint's model weights (a new run, not a resume)
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    ema_decay: float = 0.0  # 0: no EMA
+    validate_every: int = 0  # 0: no validation samples
+    validation_videos: int = 2
+    tensorboard: bool = True
 
 
 @dataclass
