@@ -45,8 +45,9 @@ def cmd_train(args):
         resume = resolve(args.resume)
     _check_writable(out)
     last = train(cfg, out, resume=resume, progress=not args.no_progress, text_cache=args.text_cache)
-    print(f"checkpoint: {last}")
-    print(f"loss log: {out / 'loss.jsonl'}")
+    if last is not None:  # the main process of a distributed run
+        print(f"checkpoint: {last}")
+        print(f"loss log: {out / 'loss.jsonl'}")
 
 
 def cmd_generate(args):
@@ -92,6 +93,29 @@ def cmd_cache_text(args):
     print(f"text cache: {path}")
 
 
+def cmd_prepare(args):
+    from . import config as config_lib
+    from .data.cache import prepare
+    from .presets import get_preset
+    from .train.trainer import resolve_device
+
+    cfg = config_lib.load(args.config) if args.config else get_preset(args.preset)
+    config_lib.apply_overrides(cfg, args.set)
+    data = cfg.data
+    data.source = "manifest"
+    for key in ("data_root", "manifest", "buckets", "vae"):
+        if getattr(args, key) is not None:
+            setattr(data, key, getattr(args, key))
+    data.strict = data.strict or args.strict
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    _check_writable(args.out)
+    result = prepare(data, args.out, workers=args.workers, device=resolve_device(args.device),
+                     progress=not args.no_progress)
+    print(result.report.summary())
+    print(f"cache: {result.out} ({result.items} items, {result.new} new)")
+
+
 def cmd_evaluate(args):
     import json
 
@@ -114,6 +138,10 @@ def cmd_bench(args, rest):
         from .eval import bench_ttt
 
         return bench_ttt.main(rest)
+    if args.what == "data":
+        from .eval import bench_data
+
+        return bench_data.main(rest)
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -164,6 +192,21 @@ def build_parser():
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
+    d = sub.add_parser("prepare", help="precompute VAE latents and text embeddings of a manifest's videos")
+    d.add_argument("--preset", default="shapes-tiny")
+    d.add_argument("--config", help="a config JSON instead of a preset")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--data-root", help="folder the manifest's paths are relative to (default: the manifest's)")
+    d.add_argument("--manifest", help="a .jsonl manifest or a metadata.json list")
+    d.add_argument("--buckets", help="resolution buckets HxW,HxW,... (default: the config's height x width)")
+    d.add_argument("--vae", help="'identity' or a local diffusers VAE folder")
+    d.add_argument("--out", required=True, help="cache folder (a re-run skips what is done)")
+    d.add_argument("--workers", type=int, default=0, help="decoding processes")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--strict", action="store_true", help="stop at the first bad file or line")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_prepare)
+
     e = sub.add_parser("evaluate", help="sample held-out synthetic storyboards and score them")
     e.add_argument("--num-videos", type=int, default=64)
     e.add_argument("--num-scenes", type=int, help="scenes per storyboard (default: the training length)")
@@ -172,7 +215,7 @@ def build_parser():
     e.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="benchmarks; `ttt-video bench ttt --help` for options")
-    b.add_argument("what", choices=["ttt"])
+    b.add_argument("what", choices=["ttt", "data"])
     b.set_defaults(func=cmd_bench)
     return p
 

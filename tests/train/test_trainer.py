@@ -169,3 +169,23 @@ def test_ema_validation_samples_and_tensorboard(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     rec = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[-1])
     assert rec["samples_per_s"] > 0 and rec["peak_memory_gb"] > 0
+
+
+def test_ddp_on_two_processes_matches_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sets = [a for s in TINY + ["train.max_steps=3", "train.device=cpu", "train.tensorboard=false"]
+            for a in ("--set", s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ttt_video.cli", "train",
+           *sets, "--set", "train.batch_size=1", "--output-dir", str(tmp_path / "ddp"), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    single = train(apply_overrides(tiny(3), ["train.device=cpu"]), tmp_path / "one", progress=False)
+    losses = [[json.loads(line)["loss"] for line in open(d / "loss.jsonl")] for d in (tmp_path / "ddp", tmp_path / "one")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    a, b = load_file(tmp_path / "ddp" / "checkpoint-3" / "model.safetensors"), load_file(single / "model.safetensors")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
