@@ -50,9 +50,35 @@ def cmd_train(args):
         print(f"loss log: {out / 'loss.jsonl'}")
 
 
+def cmd_generate_cogvideox(args):
+    import torch
+
+    from .sample.cogvideox import generate
+
+    if args.prompts or not args.storyboard:
+        raise UsageError("--model takes its captions from --storyboard FILE.json (one entry per 3 s segment)")
+    if args.checkpoint or args.num_frames is not None:
+        raise UsageError("with --model, use --ttt-checkpoint and --seconds (not --checkpoint or --num-frames)")
+    if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
+        raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
+    _check_sampling(args)
+    _check_writable(args.out)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    result = generate(args.model, args.storyboard, seconds=args.seconds, out=args.out,
+                      ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt,
+                      sampler=args.sampler, steps=args.steps or 50,
+                      guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
+                      dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
+                      seed=args.seed, device=device, progress=not args.no_progress)
+    print(f"video: {result.video}")
+    print(f"contact sheet: {result.sheet}")
+
+
 def cmd_generate(args):
     from .sample.pipeline import generate, read_storyboard
 
+    if args.model:
+        return cmd_generate_cogvideox(args)
     captions = list(args.prompts)
     if args.storyboard:
         if captions:
@@ -73,9 +99,30 @@ def cmd_generate(args):
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                       out=args.out, device=args.device, progress=not args.no_progress,
-                      text_cache=args.text_cache)
+                      text_cache=args.text_cache, window=args.window, overlap=args.overlap)
+    _report(result)
+
+
+def _report(result):
     print(f"video: {result.video}")
     print(f"contact sheet: {result.sheet}")
+
+
+def cmd_extend(args):
+    from .sample.pipeline import extend
+
+    if not Path(args.video).is_file():
+        raise UsageError(f"video not found: {args.video}")
+    if not args.prompts:
+        raise UsageError("no prompts: give one caption per new scene")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    _check_sampling(args)
+    _check_writable(args.out)
+    _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
+                   seconds=args.seconds, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                   out=args.out, window=args.window, overlap=args.overlap, device=args.device,
+                   progress=not args.no_progress, text_cache=args.text_cache))
 
 
 def cmd_cache_text(args):
@@ -133,16 +180,13 @@ def cmd_evaluate(args):
     print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
 
 
+BENCHMARKS = {"ttt": "bench_ttt", "data": "bench_data", "seams": "seams"}
+
+
 def cmd_bench(args, rest):
-    if args.what == "ttt":
-        from .eval import bench_ttt
+    import importlib
 
-        return bench_ttt.main(rest)
-    if args.what == "data":
-        from .eval import bench_data
-
-        return bench_data.main(rest)
-    raise UsageError(f"unknown benchmark {args.what!r}")
+    return importlib.import_module(f".eval.{BENCHMARKS[args.what]}", __package__).main(rest)
 
 
 def _sampling_args(p):
@@ -153,6 +197,11 @@ def _sampling_args(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--text-cache", help="precomputed caption embeddings (optional; same result, faster)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _window_args(p):
+    p.add_argument("--window", type=int, help="frames per sampling window (sliding-window generation)")
+    p.add_argument("--overlap", type=int, help="frames each window continues (default: one segment)")
 
 
 def _check_sampling(args):
@@ -189,8 +238,27 @@ def build_parser():
     g.add_argument("--fps", type=float, help="frames per second (default: the model's)")
     g.add_argument("--num-frames", type=int)
     g.add_argument("--out", default="outputs/video.mp4")
+    g.add_argument("--model", help="a local CogVideoX diffusers folder (then captions come from --storyboard)")
+    g.add_argument("--ttt-checkpoint", help="with --model: a CogVideoX-TTT checkpoint replacing its transformer")
+    g.add_argument("--ttt", choices=["mlp", "linear", "none"], default="mlp",
+                   help="with --model and no --ttt-checkpoint: the (untrained) TTT kind, or none")
+    g.add_argument("--sampler", choices=["ddim", "dpm"], help="with --model (default: the folder's scheduler)")
+    g.add_argument("--height", type=int, help="with --model: pixels (default: the model's)")
+    g.add_argument("--width", type=int, help="with --model: pixels (default: the model's)")
+    g.add_argument("--dynamic-cfg", action="store_true", help="with --model: guidance rising over the steps")
     _sampling_args(g)
+    _window_args(g)
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("extend", help="continue an existing video, window by window")
+    x.add_argument("prompts", nargs="*", help="one caption per new scene")
+    x.add_argument("--video", required=True, help="the clip to continue (mp4, ...)")
+    x.add_argument("--seconds", type=float, help="length to add (default: one window of new segments)")
+    x.add_argument("--num-frames", type=int, help="frames to add")
+    x.add_argument("--out", default="outputs/extended.mp4")
+    _sampling_args(x)
+    _window_args(x)
+    x.set_defaults(func=cmd_extend)
 
     d = sub.add_parser("prepare", help="precompute VAE latents and text embeddings of a manifest's videos")
     d.add_argument("--preset", default="shapes-tiny")
@@ -215,7 +283,7 @@ def build_parser():
     e.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="benchmarks; `ttt-video bench ttt --help` for options")
-    b.add_argument("what", choices=["ttt", "data"])
+    b.add_argument("what", choices=sorted(BENCHMARKS))
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -42,12 +42,20 @@ def guidance_schedule(scale, steps, kind="constant"):
 
 @torch.no_grad()
 def sample_euler(model_fn, noise, cond, uncond, steps=20, guidance_scale=4.0, shift=1.0, schedule="constant",
-                 progress=True):
+                 progress=True, known=None, known_frames=None):
     """Integrate from t=1 (noise) to t=0. `model_fn(x, timestep, text)` -> velocity;
-    cond/uncond are the text inputs, each a tuple passed on after the timestep."""
+    cond/uncond are the text inputs, each a tuple passed on after the timestep.
+    `known` `[B, C, F, h, w]` with `known_frames` `[F]` bool: those frames are held on the
+    straight path from their noise to the known clean frames, so the rest is sampled to fit them."""
     ts = shift_time(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
     scales = guidance_schedule(guidance_scale, steps, schedule)
-    x = noise
+
+    def pin(x, t):
+        if known is not None:
+            x[:, :, known_frames] = ((1 - t) * known + t * noise)[:, :, known_frames]
+        return x
+
+    x = pin(noise.clone(), ts[0])
     B = x.shape[0]
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = torch.full((B,), ts[i] * 1000.0, device=x.device)
@@ -57,5 +65,5 @@ def sample_euler(model_fn, noise, cond, uncond, steps=20, guidance_scale=4.0, sh
             both = [torch.cat([c, u]) for c, u in zip(cond, uncond)]
             v_c, v_u = model_fn(torch.cat([x, x]), torch.cat([t, t]), *both).chunk(2)
             v = v_u + scales[i] * (v_c - v_u)
-        x = x + (ts[i + 1] - ts[i]) * v
+        x = pin(x + (ts[i + 1] - ts[i]) * v, ts[i + 1])
     return x

@@ -20,7 +20,8 @@ from ..errors import UserError
 from ..fileio import read_json
 from ..train.checkpoint import load_model
 from ..train.trainer import encode_captions, resolve_device
-from .export import contact_sheet, video_to_uint8, write_video
+from .export import contact_sheet, read_video, video_to_uint8, write_video
+from .long import sliding_window
 
 
 class StoryboardError(UserError):
@@ -88,19 +89,62 @@ def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None,
                         shift=cfg.diffusion.timestep_shift, progress=progress)
 
 
+def _write(frames, out, fps, frames_per_segment):
+    video = write_video(frames, out, fps=fps)
+    sheet = contact_sheet(frames, out.with_suffix(".png"), columns=frames_per_segment)  # a row per segment
+    return Result(video, sheet, frames)
+
+
 def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None, steps=None, guidance_scale=None,
-             seed=0, out="outputs/video.mp4", device="auto", progress=True, text_cache=None):
+             seed=0, out="outputs/video.mp4", device="auto", progress=True, text_cache=None, window=None,
+             overlap=None):
     """Sample one video for `captions` and write `out` (mp4) and its contact sheet (png).
-    Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption."""
+    Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption.
+    `window` (frames): generate window by window, each continuing the last `overlap` frames."""
     out = Path(out)
     model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
     fps = fps or cfg.data.fps
     if seconds is not None:
         num_frames = max(1, round(seconds * fps))
-    plan, padded = plan_segments(len(captions), cfg.data.frames_per_scene, num_frames)
+    seg = cfg.data.frames_per_scene
+    plan, padded = plan_segments(len(captions), seg, num_frames)
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache)
-    x = sample_batch(model, cfg, encoder, [[captions[i] for i in plan]], steps, guidance_scale, seed, progress)
-    frames = video_to_uint8(x[0].cpu().clamp(-1, 1))[: num_frames or padded]
-    video = write_video(frames, out, fps=fps)
-    sheet = contact_sheet(frames, out.with_suffix(".png"), columns=cfg.data.frames_per_scene)  # a row per segment
-    return Result(video, sheet, frames)
+    if window:
+        x = sliding_window(model, cfg, encoder, lambda k: captions[plan[min(k, len(plan) - 1)]], padded, window,
+                           seg if overlap is None else overlap, steps, guidance_scale, seed, progress=progress)
+    else:
+        x = sample_batch(model, cfg, encoder, [[captions[i] for i in plan]], steps, guidance_scale, seed,
+                         progress)[0]
+    return _write(video_to_uint8(x.cpu().clamp(-1, 1))[: num_frames or padded], out, fps, seg)
+
+
+def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, steps=None, guidance_scale=None, seed=0,
+           out="outputs/extended.mp4", window=None, overlap=None, device="auto", progress=True, text_cache=None):
+    """Continue the clip in `video` by `num_frames` (or `seconds` at the model's fps) new frames,
+    window by window; the clip is resized to the model's resolution and kept as the opening."""
+    out = Path(out)
+    model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+    seg = cfg.data.frames_per_scene
+    try:
+        clip = read_video(video)  # [F, H, W, 3]
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise UserError(f"cannot read video {video}: {e}") from None
+    x = torch.from_numpy(clip.copy()).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, F, H, W]
+    x = torch.nn.functional.interpolate(x, size=(cfg.data.height, cfg.data.width), mode="area")
+    if seconds is not None:
+        num_frames = round(seconds * cfg.data.fps)
+    num_frames = num_frames or cfg.data.num_scenes * seg
+    if num_frames < 1:
+        raise UserError(f"the extension needs at least one new frame, got {num_frames}")
+    plan, _ = plan_segments(len(captions), seg, num_frames)
+    known_segments = x.shape[1] // seg
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache)
+
+    def caption_at(k):
+        return captions[plan[min(max(k - known_segments, 0), len(plan) - 1)]]
+
+    window = window or cfg.data.num_scenes * seg
+    result = sliding_window(model, cfg, encoder, caption_at, x.shape[1] + num_frames, window,
+                            seg if overlap is None else overlap, steps, guidance_scale, seed, prefix=x,
+                            progress=progress)
+    return _write(video_to_uint8(result.cpu().clamp(-1, 1)), out, cfg.data.fps, seg)
