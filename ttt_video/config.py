@@ -33,6 +33,10 @@ class ModelConfig:
     gate_init: float = 0.1
     ttt_impl: str = "auto"  # auto | torch | triton | reference
     pretrained: str = ""  # arch "cogvideox-ttt": a local diffusers CogVideoX (transformer) folder
+    attention_type: str = "st"  # arch "sora-dit": st (space, then time) | full (3D)
+    num_persistent_tokens: int = 4  # arch "titans-dit": learned tokens every block attends to
+    num_memory_tokens: int = 8  # arch "titans-dit": tokens read from each block's memory per segment
+    memory_chunk_size: int = 64  # arch "titans-dit": tokens per chunk of a memory update
 
 
 @dataclass

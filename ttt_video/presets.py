@@ -1,5 +1,7 @@
 """Named recipes: each a function returning a full `Config`."""
 
+from functools import partial
+
 from .config import Config, ConfigError
 
 
@@ -14,8 +16,58 @@ def shapes_tiny():
     return cfg
 
 
+def sora_tiny():
+    """A from-scratch video DiT (factorised space-time attention, cross-attention to each segment's
+    caption) on the shapes-tiny data and schedule: 32x32 pixels, 3 scenes of 8 frames."""
+    cfg = shapes_tiny()
+    cfg.model.arch, cfg.model.attention_type = "sora-dit", "st"
+    return cfg
+
+
+def titans_tiny():
+    """A video DiT whose context across segments is a Titans neural memory per block (8 memory
+    tokens, 4 persistent tokens) on the shapes-tiny data and schedule: 32x32 pixels, 3 scenes of 8 frames."""
+    cfg = shapes_tiny()
+    cfg.model.arch = "titans-dit"
+    cfg.model.num_memory_tokens, cfg.model.num_persistent_tokens, cfg.model.memory_chunk_size = 8, 4, 64
+    return cfg
+
+
+CONTEXT_STAGES = (3, 9, 18, 30, 63)  # seconds of video per training stage, 3 s per segment
+
+
+def cogvideox_5b_ttt(seconds):
+    """TTT-Video's multi-stage context extension of CogVideoX-5B (480x720, 16 fps, 3 s segments of
+    13 latent frames, 226 T5 tokens per segment). Set `model.pretrained` to the local diffusers
+    CogVideoX folder; the model's dimensions come from its config.json, so a 2B folder works too.
+    The 3 s stage fine-tunes everything (TTT at 1e-4, the pretrained weights at 1e-5); each later
+    stage starts from the previous stage's checkpoint (`train.init_from`) and trains the TTT layers,
+    their gates and the attention q/k/v/o at 1e-5. `max_steps` is a starting point, not a recipe
+    constant: set it for your data."""
+    if seconds not in CONTEXT_STAGES:
+        raise ConfigError(f"no CogVideoX-TTT stage of {seconds} s; stages: {', '.join(map(str, CONTEXT_STAGES))}")
+    cfg = Config()
+    m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
+    m.arch, m.seq_mixer, m.ttt_mini_batch_size, m.gate_init = "cogvideox-ttt", "ttt-mlp", 64, 0.1
+    d.num_scenes, d.frames_per_scene, d.fps, d.height, d.width = seconds // 3, 48, 16, 480, 720
+    d.text_encoder, d.text_max_length = "t5", 226
+    diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
+    first = seconds == CONTEXT_STAGES[0]
+    t.adapter = "full" if first else "ttt-qkvo"
+    t.lr = 1e-5
+    t.ttt_lr = 1e-4 if first else 1e-5
+    t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
+    t.max_steps = 5000 if first else 1000
+    t.batch_size, t.mixed_precision, t.grad_checkpointing = 1, "bf16", True
+    t.save_every = 250
+    return cfg
+
+
 PRESETS = {
     "shapes-tiny": shapes_tiny,
+    "sora-tiny": sora_tiny,
+    "titans-tiny": titans_tiny,
+    **{f"cogvideox-5b-ttt-{s}s": partial(cogvideox_5b_ttt, s) for s in CONTEXT_STAGES},
 }
 
 

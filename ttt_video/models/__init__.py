@@ -1,8 +1,12 @@
 """Model architectures, one file each; `build_model(cfg)` picks by `cfg.arch`."""
 
+from .cogvideox_ttt import CogVideoXTTT
+from .sora_dit import SoraDiT
 from .tiny_dit import TinyDiT
+from .titans_dit import TitansDiT
 
-ARCHS = {"tiny-dit": TinyDiT}
+ARCHS = {"tiny-dit": TinyDiT, "cogvideox-ttt": CogVideoXTTT.from_model_config, "sora-dit": SoraDiT,
+         "titans-dit": TitansDiT}
 
 
 def build_model(cfg):

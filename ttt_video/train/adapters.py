@@ -1,11 +1,13 @@
-"""What a run trains: full, attention q/k/v/o only, TTT only, or LoRA (through peft).
+"""What a run trains: full, attention q/k/v/o only, TTT only, TTT with attention q/k/v/o (TTT-Video's
+later stages, gates included), or LoRA (through peft).
 
 `apply_adapter(model, name)` freezes everything the mode does not train (and, for LoRA, adds
 the low-rank weights); the trainer then optimises exactly the parameters left trainable.
 """
 
-ADAPTERS = ("full", "qkvo", "ttt-only", "lora")
-ATTENTION_MODULES = ("attn.qkv", "attn.out")
+ADAPTERS = ("full", "qkvo", "ttt-qkvo", "ttt-only", "lora")
+# attention projections: the tiny DiT family's fused qkv and out, then CogVideoX's (diffusers' names)
+ATTENTION_MODULES = ("attn.qkv", "attn.out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out")
 
 
 def _select(model, keep):
@@ -19,6 +21,8 @@ def apply_adapter(model, name, lora_rank=8, lora_alpha=8.0):
         return _select(model, lambda n: True)
     if name == "qkvo":
         return _select(model, lambda n: any(f".{m}." in f".{n}" for m in ATTENTION_MODULES))
+    if name == "ttt-qkvo":
+        return _select(model, lambda n: ".ttt." in f".{n}" or any(f".{m}." in f".{n}" for m in ATTENTION_MODULES))
     if name == "ttt-only":
         return _select(model, lambda n: ".ttt." in f".{n}")
     if name == "lora":

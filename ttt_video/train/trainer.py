@@ -190,7 +190,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         if ema is not None:
-            ema.shadow = ckpt.load_ema(path)
+            ema.shadow = {n: v.to(device) for n, v in ckpt.load_ema(path).items()}
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 

@@ -10,7 +10,9 @@ mini-batch border. Backward walks the groups in reverse: it recomputes the state
 from its checkpoint into a scratch buffer, then runs reverse mode through each mini-batch, newest
 first, carrying the adjoint of the state. TTT-Linear keeps its state and the adjoint in registers;
 TTT-MLP keeps them in global memory (per chain, so it stays in L2) and streams the hidden dim in
-chunks of `FC` columns of W1 / rows of W2. All arithmetic is float32 (tf32 matrix products on GPU).
+chunks of `FC` columns of W1 / rows of W2; its forward splits the hidden dim over several programs
+per chain where the GPU has room for them all. State, LayerNorm and gelu math are float32; matrix
+products accumulate in float32 from bf16-rounded operands for 16-bit inputs (tf32 for float32).
 """
 
 import torch
@@ -19,12 +21,12 @@ import triton.language as tl
 
 MLP_KEYS = ("w1", "b1", "w2", "b2")
 LINEAR_KEYS = ("w1", "b1")
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64)
 MINI_BATCH_SIZES = (16, 32, 64, 128)
 
 
 def supports(q):
-    """True where these kernels run: CUDA (sm80+), float16/bfloat16/float32, head dim 16-128."""
+    """True where these kernels run: CUDA (sm80+), float16/bfloat16/float32, head dim 16, 32 or 64."""
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     return q.shape[-1] in HEAD_DIMS and torch.cuda.get_device_capability(q.device)[0] >= 8
@@ -610,14 +612,14 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     tl.store(dlnb_ptr + pid * D + cols, dlnb)
 
 
-def _mlp_chunk_size(D, backward):
+def _mlp_chunk_size(D):
     """Hidden units per chunk of the MLP loops (F / 4 = D; the only width run on GPU so far)."""
     return D
 
 
-def _launch_options(D, BS, mlp, backward):
+def _launch_options(mlp):
     """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory."""
-    return dict(num_warps=(4 if backward else 8) if mlp else 4, num_stages=1 if mlp else 2)
+    return dict(num_warps=8 if mlp else 4, num_stages=1 if mlp else 2)
 
 
 def _bf16_products(q):
@@ -664,9 +666,9 @@ class _TTT(torch.autograd.Function):
         ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
         out = _empty_like(q)
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
-                      **_launch_options(D, bs, mlp, False))
+                      **_launch_options(mlp))
         if mlp:
-            F, FC = 4 * D, _mlp_chunk_size(D, False)
+            F, FC = 4 * D, _mlp_chunk_size(D)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             key = (D, FC, tuple(sorted(common.items())))
             S = _mlp_slices(N, F // FC, q, key, lambda xch, cnt, ok: _mlp_fwd_kernel.warmup(
@@ -675,7 +677,7 @@ class _TTT(torch.autograd.Function):
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             _mlp_fwd_kernel[(N * S,)](*args, xch, cnt, ok, T, H, NG, S, eps, F=F, FC=FC, **common)
-            if not bool((ok > 0).all()):
+            if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
             _linear_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps, **common)
@@ -697,11 +699,11 @@ class _TTT(torch.autograd.Function):
         deta = _empty_like(eta.float())
         dlnw = q.new_empty((N, D), dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
-        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(D, bs, mlp, True))
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp))
         if mlp:
             scr = q.new_empty((N, bs, 4 * D), dtype=torch.float32)
             _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
-                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D, True), **common)
+                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D), **common)
         else:
             _linear_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv, deta,
                                      dlnw, dlnb, T, H, NG, eps, **common)

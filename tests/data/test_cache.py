@@ -1,0 +1,157 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ttt_video.data import cache
+from ttt_video.data.cache import CachedDataset, cached_text, prepare
+from ttt_video.data.dataset import ManifestDataset, collate
+from ttt_video.encoders.text import build_text_encoder
+from ttt_video.encoders.vae import DiffusersVAE, IdentityVAE, build_vae
+from ttt_video.errors import UserError
+
+from .test_dataset import data_cfg
+from .videos import make_dataset
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_text_encoder("minilm", 16)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    manifest = make_dataset(root)
+    (root / "good.jsonl").write_text("".join(manifest.read_text().splitlines(keepends=True)[:3]))
+    return root
+
+
+def test_prepare_counts_skips_and_resumes(root, encoder, tmp_path, capsys):
+    cfg = data_cfg(root / "manifest.jsonl")
+    result = prepare(cfg, tmp_path / "c", shard_size=3, progress=False, text_encoder=encoder)
+    assert (result.items, result.new) == (8, 8)  # 11 windows, 3 of trunc.mp4 past its end
+    assert result.report.counts() == {"bad_line": 1, "missing": 1, "corrupt": 1, "too_short": 1,
+                                      "bad_image": 1, "truncated": 1}
+    assert capsys.readouterr().err.count("warning: skipped") == 6
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert sorted({e["shard"] for e in index["items"]}) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    with safe_open(tmp_path / "c" / "shard-00000.safetensors", "pt") as shard:
+        assert sorted(shard.keys()) == sorted(f"{n}.{k}" for n in range(3)
+                                              for k in ("mean", "cond_mean", "text", "text_mask"))  # std = 0
+    assert {s["where"] for s in index["skipped"]} >= {"trunc.mp4", "manifest.jsonl:4"}
+    again = prepare(cfg, tmp_path / "c", shard_size=3, progress=False, text_encoder=encoder)
+    assert (again.items, again.new) == (8, 0)
+    with pytest.raises(UserError, match="made with fps=8, the config has 16"):
+        prepare(data_cfg(root / "manifest.jsonl", fps=16), tmp_path / "c", progress=False, text_encoder=encoder)
+
+
+def test_interrupted_prepare_keeps_finished_shards(root, encoder, tmp_path, monkeypatch):
+    calls = []
+
+    class Failing(IdentityVAE):
+        def encode(self, video):
+            calls.append(1)
+            if len(calls) == 5:  # during the third item, after the first shard of two
+                raise KeyboardInterrupt
+            return super().encode(video)
+
+    monkeypatch.setattr(cache, "build_vae", lambda name, device: Failing())
+    cfg = data_cfg(root / "good.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, tmp_path / "c", shard_size=2, progress=False, text_encoder=encoder)
+    assert len(json.loads((tmp_path / "c" / "index.json").read_text())["items"]) == 2
+    result = prepare(cfg, tmp_path / "c", shard_size=2, progress=False, text_encoder=encoder)
+    assert (result.items, result.new) == (7, 5)
+
+
+def test_cached_batches_equal_on_the_fly_batches(root, encoder, tmp_path):
+    cfg = data_cfg(root / "good.jsonl", i2v_ratio=0.5)
+    prepare(cfg, tmp_path / "c", shard_size=4, workers=2, progress=False, text_encoder=encoder)
+    fly = ManifestDataset(cfg)
+    cached = CachedDataset(data_cfg(root / "good.jsonl", i2v_ratio=0.5, cache_dir=str(tmp_path / "c")))
+    assert cached.buckets == fly.buckets
+    s_fly, s_cached = fly.batch_sampler(0, 8, 2), cached.batch_sampler(0, 8, 2)
+    tasks = set()
+    for micro in range(8):
+        assert s_fly.indices(micro) == s_cached.indices(micro)
+        a = collate([fly[i] for i in s_fly.indices(micro)])
+        b = collate([cached[i] for i in s_cached.indices(micro)])
+        torch.testing.assert_close(b["latents"], a["video"], rtol=0, atol=0)
+        torch.testing.assert_close(b["cond_latents"], a["cond_image"], rtol=0, atol=0)
+        assert b["captions"] == a["captions"] and b["task"] == a["task"]
+        tasks.update(a["task"])
+        flat = [c for row in a["captions"] for c in row]
+        emb, mask = encoder.encode(flat)
+        torch.testing.assert_close(b["text"].flatten(0, 1), emb)
+        assert torch.equal(b["text_mask"].flatten(0, 1), mask)
+        drop = torch.zeros(len(flat), dtype=torch.bool).view(b["text_mask"].shape[:2])
+        drop[0, 0] = True
+        text, text_mask = cached_text(b, cached.empty_text, drop)
+        empty, empty_mask = encoder.encode([""])
+        torch.testing.assert_close(text[0, 0], empty[0])
+        assert torch.equal(text_mask[0, 0], empty_mask[0]) and torch.equal(text[-1, -1], b["text"][-1, -1])
+    assert tasks == {"t2v", "i2v"}
+    with pytest.raises(UserError, match="made with frames_per_scene=4"):
+        CachedDataset(data_cfg(root / "good.jsonl", frames_per_scene=8, cache_dir=str(tmp_path / "c")))
+    with pytest.raises(UserError, match="cache index not found"):
+        CachedDataset(data_cfg(root / "good.jsonl", cache_dir=str(tmp_path / "none")))
+
+
+def tiny_autoencoder(path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5, shift_factor=0.1)
+    vae.save_pretrained(path)
+    return vae.eval()
+
+
+def test_diffusers_vae_encodes_frame_by_frame_in_latent_units(tmp_path):
+    reference = tiny_autoencoder(tmp_path / "vae")
+    vae = build_vae(str(tmp_path / "vae"))
+    assert isinstance(vae, DiffusersVAE) and vae.latent_channels == 4
+    video = torch.rand(2, 3, 5, 16, 24) * 2 - 1
+    mean, std = vae.encode(video)
+    assert mean.shape == std.shape == (2, 4, 5, 8, 12) and (std > 0).all()
+    with torch.no_grad():
+        dist = reference.encode(video[1, :, 3][None]).latent_dist
+    torch.testing.assert_close(mean[1, :, 3], (dist.mean[0] - 0.1) * 0.5, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(std[1, :, 3], dist.std[0] * 0.5, rtol=1e-4, atol=1e-5)
+    assert vae.decode(mean).shape == video.shape
+    a, b = vae.sample(video, [[0, 1], [0, 2]]), vae.sample(video, [[0, 1], [0, 3]])
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    with pytest.raises(UserError, match="VAE folder not found"):
+        build_vae(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="VAE files missing: .*config.json"):
+        build_vae(str(tmp_path / "empty"))
+
+
+def test_prepare_with_a_diffusers_vae(root, encoder, tmp_path):
+    tiny_autoencoder(tmp_path / "vae")
+    cfg = data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0)
+    prepare(cfg, tmp_path / "c", progress=False, text_encoder=encoder)
+    cached = CachedDataset(data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0,
+                                    cache_dir=str(tmp_path / "c")))
+    item = cached[0]
+    assert item["latents"].shape == (4, 8, 8, 12) and item["cond_latents"].shape == (4, 1, 8, 12)
+    assert not torch.equal(item["latents"], cached._get(cached.entries[0], "mean"))  # a posterior sample
+    torch.testing.assert_close(cached[0]["latents"], item["latents"])  # fixed by (seed, draw)
+
+
+def test_diffusers_cogvideox_vae_compresses_time(tmp_path):
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    AutoencoderKLCogVideoX(block_out_channels=(8, 16), down_block_types=("CogVideoXDownBlock3D",) * 2,
+                           up_block_types=("CogVideoXUpBlock3D",) * 2, latent_channels=4, layers_per_block=1,
+                           norm_num_groups=4, sample_height=16, sample_width=16).save_pretrained(tmp_path / "vae")
+    vae = build_vae(str(tmp_path / "vae"))
+    video = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    mean, std = vae.encode(video)
+    assert mean.shape == std.shape == (1, 4, 5, 8, 12) and (std > 0).all()
+    assert vae.decode(mean).shape == video.shape

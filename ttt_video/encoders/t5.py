@@ -1,0 +1,58 @@
+"""T5 text encoder as CogVideoX uses it: captions -> embeddings `[N, 226, D]` and mask `[N, 226]`.
+
+Loads from local files only: a CogVideoX pipeline folder (`tokenizer/`, `text_encoder/`) or one
+folder holding both. Like diffusers' CogVideoX pipeline, every caption is padded to 226 tokens
+and the encoder sees the padding (no attention mask): the pretrained transformer was trained so.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+MAX_LENGTH = 226
+
+
+def _find(folder, sub, marker):
+    for candidate in (folder / sub, folder):
+        if (candidate / marker).is_file():
+            return candidate
+    raise UserError(f"T5 files missing: {folder / sub / marker}")
+
+
+class T5TextEncoder:
+    def __init__(self, path, max_length=MAX_LENGTH, device="cpu", dtype=torch.float32):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise UserError(f"T5 folder not found: {folder}")
+        tokenizer_dir = _find(folder, "tokenizer", "tokenizer_config.json")
+        model_dir = _find(folder, "text_encoder", "config.json")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        except (ImportError, ValueError) as e:
+            raise UserError(f"cannot load the tokenizer in {tokenizer_dir} ({e}); a sentencepiece-only "
+                            f"tokenizer needs `pip install sentencepiece`") from None
+        self.model = T5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        self.model.to(device).eval().requires_grad_(False)
+        self.dim = self.model.config.d_model
+        self.max_length, self.device = max_length, device
+        self._cache = {}
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """One row per caption; repeated captions are encoded once per process."""
+        todo = sorted({c for c in captions if c not in self._cache})
+        if todo:
+            batch = self.tokenizer(todo, padding="max_length", max_length=self.max_length, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt")
+            hidden = self.model(batch["input_ids"].to(self.device))[0].float()
+            for i, c in enumerate(todo):
+                self._cache[c] = (hidden[i].cpu(), batch["attention_mask"][i].bool())
+        emb = torch.stack([self._cache[c][0] for c in captions])
+        mask = torch.stack([self._cache[c][1] for c in captions])
+        return emb, mask

@@ -1,0 +1,545 @@
+"""CogVideoX (2B, 5B; dimensions from a diffusers `transformer/config.json`) extended as in TTT-Video.
+
+Every block: expert adaptive LayerNorms (one modulation for text, one for video), attention local
+to each segment (a segment's video tokens with its own caption tokens, qk LayerNorm, 3D RoPE on
+video tokens only, positions restarting per segment), then the gated bidirectional TTT over the
+whole interleaved sequence [text_1, video_1, text_2, video_2, ...], then the feed-forward.
+`ttt=None` is plain CogVideoX: with one segment it computes what diffusers'
+`CogVideoXTransformer3DModel` computes, with diffusers' parameter names (three module paths
+are renamed on load, see `DIFFUSERS_RENAMES`).
+
+Layout (diffusers'): latents `[B, F, C, h, w]`; text `[B, L, Dt]` (one segment) or `[B, S, L, Dt]`.
+S segments of n latent frames (13 for CogVideoX, 3 s) overlap by one frame: F = S * (n - 1) + 1.
+Inside: video tokens `[B, F, N, D]` (N patches per frame), text tokens `[B, S, L, D]`; the shared
+frame of two neighbouring segments is computed in both and the two outputs are averaged.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..layers.rope import apply_rope, with_text
+from ..layers.ttt import KINDS as TTT_KINDS
+from ..layers.ttt import BidirectionalTTT
+
+CONFIG_FILE = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+WEIGHTS = "model.safetensors"
+
+# diffusers' parameter names that differ from ours (module lists of ours hold no dropout slots)
+DIFFUSERS_RENAMES = ((".attn1.to_out.0.", ".attn1.to_out."), (".ff.net.0.proj.", ".ff.proj_in."),
+                     (".ff.net.2.", ".ff.proj_out."))
+
+
+@dataclass
+class CogVideoXTTTConfig:
+    """diffusers' `CogVideoXTransformer3DModel` config keys, then the TTT-Video ones."""
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int | None = 16
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    time_embed_dim: int = 512
+    ofs_embed_dim: int | None = None
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    dropout: float = 0.0
+    attention_bias: bool = True
+    sample_width: int = 90
+    sample_height: int = 60
+    sample_frames: int = 49
+    patch_size: int = 2
+    patch_size_t: int | None = None
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    norm_elementwise_affine: bool = True
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+    ttt: str | None = "mlp"  # mlp | linear | None (plain CogVideoX)
+    ttt_mini_batch_size: int = 64
+    ttt_base_lr: float = 1.0
+    gate_init: float = 0.1
+    ttt_impl: str = "auto"  # auto | torch | triton | reference
+    segment_frames: int | None = None  # latent frames per segment; None: from sample_frames (13)
+
+    @property
+    def dim(self):
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def frames_per_segment(self):
+        if self.segment_frames is not None:
+            return self.segment_frames
+        return (self.sample_frames - 1) // self.temporal_compression_ratio + 1
+
+    def validate(self):
+        if self.ttt not in (None, *TTT_KINDS):
+            raise UserError(f"unknown ttt {self.ttt!r}; choose one of {', '.join(TTT_KINDS)} or None")
+        if self.dropout:
+            raise UserError("dropout is not supported (CogVideoX uses 0.0)")
+        if self.activation_fn not in ("gelu-approximate", "gelu"):
+            raise UserError(f"unsupported activation_fn {self.activation_fn!r}")
+        if self.timestep_activation_fn != "silu":
+            raise UserError(f"unsupported timestep_activation_fn {self.timestep_activation_fn!r}")
+        if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
+            raise UserError("learned positional embeddings need use_rotary_positional_embeddings (as in diffusers)")
+        if self.ofs_embed_dim and self.ofs_embed_dim != self.time_embed_dim:
+            raise UserError("ofs_embed_dim must equal time_embed_dim (the two embeddings are added)")
+        return self
+
+
+def load_config(path, **overrides):
+    """A `CogVideoXTTTConfig` from a config.json (diffusers' or ours); `overrides` replace its values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model folder {path.parent} is missing {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    names = {f.name for f in dataclasses.fields(CogVideoXTTTConfig)}
+    for source, keys in ((path, data), ("overrides", overrides)):
+        unknown = sorted(set(keys) - names)
+        if unknown:
+            raise UserError(f"{source}: unknown CogVideoX config key {unknown[0]!r}")
+    return CogVideoXTTTConfig(**{**data, **overrides}).validate()
+
+
+def timestep_features(t, dim, flip_sin_to_cos, shift, max_period=10000):
+    """Sinusoidal features of `t` `[B]` -> `[B, dim]`, as diffusers' `get_timestep_embedding`."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()] if flip_sin_to_cos else [args.sin(), args.cos()], -1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def sincos_1d(dim, pos):
+    """`[len(pos), dim]`: sin then cos of pos * 10000^(-i / (dim / 2)), float64 as diffusers computes it."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], 1)
+
+
+def sincos_3d(dim, frames, grid_h, grid_w, spatial_scale, temporal_scale):
+    """CogVideoX-2B's absolute position embedding `[frames, grid_h * grid_w, dim]`: a quarter of the
+    channels for time, then 3/8 for the width position and 3/8 for the height position."""
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32) / spatial_scale,
+                          torch.arange(grid_w, dtype=torch.float32) / spatial_scale, indexing="ij")
+    spatial_dim = 3 * dim // 4
+    spatial = torch.cat([sincos_1d(spatial_dim // 2, x.flatten()), sincos_1d(spatial_dim // 2, y.flatten())], 1)
+    temporal = sincos_1d(dim // 4, torch.arange(frames, dtype=torch.float32) / temporal_scale)
+    emb = torch.cat([temporal[:, None].expand(-1, grid_h * grid_w, -1),
+                     spatial[None].expand(frames, -1, -1)], -1)
+    return emb.float()
+
+
+def _rope_axis(dim, pos, theta):
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ang = torch.outer(pos, freqs)
+    return ang.cos().repeat_interleave(2, 1), ang.sin().repeat_interleave(2, 1)  # [len(pos), dim]
+
+
+def crop_region(grid_h, grid_w, base_h, base_w):
+    """The (top, left), (bottom, right) corners of a grid_h x grid_w grid resized to fit the base grid
+    and centred in it: RoPE positions of other resolutions are interpolated into the trained range."""
+    if grid_h / grid_w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / grid_h * grid_w))
+    else:
+        rw, rh = base_w, int(round(base_w / grid_w * grid_h))
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def cogvideox_rope(cfg, frames, grid_h, grid_w, theta=10000.0):
+    """CogVideoX's 3D RoPE tables cos, sin `[frames * grid_h * grid_w, head_dim]` for one segment,
+    float32 as diffusers' pipelines compute them (`_prepare_rotary_positional_embeddings`)."""
+    base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+    if cfg.patch_size_t is None:
+        (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
+        ph = torch.linspace(top, bottom * (grid_h - 1) / grid_h, grid_h, dtype=torch.float32)
+        pw = torch.linspace(left, right * (grid_w - 1) / grid_w, grid_w, dtype=torch.float32)
+        pt = torch.linspace(0, frames * (frames - 1) / frames, frames, dtype=torch.float32)
+    else:
+        ph, pw, pt = (torch.arange(n, dtype=torch.float32) for n in (grid_h, grid_w, frames))
+    hd = cfg.attention_head_dim
+    axes = [_rope_axis(hd // 4, pt, theta), _rope_axis(hd // 8 * 3, ph, theta), _rope_axis(hd // 8 * 3, pw, theta)]
+
+    def grid(t, h, w):
+        return torch.cat([t[:, None, None].expand(-1, grid_h, grid_w, -1),
+                          h[None, :, None].expand(frames, -1, grid_w, -1),
+                          w[None, None].expand(frames, grid_h, -1, -1)], -1).reshape(frames * grid_h * grid_w, -1)
+
+    return grid(*(a[0] for a in axes)), grid(*(a[1] for a in axes))
+
+
+class Segments:
+    """Maps video tokens `[B, F, ...]` to S overlapping segments `[B, S, n, ...]` and back; frames
+    that two segments share get the mean of their two outputs."""
+
+    def __init__(self, num_frames, num_segments, frames_per_segment, device):
+        self.num_frames, self.num_segments = num_frames, num_segments
+        if num_segments == 1:
+            return
+        n = frames_per_segment
+        if num_frames != num_segments * (n - 1) + 1:
+            raise UserError(f"{num_segments} segments of {n} latent frames sharing one frame need "
+                            f"{num_segments * (n - 1) + 1} latent frames, got {num_frames}")
+        self.index = (torch.arange(num_segments)[:, None] * (n - 1) + torch.arange(n)[None]).to(device)  # [S, n]
+        self.count = torch.bincount(self.index.flatten(), minlength=num_frames)
+
+    def split(self, x):
+        if self.num_segments == 1:
+            return x[:, None]
+        return x[:, self.index]
+
+    def merge(self, x):
+        if self.num_segments == 1:
+            return x[:, 0]
+        out = x.new_zeros(x.shape[0], self.num_frames, *x.shape[3:])
+        out.index_add_(1, self.index.flatten(), x.flatten(1, 2))
+        return out / self.count.view(-1, *[1] * (x.dim() - 3)).to(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Video patches and caption tokens to the model width (diffusers' `CogVideoXPatchEmbed` names)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        p, pt = cfg.patch_size, cfg.patch_size_t
+        if pt is None:
+            self.proj = nn.Conv2d(cfg.in_channels, cfg.dim, p, stride=p, bias=cfg.patch_bias)
+        else:
+            self.proj = nn.Linear(cfg.in_channels * p * p * pt, cfg.dim)
+        self.text_proj = nn.Linear(cfg.text_embed_dim, cfg.dim)
+        if cfg.use_learned_positional_embeddings:
+            gh, gw = cfg.sample_height // p, cfg.sample_width // p
+            frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+            self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + frames * gh * gw, cfg.dim))
+
+    def forward(self, latents):
+        """latents `[B, F, C, h, w]` -> video tokens `[B, T, N, D]` (T = F / patch_size_t)."""
+        B = latents.shape[0]
+        if self.cfg.patch_size_t is None:
+            x = self.proj(latents.flatten(0, 1))  # [B*F, D, h/p, w/p]
+            return x.flatten(2).transpose(1, 2).unflatten(0, (B, -1))
+        p, pt = self.cfg.patch_size, self.cfg.patch_size_t
+        return self.proj(rearrange(latents, "b (t pt) c (y p) (x q) -> b t (y x) (c pt p q)", pt=pt, p=p, q=p))
+
+    def positions(self, frames, grid_h, grid_w, text_len):
+        """Absolute position embeddings of one segment: text `[L, D]` (or None) and video `[frames, N, D]`
+        (or None when the model uses RoPE only). A learned table covers the text positions too."""
+        cfg = self.cfg
+        if cfg.use_learned_positional_embeddings:
+            gh, gw = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+            trained = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+            if (frames, grid_h, grid_w, text_len) != (trained, gh, gw, cfg.max_text_seq_length):
+                raise UserError(f"this model's learned position embedding covers {cfg.max_text_seq_length} text "
+                                f"tokens and {trained} x {gh} x {gw} patches per segment, got {text_len} and "
+                                f"{frames} x {grid_h} x {grid_w}")
+            table = self.pos_embedding[0]
+            return table[:text_len], table[text_len:].view(frames, gh * gw, -1)
+        if cfg.use_rotary_positional_embeddings:
+            return None, None
+        return None, sincos_3d(cfg.dim, frames, grid_h, grid_w, cfg.spatial_interpolation_scale,
+                               cfg.temporal_interpolation_scale).to(self.proj.weight.device)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ExpertNorm(nn.Module):
+    """One LayerNorm, modulated separately for video and text from the timestep embedding."""
+
+    def __init__(self, cond_dim, dim, affine, eps):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, video, text, emb):
+        """video `[B, T, N, D]`, text `[B, S, L, D]`, emb `[B, E]` -> both modulated, and their gates."""
+        shift, scale, gate, t_shift, t_scale, t_gate = (
+            c[:, None, None] for c in self.linear(F.silu(emb)).chunk(6, 1))
+        video = self.norm(video) * (1 + scale) + shift
+        text = self.norm(text) * (1 + t_scale) + t_shift
+        return video, text, gate, t_gate
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cond_dim, dim, affine, eps):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, video, emb):
+        shift, scale = (c[:, None, None] for c in self.linear(F.silu(emb)).chunk(2, 1))
+        return self.norm(video) * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim, self.heads = cfg.dim, cfg.num_attention_heads
+        self.to_q = nn.Linear(dim, dim, bias=cfg.attention_bias)
+        self.to_k = nn.Linear(dim, dim, bias=cfg.attention_bias)
+        self.to_v = nn.Linear(dim, dim, bias=cfg.attention_bias)
+        self.norm_q = nn.LayerNorm(cfg.attention_head_dim, eps=1e-6)
+        self.norm_k = nn.LayerNorm(cfg.attention_head_dim, eps=1e-6)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        """x `[B', L', D]`; rope: cos, sin `[L', Dh]` (identity rows for text) or None."""
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        q, k = self.norm_q(q), self.norm_k(k)  # [B', H, L', Dh]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(o.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.approximate = "tanh" if cfg.activation_fn == "gelu-approximate" else "none"
+        self.proj_in = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.proj_out = nn.Linear(4 * cfg.dim, cfg.dim)
+
+    def forward(self, x):
+        return self.proj_out(F.gelu(self.proj_in(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = ExpertNorm(cfg.time_embed_dim, cfg.dim, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.attn1 = Attention(cfg)
+        self.ttt = None
+        self.norm2 = ExpertNorm(cfg.time_embed_dim, cfg.dim, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, video, text, emb, segments, seg_rope, ttt_rope):
+        """video `[B, F, N, D]`, text `[B, S, L, D]`, emb `[B, E]`."""
+        B, S, L, D = text.shape
+        n_video, n_text, gate, t_gate = self.norm1(video, text, emb)
+        seg = segments.split(n_video)  # [B, S, n, N, D]
+        x = torch.cat([n_text, seg.flatten(2, 3)], 2).flatten(0, 1)  # [B*S, L + n*N, D]
+        x = self.attn1(x, seg_rope).unflatten(0, (B, S))
+        video = video + gate * segments.merge(x[:, :, L:].unflatten(2, seg.shape[2:4]))
+        text = text + t_gate * x[:, :, :L]
+        if self.ttt is not None:
+            seg = segments.split(video)
+            x = torch.cat([text, seg.flatten(2, 3)], 2).flatten(1, 2)  # [B, S*(L + n*N), D]
+            x = self.ttt(x, *ttt_rope).unflatten(1, (S, -1))
+            text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, seg.shape[2:4]))
+        n_video, n_text, gate, t_gate = self.norm2(video, text, emb)
+        return video + gate * self.ff(n_video), text + t_gate * self.ff(n_text)
+
+
+class CogVideoXTTT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg.validate()
+        dim = cfg.dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_embedding = TimestepEmbedding(dim, cfg.time_embed_dim)
+        self.ofs_embedding = TimestepEmbedding(cfg.ofs_embed_dim, cfg.ofs_embed_dim) if cfg.ofs_embed_dim else None
+        self.transformer_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm_final = nn.LayerNorm(dim, cfg.norm_eps, cfg.norm_elementwise_affine)
+        self.norm_out = FinalNorm(cfg.time_embed_dim, dim, cfg.norm_elementwise_affine, cfg.norm_eps)
+        p = cfg.patch_size * cfg.patch_size * (cfg.patch_size_t or 1)
+        self.proj_out = nn.Linear(dim, p * (cfg.out_channels or cfg.in_channels))
+        self.gradient_checkpointing = False
+        if cfg.ttt is not None:
+            self.add_ttt()
+
+    def add_ttt(self):
+        """Give every block a freshly initialised gated bidirectional TTT (after loading pretrained weights)."""
+        cfg = self.cfg
+        if cfg.ttt is None:
+            raise UserError("add_ttt needs cfg.ttt set to 'mlp' or 'linear'")
+        device = self.proj_out.weight.device
+        for block in self.transformer_blocks:
+            block.ttt = BidirectionalTTT(cfg.dim, cfg.num_attention_heads, kind=cfg.ttt,
+                                         mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr,
+                                         gate_init=cfg.gate_init,
+                                         impl=None if cfg.ttt_impl == "auto" else cfg.ttt_impl).to(device)
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        self.gradient_checkpointing = enabled
+        return self
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, ofs=None):
+        """hidden_states `[B, F, C, h, w]`; encoder_hidden_states `[B, L, Dt]` (one segment) or
+        `[B, S, L, Dt]` (S segments of `cfg.frames_per_segment` latent frames sharing one frame);
+        timestep `[B]` or a number; ofs as timestep (models with `ofs_embed_dim`). Returns `[B, F, C_out, h, w]`."""
+        cfg = self.cfg
+        B, num_frames, _, h, w = hidden_states.shape
+        text = encoder_hidden_states if encoder_hidden_states.dim() == 4 else encoder_hidden_states[:, None]
+        S, L = text.shape[1], text.shape[2]
+        p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        if h % p or w % p or num_frames % pt:
+            raise UserError(f"latents {num_frames}x{h}x{w} (frames x height x width) must divide by the patch "
+                            f"size {pt}x{p}x{p}")
+        if S > 1 and pt > 1:
+            raise UserError("several segments need a model without a temporal patch (patch_size_t unset)")
+        gh, gw, T = h // p, w // p, num_frames // pt
+        segments = Segments(T, S, cfg.frames_per_segment, hidden_states.device)
+        n = T if S == 1 else cfg.frames_per_segment
+
+        emb = self._embed_time(timestep, B, hidden_states)
+        if self.ofs_embedding is not None:
+            if ofs is None:
+                raise UserError("this model (ofs_embed_dim set) needs `ofs`; CogVideoX pipelines pass 2.0")
+            ofs_t = torch.as_tensor(ofs, device=hidden_states.device).reshape(-1).expand(B)
+            emb = emb + self.ofs_embedding(timestep_features(
+                ofs_t, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(hidden_states.dtype))
+
+        video = self.patch_embed(hidden_states)  # [B, T, N, D]
+        text = self.patch_embed.text_proj(text)  # [B, S, L, D]
+        text_pos, video_pos = self.patch_embed.positions(n, gh, gw, L)
+        if text_pos is not None:
+            text = text + text_pos.to(text.dtype)
+        if video_pos is not None:
+            video = segments.merge(segments.split(video) + video_pos.to(video.dtype))
+
+        cos, sin = cogvideox_rope(cfg, n, gh, gw)
+        seg_rope = ttt_rope = None
+        if cfg.use_rotary_positional_embeddings:
+            seg_rope = tuple(t.to(video.device) for t in with_text(cos, sin, L, 1))
+        if cfg.ttt is not None:
+            ttt_rope = tuple(t.to(video.device) for t in with_text(cos, sin, L, S))
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                video, text = checkpoint(block, video, text, emb, segments, seg_rope, ttt_rope, use_reentrant=False)
+            else:
+                video, text = block(video, text, emb, segments, seg_rope, ttt_rope)
+
+        video = self.proj_out(self.norm_out(self.norm_final(video), emb))  # [B, T, N, C_out * pt * p * p]
+        if cfg.patch_size_t is None:
+            return rearrange(video, "b f (y x) (c p q) -> b f c (y p) (x q)", y=gh, p=p, q=p)
+        return rearrange(video, "b t (y x) (c pt p q) -> b (t pt) c (y p) (x q)", y=gh, pt=pt, p=p, q=p)
+
+    def _embed_time(self, timestep, batch_size, like):
+        t = torch.as_tensor(timestep, device=like.device)
+        t = t.reshape(-1).expand(batch_size) if t.numel() == 1 else t
+        feats = timestep_features(t, self.cfg.dim, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
+        return self.time_embedding(feats.to(like.dtype))
+
+    @classmethod
+    def from_diffusers(cls, path, ttt="mlp", dtype=torch.float32, **overrides):
+        """Load a local diffusers `CogVideoXTransformer3DModel` folder (the `transformer` folder, or a
+        pipeline folder holding one): config.json plus one or sharded safetensors files. Pretrained
+        weights load as `dtype`; the new TTT parameters are initialised afresh. Nothing is downloaded."""
+        folder = Path(path)
+        if (folder / "transformer" / CONFIG_FILE).is_file():
+            folder = folder / "transformer"
+        if not folder.is_dir():
+            raise UserError(f"model folder not found: {folder}")
+        cfg = load_config(folder / CONFIG_FILE, ttt=ttt, **overrides)
+        state = {}
+        for file in diffusers_weight_files(folder):
+            state.update({_rename(k): v.to(dtype) for k, v in load_file(file).items()})
+        with torch.device("meta"):
+            model = cls(dataclasses.replace(cfg, ttt=None))
+        _load_exact(model, state, folder)
+        model.cfg = cfg
+        if cfg.ttt is not None:
+            model.add_ttt()
+        return model
+
+    @classmethod
+    def from_model_config(cls, model_cfg):
+        """Build from the project's `ModelConfig` (arch "cogvideox-ttt"): the pretrained folder in
+        `pretrained`, the TTT from `seq_mixer` and the `ttt_*` / `gate_init` fields."""
+        if not model_cfg.pretrained:
+            raise UserError("model.pretrained must name a local diffusers CogVideoX folder for arch cogvideox-ttt")
+        mixer = model_cfg.seq_mixer
+        ttt = {"attention": None, "ttt-mlp": "mlp", "ttt-linear": "linear"}.get(mixer, mixer)
+        return cls.from_diffusers(model_cfg.pretrained, ttt=ttt, ttt_mini_batch_size=model_cfg.ttt_mini_batch_size,
+                                  ttt_base_lr=model_cfg.ttt_base_lr, gate_init=model_cfg.gate_init,
+                                  ttt_impl=model_cfg.ttt_impl)
+
+    def save_pretrained(self, path):
+        """Our own checkpoint: model.safetensors plus the resolved config.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
+        (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a checkpoint written by `save_pretrained`."""
+        folder = Path(path)
+        cfg = load_config(folder / CONFIG_FILE, **overrides)
+        if not (folder / WEIGHTS).is_file():
+            raise UserError(f"model folder {folder} is missing {WEIGHTS}")
+        with torch.device("meta"):
+            model = cls(cfg)
+        _load_exact(model, load_file(folder / WEIGHTS), folder)
+        return model
+
+
+def diffusers_weight_files(folder):
+    """The safetensors files of a diffusers model folder: one file, or the shards its index names."""
+    folder = Path(folder)
+    if (folder / DIFFUSERS_WEIGHTS).is_file():
+        return [folder / DIFFUSERS_WEIGHTS]
+    if not (folder / DIFFUSERS_INDEX).is_file():
+        raise UserError(f"model folder {folder} is missing {DIFFUSERS_WEIGHTS} (or {DIFFUSERS_INDEX})")
+    try:
+        weight_map = json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError):
+        raise UserError(f"{folder / DIFFUSERS_INDEX} is not a safetensors index (no weight_map)") from None
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"model folder {folder} is missing {file.name} (listed in {DIFFUSERS_INDEX})")
+    return files
+
+
+def _rename(key):
+    for old, new in DIFFUSERS_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def _load_exact(model, state, folder):
+    """Assign `state` to a model built on the meta device; every parameter and buffer must be there."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unknown weight {unexpected[0]}"
+        raise UserError(f"weights in {folder} do not match the config: the checkpoint {what}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"weights in {folder}: {k} has shape {tuple(v.shape)}, the config needs "
+                            f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, assign=True)

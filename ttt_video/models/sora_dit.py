@@ -1,0 +1,147 @@
+"""A video DiT from scratch: spacetime patches, adaLN-zero time conditioning, and per block either
+factorised attention (`attention_type="st"`: spatial attention within each latent frame, then
+temporal attention across all frames of the video at each patch position) or full 3D attention
+over every patch of the video (`"full"`). Text enters by cross-attention after the
+self-attention: the patches of a segment attend to that segment's caption tokens only, so each
+caption steers its own frames while self-attention carries context across the whole video.
+
+Layout: latents `[B, C, F, h, w]`; text `[B, S, Lt, Dt]`; tokens `[B, T, N, D]` (T latent frames
+after the time patch, N patches per frame).
+"""
+
+from einops import rearrange
+from torch import nn
+from torch.nn.functional import scaled_dot_product_attention
+from torch.utils.checkpoint import checkpoint
+
+from ..layers.attention import SegmentAttention
+from ..layers.rope import rope_3d
+from .tiny_dit import TimestepEmbedder, modulate
+
+ATTENTION_TYPES = ("st", "full")
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // num_heads, eps=1e-6)
+        self.k_norm = nn.LayerNorm(dim // num_heads, eps=1e-6)
+
+    def forward(self, x, context, key_mask=None):
+        """x `[B, L, D]` attends to context `[B, Lc, D]`; key_mask `[B, Lc]` bool (True = attend)."""
+        B, L, D = x.shape
+        q = self.q_norm(self.q(x).view(B, L, self.num_heads, -1).transpose(1, 2))  # [B, H, L, Dh]
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None]
+        o = scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.dim
+        self.factorised = cfg.attention_type == "st"
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SegmentAttention(dim, cfg.num_heads)  # spatial ("st") or 3D ("full")
+        if self.factorised:
+            self.norm_t = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.attn_t = SegmentAttention(dim, cfg.num_heads)
+        self.norm_x = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = CrossAttention(dim, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, (9 if self.factorised else 6) * dim))
+
+    def forward(self, x, c, text, text_mask, rope, time_rope):
+        """x `[B, T, N, D]`, c `[B, D]`, text `[B, S, Lt, D]`, text_mask `[B, S, Lt]` bool or None;
+        rope: cos/sin `[N, Dh]` ("st") or `[T*N, Dh]` ("full"); time_rope: cos/sin `[T, Dh]`."""
+        B, T, N, D = x.shape
+        S = text.shape[1]
+        mods = self.ada(c)[:, None, None].chunk(9 if self.factorised else 6, -1)
+        sa, ca, ga, sm, cm, gm = mods[:3] + mods[-3:]
+        if self.factorised:
+            h = modulate(self.norm1(x), sa, ca).reshape(B * T, N, D)
+            x = x + ga * self.attn(h, 1, *rope).view(B, T, N, D)
+            st, ct, gt = mods[3:6]
+            h = modulate(self.norm_t(x), st, ct).transpose(1, 2).reshape(B * N, T, D)
+            x = x + gt * self.attn_t(h, 1, *time_rope).view(B, N, T, D).transpose(1, 2)
+        else:
+            h = modulate(self.norm1(x), sa, ca).reshape(B, T * N, D)
+            x = x + ga * self.attn(h, 1, *rope).view(B, T, N, D)
+        mask = None
+        if text_mask is not None:  # a caption with no tokens attends to its padding rather than giving NaN
+            mask = (text_mask | ~text_mask.any(-1, keepdim=True)).flatten(0, 1)  # [B*S, Lt]
+        segments = self.norm_x(x).reshape(B * S, T // S * N, D)
+        x = x + self.cross(segments, text.flatten(0, 1), mask).view(B, T, N, D)
+        return x + gm * self.mlp(modulate(self.norm2(x), sm, cm))
+
+
+class SoraDiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {cfg.attention_type!r}; choose one of {ATTENTION_TYPES}")
+        self.cfg = cfg
+        pt, ph, pw = cfg.patch_size
+        self.patch_dim = cfg.in_channels * pt * ph * pw
+        self.patch_embed = nn.Linear(self.patch_dim, cfg.dim)
+        self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
+        self.t_embed = TimestepEmbedder(cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        self.final = nn.Linear(cfg.dim, self.patch_dim)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
+        self.initialize()
+
+    def initialize(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for block in self.blocks:  # adaLN-zero and a zero cross-attention output: blocks start as the identity
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+            nn.init.zeros_(block.cross.out.weight)
+        nn.init.zeros_(self.final_ada[-1].weight)
+        nn.init.zeros_(self.final_ada[-1].bias)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    def forward(self, latents, timestep, text, text_mask=None):
+        """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
+        text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool. Returns the prediction `[B, C, F, h, w]`."""
+        B, C, F, h, w = latents.shape
+        S = text.shape[1]
+        pt, ph, pw = self.cfg.patch_size
+        if F % (S * pt) or h % ph or w % pw:
+            raise ValueError(f"latents {tuple(latents.shape)} do not split into {S} segments "
+                             f"of patches {self.cfg.patch_size}")
+        gt, gh, gw = F // pt, h // ph, w // pw
+        x = rearrange(latents, "b c (t pt) (y ph) (x pw) -> b t (y x) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        x = self.patch_embed(x)  # [B, T, N, D]
+        text = self.text_embed(text)  # [B, S, Lt, D]
+        mask = None if text_mask is None else text_mask.bool()
+
+        head_dim = self.cfg.dim // self.cfg.num_heads
+        if self.cfg.attention_type == "st":
+            rope = rope_3d(1, gh, gw, head_dim)
+        else:
+            rope = rope_3d(gt, gh, gw, head_dim)
+        rope = tuple(t.to(x.device) for t in rope)
+        time_rope = tuple(t.to(x.device) for t in rope_3d(gt, 1, 1, head_dim))
+        c = self.t_embed(timestep)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, c, text, mask, rope, time_rope, use_reentrant=False)
+            else:
+                x = block(x, c, text, mask, rope, time_rope)
+        shift, scale = self.final_ada(c)[:, None, None].chunk(2, -1)
+        x = self.final(modulate(self.final_norm(x), shift, scale))
+        return rearrange(x, "b t (y x) (c pt ph pw) -> b c (t pt) (y ph) (x pw)", y=gh, x=gw, pt=pt, ph=ph, pw=pw)

@@ -1,0 +1,207 @@
+"""Long videos from CogVideoX with TTT: storyboard -> T5 -> sampler -> VAE -> mp4 + contact sheet.
+
+Everything loads from a local CogVideoX diffusers folder (`transformer/`, `text_encoder/`,
+`tokenizer/`, `vae/`, `scheduler/`); a TTT checkpoint (`CogVideoXTTT.save_pretrained`) replaces
+its transformer. One storyboard entry per 3 s segment; latents `[B, F, C, h, w]` with
+F = S * 12 + 1 (neighbouring segments share one latent frame), decoded to S * 48 + 1 frames.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..encoders.t5 import T5TextEncoder
+from ..errors import UserError
+from ..fileio import read_json
+from ..models.cogvideox_ttt import CogVideoXTTT
+from .export import contact_sheet, video_to_uint8, write_video
+
+SECONDS_PER_SEGMENT = 3
+SAMPLERS = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
+SCENE_START, SCENE_END = "<start_scene>", "<end_scene>"
+
+
+@dataclass
+class Segment:
+    text: str
+    neg_text: str = ""
+    transition: bool = False  # a new scene starts at this segment
+
+
+def read_storyboard(path):
+    """A JSON list, one entry per 3 s segment: a caption string or {"text", "neg_text"?, "transition"?}."""
+    data = read_json(path, "storyboard", UserError)
+    if not isinstance(data, list) or not data:
+        raise UserError(f"storyboard {path} must be a non-empty JSON list, one entry per 3 s segment")
+    segments = []
+    for i, entry in enumerate(data, 1):
+        entry = {"text": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str) or not entry["text"].strip():
+            raise UserError(f"storyboard {path}: segment {i} has no \"text\"")
+        unknown = sorted(set(entry) - {"text", "neg_text", "transition"})
+        if unknown:
+            raise UserError(f"storyboard {path}: segment {i} has an unknown key {unknown[0]!r}")
+        segments.append(Segment(entry["text"], str(entry.get("neg_text", "")), bool(entry.get("transition", False))))
+    return segments
+
+
+def segment_count(segments, seconds):
+    """The storyboard must give exactly one segment per 3 s of video."""
+    if seconds is None:
+        return len(segments)
+    n = seconds / SECONDS_PER_SEGMENT
+    if n != int(n) or n < 1:
+        raise UserError(f"--seconds must be a positive multiple of {SECONDS_PER_SEGMENT}, got {seconds:g}")
+    if int(n) != len(segments):
+        raise UserError(f"the storyboard has {len(segments)} segments but {seconds:g} s needs {int(n)} "
+                        f"(one per {SECONDS_PER_SEGMENT} s)")
+    return int(n)
+
+
+def scene_captions(segments):
+    """Captions with scene delimiters: the first segment of a scene starts with <start_scene>, the
+    last ends with <end_scene>; a segment with "transition" starts a new scene."""
+    starts = [i == 0 or s.transition for i, s in enumerate(segments)]
+    ends = starts[1:] + [True]
+    return [f"{SCENE_START + ' ' if a else ''}{s.text}{' ' + SCENE_END if b else ''}"
+            for s, a, b in zip(segments, starts, ends)]
+
+
+def check_resolution(height, width, factor):
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % factor:
+            low = max(factor, value // factor * factor)
+            raise UserError(f"{name} {value} must be a positive multiple of {factor} (VAE x patch size); "
+                            f"nearest allowed: {low} or {low + factor}")
+
+
+def dynamic_guidance(scale, step, num_steps):
+    """CogVideoX's rising guidance, indexed by the step (0 .. num_steps-1), not by the timestep:
+    1 at the first step, 1 + scale at the last."""
+    progress = step / max(1, num_steps - 1)
+    return 1 + scale * (1 - math.cos(math.pi * progress ** 5.0)) / 2
+
+
+class CogVideoXGenerator:
+    def __init__(self, model_dir, ttt_checkpoint=None, ttt="mlp", sampler=None, device="cpu", dtype=torch.float32):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import diffusers
+
+        folder = Path(model_dir)
+        for sub, marker in (("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+            if not (folder / sub / marker).is_file():
+                raise UserError(f"model folder {folder} is missing {sub}/{marker}")
+        if ttt_checkpoint:
+            self.model = CogVideoXTTT.from_pretrained(ttt_checkpoint)
+        else:
+            self.model = CogVideoXTTT.from_diffusers(folder, ttt=ttt)
+        self.model.to(device, dtype).eval().requires_grad_(False)
+        self.encoder = T5TextEncoder(folder, device=device, dtype=dtype)
+        self.vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(folder / "vae", local_files_only=True,
+                                                                    torch_dtype=dtype)
+        self.vae.to(device).eval().requires_grad_(False)
+        sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        name = SAMPLERS[sampler] if sampler else sched_cfg.get("_class_name", SAMPLERS["ddim"])
+        if name not in SAMPLERS.values():
+            raise UserError(f"unsupported scheduler {name!r}; samplers: {', '.join(SAMPLERS)}")
+        self.scheduler = getattr(diffusers, name).from_config(sched_cfg)
+        self.spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.temporal = self.vae.config.temporal_compression_ratio
+        self.device, self.dtype = device, dtype
+
+    def default_size(self):
+        cfg = self.model.cfg
+        return cfg.sample_height * self.spatial, cfg.sample_width * self.spatial
+
+    def _text(self, captions, num_segments):
+        emb, _ = self.encoder.encode(captions)
+        return emb.view(-1, num_segments, *emb.shape[1:]).to(self.device, self.dtype)  # [B, S, L, D]
+
+    @torch.no_grad()
+    def sample(self, segments, height=None, width=None, steps=50, guidance_scale=6.0, dynamic_cfg=False, seed=0,
+               progress=True):
+        """Latents `[1, S*(n-1)+1, C, h, w]` for the storyboard `segments`."""
+        cfg = self.model.cfg
+        S = len(segments)
+        default_h, default_w = self.default_size()
+        height, width = height or default_h, width or default_w
+        check_resolution(height, width, self.spatial * cfg.patch_size)
+        frames = S * (cfg.frames_per_segment - 1) + 1
+        cond = self._text(scene_captions(segments), S)
+        uncond = self._text([s.neg_text for s in segments], S)
+        guided = guidance_scale > 1
+        text = torch.cat([uncond, cond]) if guided else cond
+        g = torch.Generator().manual_seed(seed)
+        shape = (1, frames, cfg.in_channels, height // self.spatial, width // self.spatial)
+        latents = (torch.randn(shape, generator=g) * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+        self.scheduler.set_timesteps(steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        dpm = type(self.scheduler).__name__ == SAMPLERS["dpm"]
+        old_pred = None
+        for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress, dynamic_ncols=True)):
+            x = torch.cat([latents] * 2) if guided else latents
+            x = self.scheduler.scale_model_input(x, t)
+            pred = self.model(x, text, t.expand(x.shape[0])).float()
+            if guided:
+                scale = dynamic_guidance(guidance_scale, i, len(timesteps)) if dynamic_cfg else guidance_scale
+                uncond_pred, cond_pred = pred.chunk(2)
+                pred = uncond_pred + scale * (cond_pred - uncond_pred)
+            if dpm:
+                prev_t = timesteps[i - 1] if i > 0 else None
+                latents, old_pred = self.scheduler.step(pred, old_pred, t, prev_t, latents, generator=g,
+                                                        return_dict=False)
+            else:
+                latents = self.scheduler.step(pred, t, latents, generator=g, return_dict=False)[0]
+            latents = latents.to(self.dtype)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Latents `[1, F, C, h, w]` -> frames uint8 `[(F-1)*4+1, H, W, 3]`, a few latent frames at a
+        time: the batches of diffusers' `AutoencoderKLCogVideoX._decode`, with its causal convolution
+        cache carried across, so the output equals `vae.decode` while only one batch is ever held
+        in floating point. (Spatial tiling would need every frame before blending; it is not used.)"""
+        z = latents.permute(0, 2, 1, 3, 4).to(self.dtype) / self.vae.config.scaling_factor  # [1, C, F, h, w]
+        num_frames, size = z.shape[2], self.vae.num_latent_frames_batch_size
+        rest = num_frames % size
+        cuts = [0] + [size * (i + 1) + rest for i in range(max(num_frames // size, 1))]
+        cuts[-1] = num_frames
+        frames, cache = [], None
+        for a, b in zip(cuts, cuts[1:]):
+            x = z[:, :, a:b]
+            if self.vae.post_quant_conv is not None:
+                x = self.vae.post_quant_conv(x)
+            x, cache = self.vae.decoder(x, conv_cache=cache)
+            frames.append(video_to_uint8(x[0].float().cpu().clamp(-1, 1)))
+        return np.concatenate(frames)
+
+
+@dataclass
+class Result:
+    video: Path
+    sheet: Path
+    num_frames: int
+
+
+def generate(model_dir, storyboard, seconds=None, out="outputs/video.mp4", ttt_checkpoint=None, ttt="mlp",
+             sampler=None, steps=50, guidance_scale=6.0, dynamic_cfg=False, height=None, width=None, fps=16,
+             seed=0, device="cpu", progress=True):
+    """Sample a storyboard (a list of `Segment`, or a JSON file) and write the mp4 and contact sheet."""
+    segments = read_storyboard(storyboard) if isinstance(storyboard, (str, Path)) else list(storyboard)
+    segment_count(segments, seconds)
+    gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device)
+    latents = gen.sample(segments, height, width, steps, guidance_scale, dynamic_cfg, seed, progress)
+    frames = gen.decode(latents)
+    out = Path(out)
+    video = write_video(frames, out, fps=fps)
+    per_segment = (gen.model.cfg.frames_per_segment - 1) * gen.temporal
+    shrink = max(1, frames.shape[1] // 160)  # tiles about 160 pixels high
+    tiles = frames[:-1:max(1, per_segment // 8), ::shrink, ::shrink]
+    sheet = contact_sheet(tiles, out.with_suffix(".png"), columns=8)  # a row per segment
+    return Result(video, sheet, len(frames))
