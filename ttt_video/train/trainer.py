@@ -26,7 +26,7 @@ from ..models import build_model
 from . import checkpoint as ckpt
 from .adapters import apply_adapter
 
-NO_DECAY = ("bias", "norm", "gate", "embed", "ln_")
+NO_DECAY = ("bias", "norm", "ln_")  # and every 1-D parameter (gates, norm weights)
 ITEM_SEED_STRIDE = 1_000_003
 
 
