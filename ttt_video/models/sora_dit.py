@@ -12,11 +12,10 @@ after the time patch, N patches per frame).
 from einops import rearrange
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
-from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import SegmentAttention
 from ..layers.rope import rope_3d
-from .tiny_dit import TimestepEmbedder, modulate
+from ..layers.dit import VideoDiT, modulate
 
 ATTENTION_TYPES = ("st", "full")
 
@@ -82,48 +81,26 @@ class Block(nn.Module):
         return x + gm * self.mlp(modulate(self.norm2(x), sm, cm))
 
 
-class SoraDiT(nn.Module):
+class SoraDiT(VideoDiT):
     def __init__(self, cfg):
-        super().__init__()
         if cfg.attention_type not in ATTENTION_TYPES:
             raise ValueError(f"unknown attention_type {cfg.attention_type!r}; choose one of {ATTENTION_TYPES}")
-        self.cfg = cfg
-        pt, ph, pw = cfg.patch_size
-        self.patch_dim = cfg.in_channels * pt * ph * pw
-        self.patch_embed = nn.Linear(self.patch_dim, cfg.dim)
-        self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
-        self.t_embed = TimestepEmbedder(cfg.dim)
+        super().__init__(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
-        self.final = nn.Linear(cfg.dim, self.patch_dim)
-        self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.initialize()
 
     def initialize(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for block in self.blocks:  # adaLN-zero and a zero cross-attention output: blocks start as the identity
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
+        super().initialize()
+        for block in self.blocks:  # a zero cross-attention output too: blocks start as the identity
             nn.init.zeros_(block.cross.out.weight)
-        nn.init.zeros_(self.final_ada[-1].weight)
-        nn.init.zeros_(self.final_ada[-1].bias)
-        nn.init.zeros_(self.final.weight)
-        nn.init.zeros_(self.final.bias)
 
     def forward(self, latents, timestep, text, text_mask=None):
         """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
         text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool. Returns the prediction `[B, C, F, h, w]`."""
-        B, C, F, h, w = latents.shape
         S = text.shape[1]
         pt, ph, pw = self.cfg.patch_size
-        if F % (S * pt) or h % ph or w % pw:
-            raise ValueError(f"latents {tuple(latents.shape)} do not split into {S} segments "
-                             f"of patches {self.cfg.patch_size}")
-        gt, gh, gw = F // pt, h // ph, w // pw
+        seg_t, gh, gw = self.grid(latents, S)
+        gt = S * seg_t
         x = rearrange(latents, "b c (t pt) (y ph) (x pw) -> b t (y x) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         x = self.patch_embed(x)  # [B, T, N, D]
         text = self.text_embed(text)  # [B, S, Lt, D]
@@ -138,10 +115,6 @@ class SoraDiT(nn.Module):
         time_rope = tuple(t.to(x.device) for t in rope_3d(gt, 1, 1, head_dim))
         c = self.t_embed(timestep)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, c, text, mask, rope, time_rope, use_reentrant=False)
-            else:
-                x = block(x, c, text, mask, rope, time_rope)
-        shift, scale = self.final_ada(c)[:, None, None].chunk(2, -1)
-        x = self.final(modulate(self.final_norm(x), shift, scale))
+            x = self.run_block(block, x, c, text, mask, rope, time_rope)
+        x = self.output(x, c)
         return rearrange(x, "b t (y x) (c pt ph pw) -> b c (t pt) (y ph) (x pw)", y=gh, x=gw, pt=pt, ph=ph, pw=pw)

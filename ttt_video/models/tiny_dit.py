@@ -8,36 +8,16 @@ Layout: latents `[B, C, F, h, w]`; text `[B, S, Lt, Dt]` (one caption per segmen
 tokens `[B, S * (Lt + Lv), D]`, each segment `[text, video]`.
 """
 
-import math
-
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import SegmentAttention
+from ..layers.dit import VideoDiT, modulate
 from ..layers.rope import rope_3d, with_text
 from ..layers.ttt import BidirectionalTTT
 
 SEQ_MIXERS = ("attention", "ttt-linear", "ttt-mlp")
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, dim, freq_dim=256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):
-        """t `[B]` in [0, 1000]."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1))
 
 
 class Block(nn.Module):
@@ -65,48 +45,26 @@ class Block(nn.Module):
         return x + gm * self.mlp(modulate(self.norm2(x), sm, cm))
 
 
-class TinyDiT(nn.Module):
+class TinyDiT(VideoDiT):
     def __init__(self, cfg):
-        super().__init__()
         if cfg.seq_mixer not in SEQ_MIXERS:
             raise ValueError(f"unknown seq_mixer {cfg.seq_mixer!r}; choose one of {SEQ_MIXERS}")
-        self.cfg = cfg
-        pt, ph, pw = cfg.patch_size
-        self.patch_dim = cfg.in_channels * pt * ph * pw
-        self.patch_embed = nn.Linear(self.patch_dim, cfg.dim)
-        self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
+        super().__init__(cfg)
         self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # text, video
-        self.t_embed = TimestepEmbedder(cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
-        self.final = nn.Linear(cfg.dim, self.patch_dim)
-        self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.initialize()
 
     def initialize(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        super().initialize()
         nn.init.normal_(self.type_embed, std=0.02)
-        for block in self.blocks:  # adaLN-zero: every block starts as the identity
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
-        nn.init.zeros_(self.final_ada[-1].weight)
-        nn.init.zeros_(self.final_ada[-1].bias)
-        nn.init.zeros_(self.final.weight)
-        nn.init.zeros_(self.final.bias)
 
     def forward(self, latents, timestep, text, text_mask=None):
         """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
         text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool. Returns the prediction `[B, C, F, h, w]`."""
-        B, C, F, h, w = latents.shape
+        B = latents.shape[0]
         S, Lt = text.shape[1], text.shape[2]
         pt, ph, pw = self.cfg.patch_size
-        if F % (S * pt) or h % ph or w % pw:
-            raise ValueError(f"latents {tuple(latents.shape)} do not split into {S} segments of patches {self.cfg.patch_size}")
-        gt, gh, gw = F // S // pt, h // ph, w // pw
+        gt, gh, gw = self.grid(latents, S)
         video = rearrange(latents, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)",
                           s=S, pt=pt, ph=ph, pw=pw)
         video = self.patch_embed(video) + self.type_embed[1]  # [B, S, Lv, D]
@@ -122,12 +80,8 @@ class TinyDiT(nn.Module):
             key_mask = torch.cat([text_mask.bool(), video_mask], 2)
         c = self.t_embed(timestep)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, c, S, seg_rope, full_rope, key_mask, use_reentrant=False)
-            else:
-                x = block(x, c, S, seg_rope, full_rope, key_mask)
-        shift, scale = self.final_ada(c)[:, None].chunk(2, -1)
-        x = self.final(modulate(self.final_norm(x), shift, scale))
+            x = self.run_block(block, x, c, S, seg_rope, full_rope, key_mask)
+        x = self.output(x, c)
         x = x.view(B, S, Lt + gt * gh * gw, -1)[:, :, Lt:]
         return rearrange(x, "b s (t y x) (c pt ph pw) -> b c (s t pt) (y ph) (x pw)",
                          t=gt, y=gh, x=gw, pt=pt, ph=ph, pw=pw)

@@ -16,12 +16,11 @@ Layout: latents `[B, C, F, h, w]`; text `[B, S, Lt, Dt]`; a segment's tokens `[B
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import SegmentAttention
 from ..layers.memory import NeuralMemory
 from ..layers.rope import rope_3d, with_text
-from .tiny_dit import TimestepEmbedder, modulate
+from ..layers.dit import VideoDiT, modulate
 
 
 class MemoryBlock(nn.Module):
@@ -48,49 +47,27 @@ class MemoryBlock(nn.Module):
         return x + gm * self.mlp(modulate(self.norm2(x), sm, cm))
 
 
-class TitansDiT(nn.Module):
+class TitansDiT(VideoDiT):
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        pt, ph, pw = cfg.patch_size
-        self.patch_dim = cfg.in_channels * pt * ph * pw
-        self.patch_embed = nn.Linear(self.patch_dim, cfg.dim)
-        self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
+        super().__init__(cfg)
         self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # text, video
-        self.t_embed = TimestepEmbedder(cfg.dim)
         self.blocks = nn.ModuleList(MemoryBlock(cfg) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
-        self.final = nn.Linear(cfg.dim, self.patch_dim)
-        self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.initialize()
 
     def initialize(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        super().initialize()
         nn.init.normal_(self.type_embed, std=0.02)
         for block in self.blocks:
             nn.init.normal_(block.persistent, std=0.02)
             block.memory.reset_gates()
-            nn.init.zeros_(block.ada[-1].weight)  # adaLN-zero: every block starts as the identity
-            nn.init.zeros_(block.ada[-1].bias)
-        nn.init.zeros_(self.final_ada[-1].weight)
-        nn.init.zeros_(self.final_ada[-1].bias)
-        nn.init.zeros_(self.final.weight)
-        nn.init.zeros_(self.final.bias)
 
     def forward(self, latents, timestep, text, text_mask=None):
         """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
         text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool. Returns the prediction `[B, C, F, h, w]`."""
-        B, C, F, h, w = latents.shape
+        B = latents.shape[0]
         S, Lt = text.shape[1], text.shape[2]
         pt, ph, pw = self.cfg.patch_size
-        if F % (S * pt) or h % ph or w % pw:
-            raise ValueError(f"latents {tuple(latents.shape)} do not split into {S} segments "
-                             f"of patches {self.cfg.patch_size}")
-        gt, gh, gw = F // S // pt, h // ph, w // pw
+        gt, gh, gw = self.grid(latents, S)
         video = rearrange(latents, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)",
                           s=S, pt=pt, ph=ph, pw=pw)
         video = self.patch_embed(video) + self.type_embed[1]  # [B, S, Lv, D]
@@ -113,15 +90,11 @@ class TitansDiT(nn.Module):
             mask = None if key_mask is None else key_mask[:, s : s + 1]
             for i, block in enumerate(self.blocks):
                 memory_tokens = block.memory.read(states[i])  # [B, M, D]
-                if self.gradient_checkpointing and self.training:
-                    x = checkpoint(block, x, c, memory_tokens, cos, sin, mask, use_reentrant=False)
-                else:
-                    x = block(x, c, memory_tokens, cos, sin, mask)
+                x = self.run_block(block, x, c, memory_tokens, cos, sin, mask)
                 if s + 1 < S:  # the last segment's memory is never read
                     states[i] = block.memory.update(states[i], x[:, Lt:])
             outs.append(x[:, Lt:])
         x = torch.stack(outs, 1)  # [B, S, Lv, D]
-        shift, scale = self.final_ada(c)[:, None, None].chunk(2, -1)
-        x = self.final(modulate(self.final_norm(x), shift, scale))
+        x = self.output(x, c)
         return rearrange(x, "b s (t y x) (c pt ph pw) -> b c (s t pt) (y ph) (x pw)",
                          t=gt, y=gh, x=gw, pt=pt, ph=ph, pw=pw)

@@ -1,0 +1,75 @@
+"""Pieces every video DiT here shares: timestep embedding, adaLN modulation, and a base class
+with the patch / caption embedders, the modulated output layer and adaLN-zero initialisation.
+
+Latents `[B, C, F, h, w]`; patches `(pt, ph, pw)`; tokens `[..., D]`.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        """t `[B]` in [0, 1000]."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))
+
+
+class VideoDiT(nn.Module):
+    """Base of the from-scratch DiTs. Subclasses add `blocks` (each with an adaLN `ada` whose last
+    layer starts at zero, so every block starts as the identity) and write `forward`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        pt, ph, pw = cfg.patch_size
+        self.patch_dim = cfg.in_channels * pt * ph * pw
+        self.patch_embed = nn.Linear(self.patch_dim, cfg.dim)
+        self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
+        self.t_embed = TimestepEmbedder(cfg.dim)
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        self.final = nn.Linear(cfg.dim, self.patch_dim)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
+
+    def initialize(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer in [block.ada[-1] for block in self.blocks] + [self.final_ada[-1], self.final]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def grid(self, latents, num_segments):
+        """Patch grid (t, y, x) of one segment; rejects latents that do not split evenly."""
+        _, _, F, h, w = latents.shape
+        pt, ph, pw = self.cfg.patch_size
+        if F % (num_segments * pt) or h % ph or w % pw:
+            raise ValueError(f"latents {tuple(latents.shape)} do not split into {num_segments} segments "
+                             f"of patches {self.cfg.patch_size}")
+        return F // num_segments // pt, h // ph, w // pw
+
+    def run_block(self, block, *args):
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def output(self, x, c):
+        """Modulated final layer: tokens `[B, ..., D]` -> patches `[B, ..., patch_dim]`."""
+        shift, scale = self.final_ada(c).view(c.shape[0], *[1] * (x.dim() - 2), -1).chunk(2, -1)
+        return self.final(modulate(self.final_norm(x), shift, scale))
