@@ -4,27 +4,17 @@ import torch
 from ttt_video.config import ModelConfig
 from ttt_video.models import build_model
 
+from .common import tiny_inputs, tiny_model
+
 
 def _model(attention_type):
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="sora-dit", attention_type=attention_type, dim=32, depth=2, num_heads=2, text_dim=12)
-    model = build_model(cfg)
-    with torch.no_grad():  # leave the zero initialisation so that every path carries signal
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def _inputs(S=3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, S * 4, 8, 8, generator=g)
-    return x, torch.tensor([10.0, 700.0]), torch.randn(2, S, 5, 12, generator=g)
+    return tiny_model(arch="sora-dit", attention_type=attention_type)
 
 
 @pytest.mark.parametrize("attention_type", ["st", "full"])
 def test_shapes_and_gradients(attention_type):
     model = _model(attention_type)
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     mask = torch.ones(2, 3, 5, dtype=torch.bool)
     mask[:, :, -2:] = False
     mask[0, 1] = False  # an empty caption
@@ -38,7 +28,7 @@ def test_shapes_and_gradients(attention_type):
 @pytest.mark.parametrize("attention_type", ["st", "full"])
 def test_captions_steer_their_segment_and_attention_spans_the_video(attention_type):
     model = _model(attention_type)
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     text2 = text.clone()
     text2[:, 0] = torch.randn_like(text2[:, 0])
     x2 = x.clone()
@@ -49,8 +39,8 @@ def test_captions_steer_their_segment_and_attention_spans_the_video(attention_ty
     assert (a[:, :, :2] - c[:, :, :2]).abs().max() > 1e-5  # the first frames see the last one
 
 
-def test_st_and_full_differ_and_bad_inputs():
-    x, t, text = _inputs()
+def test_st_and_full_differ_and_badtiny_inputs():
+    x, t, text = tiny_inputs()
     with torch.no_grad():
         assert (_model("st")(x, t, text) - _model("full")(x, t, text)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="segments"):

@@ -4,27 +4,17 @@ import torch
 from ttt_video.config import ModelConfig
 from ttt_video.models import build_model
 
+from .common import tiny_inputs, tiny_model
+
 
 def _model(mixer):
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, depth=2, num_heads=2, text_dim=12, seq_mixer=mixer, ttt_mini_batch_size=16)
-    model = build_model(cfg)
-    with torch.no_grad():  # leave adaLN-zero so that every path carries signal
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def _inputs(S=3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, S * 4, 8, 8, generator=g)
-    return x, torch.tensor([10.0, 700.0]), torch.randn(2, S, 5, 12, generator=g)
+    return tiny_model(seq_mixer=mixer, ttt_mini_batch_size=16)
 
 
 @pytest.mark.parametrize("mixer", ["attention", "ttt-linear", "ttt-mlp"])
 def test_shapes_and_gradients(mixer):
     model = _model(mixer)
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     mask = torch.ones(2, 3, 5, dtype=torch.bool)
     mask[:, :, -2:] = False
     out = model(x, t, text, mask)
@@ -36,7 +26,7 @@ def test_shapes_and_gradients(mixer):
 @pytest.mark.parametrize("mixer,global_context", [("attention", False), ("ttt-mlp", True), ("ttt-linear", True)])
 def test_only_ttt_carries_context_across_segments(mixer, global_context):
     model = _model(mixer)
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     text2 = text.clone()
     text2[:, 0] = torch.randn_like(text2[:, 0])  # change the first segment's caption
     with torch.no_grad():
@@ -48,7 +38,7 @@ def test_only_ttt_carries_context_across_segments(mixer, global_context):
 
 def test_rejects_bad_shapes_and_mixers():
     model = _model("attention")
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     with pytest.raises(ValueError, match="segments"):
         model(x[:, :, :11], t, text)
     with pytest.raises(ValueError, match="seq_mixer"):

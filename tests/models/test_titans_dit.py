@@ -1,30 +1,16 @@
 import pytest
 import torch
 
-from ttt_video.config import ModelConfig
-from ttt_video.models import build_model
+from .common import tiny_inputs, tiny_model
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="titans-dit", dim=32, depth=2, num_heads=2, text_dim=12, num_memory_tokens=3,
-                      num_persistent_tokens=2, memory_chunk_size=16, **kw)
-    model = build_model(cfg)
-    with torch.no_grad():  # leave adaLN-zero so that every path carries signal
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def _inputs(S=3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, S * 4, 8, 8, generator=g)
-    return x, torch.tensor([10.0, 700.0]), torch.randn(2, S, 5, 12, generator=g)
+    return tiny_model(arch="titans-dit", num_memory_tokens=3, num_persistent_tokens=2, memory_chunk_size=16, **kw)
 
 
 def test_shapes_and_gradients():
     model = _model()
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     mask = torch.ones(2, 3, 5, dtype=torch.bool)
     mask[:, :, -2:] = False
     out = model(x, t, text, mask)
@@ -34,7 +20,7 @@ def test_shapes_and_gradients():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    x, t, text = _inputs(2)
+    x, t, text = tiny_inputs(2)
     grads = []
     for ckpt in (False, True):
         model = _model().train()
@@ -47,7 +33,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_memory_carries_context_and_segments_are_causal():
     model = _model()
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     text2, x2 = text.clone(), x.clone()
     text2[:, 0] = torch.randn_like(text2[:, 0])  # segment 1's caption
     x2[:, :, 8:] = torch.randn_like(x2[:, :, 8:])  # segment 3's latents
@@ -59,6 +45,6 @@ def test_memory_carries_context_and_segments_are_causal():
 
 
 def test_bad_shapes():
-    x, t, text = _inputs()
+    x, t, text = tiny_inputs()
     with pytest.raises(ValueError, match="segments"):
         _model()(x[:, :, :11], t, text)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .text import CachingEncoder
 
 MAX_LENGTH = 226
 
@@ -22,8 +23,9 @@ def _find(folder, sub, marker):
     raise UserError(f"T5 files missing: {folder / sub / marker}")
 
 
-class T5TextEncoder:
+class T5TextEncoder(CachingEncoder):
     def __init__(self, path, max_length=MAX_LENGTH, device="cpu", dtype=torch.float32):
+        super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -41,18 +43,8 @@ class T5TextEncoder:
         self.model.to(device).eval().requires_grad_(False)
         self.dim = self.model.config.d_model
         self.max_length, self.device = max_length, device
-        self._cache = {}
 
-    @torch.no_grad()
-    def encode(self, captions):
-        """One row per caption; repeated captions are encoded once per process."""
-        todo = sorted({c for c in captions if c not in self._cache})
-        if todo:
-            batch = self.tokenizer(todo, padding="max_length", max_length=self.max_length, truncation=True,
-                                   add_special_tokens=True, return_tensors="pt")
-            hidden = self.model(batch["input_ids"].to(self.device))[0].float()
-            for i, c in enumerate(todo):
-                self._cache[c] = (hidden[i].cpu(), batch["attention_mask"][i].bool())
-        emb = torch.stack([self._cache[c][0] for c in captions])
-        mask = torch.stack([self._cache[c][1] for c in captions])
-        return emb, mask
+    def _encode_new(self, captions):
+        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                               add_special_tokens=True, return_tensors="pt")
+        return self.model(batch["input_ids"].to(self.device))[0], batch["attention_mask"]

@@ -17,10 +17,30 @@ from ..fileio import atomic_file
 TEXT_ENCODERS = ("minilm",)
 
 
-class MiniLMTextEncoder:
+class CachingEncoder:
+    """`encode` for encoders whose `_encode_new(captions)` returns (hidden `[N, L, D]`, mask `[N, L]`):
+    repeated captions are encoded once per process."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def encode(self, captions):
+        todo = sorted({c for c in captions if c not in self._cache})
+        if todo:
+            with torch.no_grad():
+                hidden, mask = self._encode_new(todo)
+            for i, c in enumerate(todo):
+                self._cache[c] = (hidden[i].float().cpu(), mask[i].bool().cpu())
+        emb = torch.stack([self._cache[c][0] for c in captions])
+        mask = torch.stack([self._cache[c][1] for c in captions])
+        return emb, mask
+
+
+class MiniLMTextEncoder(CachingEncoder):
     dim = 384
 
     def __init__(self, max_length=16, device="cpu", path=None):
+        super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging
@@ -37,21 +57,11 @@ class MiniLMTextEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
         self.max_length = max_length
         self.device = device
-        self._cache = {}
 
-    @torch.no_grad()
-    def encode(self, captions):
-        """One row per caption; repeated captions are encoded once per process."""
-        todo = sorted({c for c in captions if c not in self._cache})
-        if todo:
-            batch = self.tokenizer(todo, padding="max_length", max_length=self.max_length, truncation=True,
-                                   return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state.float()
-            for i, c in enumerate(todo):
-                self._cache[c] = (hidden[i].cpu(), batch["attention_mask"][i].bool().cpu())
-        emb = torch.stack([self._cache[c][0] for c in captions])
-        mask = torch.stack([self._cache[c][1] for c in captions])
-        return emb, mask
+    def _encode_new(self, captions):
+        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt").to(self.device)
+        return self.model(**batch).last_hidden_state, batch["attention_mask"]
 
 
 class CachedTextEncoder:

@@ -4,7 +4,6 @@ Tokens `[B, S * L_seg, D]`: S segments laid end to end, each `[text, video]`. Re
 `[B * S, L_seg, D]` makes the attention local without masks across segments.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
