@@ -27,7 +27,8 @@ class ModelConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     text_dim: int = 384
-    seq_mixer: str = "ttt-mlp"  # attention | ttt-linear | ttt-mlp
+    seq_mixer: str = "ttt-mlp"  # attention | swa | ttt-linear | ttt-mlp
+    swa_window: int = 272  # seq_mixer swa: tokens each side (272: one shapes-tiny segment)
     ttt_mini_batch_size: int = 64
     ttt_base_lr: float = 1.0
     gate_init: float = 0.1

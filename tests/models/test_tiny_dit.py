@@ -11,7 +11,7 @@ def _model(mixer):
     return tiny_model(seq_mixer=mixer, ttt_mini_batch_size=16)
 
 
-@pytest.mark.parametrize("mixer", ["attention", "ttt-linear", "ttt-mlp"])
+@pytest.mark.parametrize("mixer", ["attention", "swa", "ttt-linear", "ttt-mlp"])
 def test_shapes_and_gradients(mixer):
     model = _model(mixer)
     x, t, text = tiny_inputs()
@@ -23,7 +23,8 @@ def test_shapes_and_gradients(mixer):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("mixer,global_context", [("attention", False), ("ttt-mlp", True), ("ttt-linear", True)])
+@pytest.mark.parametrize("mixer,global_context", [("attention", False), ("swa", True), ("ttt-mlp", True),
+                                                   ("ttt-linear", True)])
 def test_only_ttt_carries_context_across_segments(mixer, global_context):
     model = _model(mixer)
     x, t, text = tiny_inputs()

@@ -4,6 +4,7 @@ Tokens `[B, S * L_seg, D]`: S segments laid end to end, each `[text, video]`. Re
 `[B * S, L_seg, D]` makes the attention local without masks across segments.
 """
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,8 +21,9 @@ class SegmentAttention(nn.Module):
         self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x, num_segments, cos, sin, key_mask=None):
-        """x `[B, S*L_seg, D]`; cos/sin `[L_seg, Dh]`; key_mask `[B, S, L_seg]` bool (True = attend)."""
+    def forward(self, x, num_segments, cos, sin, key_mask=None, attn_mask=None):
+        """x `[B, S*L_seg, D]`; cos/sin `[L_seg, Dh]`; key_mask `[B, S, L_seg]` bool (True = attend);
+        attn_mask `[L_seg, L_seg]` bool, shared by every segment."""
         B, L, D = x.shape
         seg = L // num_segments
         qkv = self.qkv(x).view(B * num_segments, seg, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -29,5 +31,25 @@ class SegmentAttention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         mask = None if key_mask is None else key_mask.reshape(B * num_segments, 1, 1, seg)
+        if attn_mask is not None:
+            mask = attn_mask if mask is None else mask & attn_mask
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(B, L, D))
+
+
+class SlidingWindowAttention(nn.Module):
+    """Attention over the whole sequence within a band of `window` tokens on each side, added
+    through a tanh gate like the TTT wrapper: the sliding-window baseline for long context."""
+
+    def __init__(self, dim, num_heads, window, gate_init=0.1):
+        super().__init__()
+        self.window = window
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SegmentAttention(dim, num_heads)
+        self.gate = nn.Parameter(torch.full((dim,), float(gate_init)))
+
+    def forward(self, x, cos, sin):
+        """x `[B, L, D]`; cos/sin `[L, Dh]` for the whole sequence."""
+        pos = torch.arange(x.shape[1], device=x.device)
+        band = (pos[:, None] - pos[None]).abs() <= self.window  # [L, L]
+        return x + torch.tanh(self.gate) * self.attn(self.norm(x), 1, cos, sin, attn_mask=band)

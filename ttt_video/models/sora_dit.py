@@ -53,7 +53,7 @@ class Block(nn.Module):
         self.norm_x = nn.LayerNorm(dim, eps=1e-6)
         self.cross = CrossAttention(dim, cfg.num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * cfg.mlp_ratio)
+        hidden = round(dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, (9 if self.factorised else 6) * dim))
 

@@ -2,7 +2,8 @@
 
 Each block: attention local to each segment (its video tokens with its own caption tokens),
 then a gated bidirectional TTT over the whole interleaved sequence, then the MLP; adaLN from
-the timestep. `seq_mixer="attention"` drops the TTT (local attention only).
+the timestep. `seq_mixer="attention"` drops the TTT (local attention only); `"swa"` replaces it
+with gated sliding-window attention over the whole sequence (a long-context baseline).
 
 Layout: latents `[B, C, F, h, w]`; text `[B, S, Lt, Dt]` (one caption per segment);
 tokens `[B, S * (Lt + Lv), D]`, each segment `[text, video]`.
@@ -12,12 +13,12 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..layers.attention import SegmentAttention
+from ..layers.attention import SegmentAttention, SlidingWindowAttention
 from ..layers.dit import VideoDiT, modulate
 from ..layers.rope import rope_3d, with_text
 from ..layers.ttt import BidirectionalTTT
 
-SEQ_MIXERS = ("attention", "ttt-linear", "ttt-mlp")
+SEQ_MIXERS = ("attention", "swa", "ttt-linear", "ttt-mlp")
 
 
 class Block(nn.Module):
@@ -26,14 +27,16 @@ class Block(nn.Module):
         dim = cfg.dim
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SegmentAttention(dim, cfg.num_heads)
-        self.ttt = None
-        if cfg.seq_mixer != "attention":
+        self.ttt = None  # the sequence mixer over the whole video, after the local attention
+        if cfg.seq_mixer == "swa":
+            self.ttt = SlidingWindowAttention(dim, cfg.num_heads, cfg.swa_window, cfg.gate_init)
+        elif cfg.seq_mixer != "attention":
             self.ttt = BidirectionalTTT(dim, cfg.num_heads, kind=cfg.seq_mixer.removeprefix("ttt-"),
                                         mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr,
                                         gate_init=cfg.gate_init,
                                         impl=None if cfg.ttt_impl == "auto" else cfg.ttt_impl)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * cfg.mlp_ratio)
+        hidden = round(dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 

@@ -1,0 +1,25 @@
+import json
+
+from ttt_video.eval.bench_quality import match_parameters, num_params, run
+from ttt_video.presets import get_preset
+
+from ..train.test_trainer import TINY
+
+
+def test_match_parameters_reaches_the_target_within_one_mlp_unit():
+    target = num_params(get_preset("shapes-tiny").model)  # ttt-mlp
+    cfg = get_preset("shapes-tiny").model
+    cfg.seq_mixer = "attention"
+    got = match_parameters(cfg, target)
+    per_unit = (2 * cfg.dim + 1) * cfg.depth  # one more hidden unit in every block's MLP
+    assert 0 <= got - target < per_unit and cfg.mlp_ratio > 4.0
+
+
+def test_quality_benchmark_end_to_end(tmp_path):
+    results, table = run(tmp_path, mixers=("attention", "ttt-linear"), seeds=(0,), steps=1, extend_steps=1,
+                         num_videos=1, overrides=[*TINY, "train.tensorboard=false"], progress=False)
+    assert set(results) == {"attention", "ttt-linear"}
+    assert abs(results["attention"]["params"] - results["ttt-linear"]["params"]) < (2 * 32 + 1) * 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["attention"]["runs"][0]["scores"]) == {"2", "6"}  # training length and 3x
+    assert table.count("\n") == 2 + 4 and (tmp_path / "README.md").read_text() == table

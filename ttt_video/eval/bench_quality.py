@@ -1,0 +1,128 @@
+"""Long-context quality of the sequence mixers, in miniature, on the synthetic storyboards.
+
+Each mixer (local attention only, sliding-window attention, TTT-Linear, TTT-MLP, Titans memory)
+is trained from the `shapes-tiny` recipe with the same steps and data, its MLP width set so that
+every variant has the parameter count of the TTT-MLP model. Each is scored on held-out
+storyboards at the training length (3 scenes), then fine-tuned briefly at 3x the length
+(9 scenes, starting from its 3-scene checkpoint, as in the staged 3 s -> 9 s recipe) and scored
+at that length. Results (mean and std over seeds) go to `<out>/results.json` and
+`<out>/README.md`, with a plot of consistency against length when matplotlib is installed.
+"""
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..config import apply_overrides
+from ..models import build_model
+from ..presets import get_preset
+from ..train.trainer import train
+from .evaluate import evaluate
+
+MIXERS = {
+    "attention": ["model.seq_mixer=attention"],
+    "swa": ["model.seq_mixer=swa"],
+    "ttt-linear": ["model.seq_mixer=ttt-linear"],
+    "ttt-mlp": ["model.seq_mixer=ttt-mlp"],
+    "titans": ["model.arch=titans-dit"],
+}
+METRICS = ("color", "shape", "motion", "consistency")
+
+
+def num_params(model_cfg):
+    return sum(p.numel() for p in build_model(model_cfg).parameters())
+
+
+def match_parameters(model_cfg, target):
+    """Set `mlp_ratio` so the model's parameter count is as close to `target` as the MLP width allows."""
+    lo, hi = 1, 64 * model_cfg.dim
+    while lo < hi:  # smallest hidden width reaching the target
+        mid = (lo + hi) // 2
+        model_cfg.mlp_ratio = mid / model_cfg.dim
+        lo, hi = (mid + 1, hi) if num_params(model_cfg) < target else (lo, mid)
+    model_cfg.mlp_ratio = lo / model_cfg.dim
+    return num_params(model_cfg)
+
+
+def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300, num_videos=32, overrides=(),
+        progress=True):
+    out = Path(out)
+    target = num_params(apply_overrides(get_preset("shapes-tiny"), [*overrides, "model.seq_mixer=ttt-mlp"]).model)
+    results = {}
+    for mixer in mixers:
+        for seed in seeds:
+            cfg = apply_overrides(get_preset("shapes-tiny"),
+                                  [*overrides, f"train.max_steps={steps}", f"train.seed={seed}", *MIXERS[mixer]])
+            params = match_parameters(cfg.model, target)
+            short = train(cfg, out / "runs" / f"{mixer}-{seed}", progress=progress)
+            scores = {cfg.data.num_scenes: evaluate(short, num_videos, progress=False)}
+            long_cfg = apply_overrides(copy.deepcopy(cfg), [f"data.num_scenes={3 * cfg.data.num_scenes}",
+                                             f"train.max_steps={extend_steps}", f"train.init_from={short}",
+                                             f"train.warmup_steps={min(cfg.train.warmup_steps, extend_steps)}"])
+            long = train(long_cfg, out / "runs" / f"{mixer}-{seed}-long", progress=progress)
+            scores[long_cfg.data.num_scenes] = evaluate(long, num_videos, progress=False)
+            results.setdefault(mixer, {"params": params, "runs": []})["runs"].append(
+                {"seed": seed, "scores": {str(k): {m: v[m] for m in METRICS} for k, v in scores.items()}})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = summary_table(results)
+    (out / "README.md").write_text(table)
+    plot(results, out / "consistency.png")
+    return results, table
+
+
+def summary_table(results):
+    lengths = sorted({k for r in results.values() for run in r["runs"] for k in run["scores"]}, key=int)
+    head = "| mixer | params | scenes | " + " | ".join(METRICS) + " |\n" + "| --- " * (3 + len(METRICS)) + "|\n"
+    rows = []
+    for mixer, r in results.items():
+        for n in lengths:
+            cells = []
+            for m in METRICS:
+                vals = np.array([run["scores"][n][m] for run in r["runs"]], float)
+                cells.append(f"{np.nanmean(vals):.3f} ± {np.nanstd(vals):.3f}")
+            rows.append(f"| {mixer} | {r['params']:,} | {n} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mixer, r in results.items():
+        lengths = sorted(r["runs"][0]["scores"], key=int)
+        means = [np.nanmean([run["scores"][n]["consistency"] for run in r["runs"]]) for n in lengths]
+        ax.plot([int(n) for n in lengths], means, marker="o", label=mixer)
+    ax.set_xlabel("scenes per video")
+    ax.set_ylabel("cross-scene consistency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="ttt-video bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mixers", default=",".join(MIXERS), help=f"comma-separated, from {', '.join(MIXERS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--extend-steps", type=int, default=300)
+    p.add_argument("--num-videos", type=int, default=32)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe")
+    p.add_argument("--out", default="docs/benchmarks/quality")
+    a = p.parse_args(argv)
+    mixers = a.mixers.split(",")
+    unknown = [m for m in mixers if m not in MIXERS]
+    if unknown:
+        p.error(f"unknown mixer {unknown[0]!r}; choose from {', '.join(MIXERS)}")
+    _, table = run(a.out, mixers, [int(s) for s in a.seeds.split(",")], a.steps, a.extend_steps, a.num_videos, a.set)
+    print(table)
