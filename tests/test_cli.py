@@ -68,3 +68,26 @@ def test_console_script_exit_status(tmp_path):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("ttt-video: error: checkpoint") and "Traceback" not in p.stderr
+
+
+def test_train_image_to_video_then_generate_from_an_image(tmp_path, capsys):
+    from PIL import Image
+
+    sets = [a for s in TINY + ["train.max_steps=2", "model.condition_frames=1", "data.i2v_ratio=0.5"]
+            for a in ("--set", s)]
+    code, stdout, _ = run_cli(["train", *sets, "--output-dir", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 0 and "checkpoint-2" in stdout
+    image = tmp_path / "first.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    out = tmp_path / "i2v.mp4"
+    code, _, _ = run_cli(["generate", "a red circle moves up", "it moves left", "--image", str(image),
+                          "--checkpoint", str(tmp_path / "run"), "--steps", "2", "--out", str(out),
+                          "--no-progress"], capsys)
+    assert code == 0
+    frames = read_video(out)
+    assert frames.shape[0] == 8
+    assert abs(float(frames[0, ..., 0].mean()) - 200) < 20  # the first frame is the image
+    code, _, err = run_cli(["generate", "a", "--image", str(image), "--out", str(out), "--no-progress"], capsys)
+    assert code == 2 and "not trained with image conditioning" in err and err.count("\n") == 1
+    code, _, err = run_cli(["generate", "a", "--image", str(tmp_path / "none.png"), "--no-progress"], capsys)
+    assert code == 2 and "image not found" in err

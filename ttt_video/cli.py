@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 EXIT_USAGE = 2
+TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
 
 
 from .errors import UserError as UsageError
@@ -36,7 +37,9 @@ def cmd_train(args):
     from .train.trainer import train
 
     cfg = config_lib.load(args.config) if args.config else get_preset(args.preset)
-    config_lib.apply_overrides(cfg, args.set)
+    shortcuts = [f"data.{name}={getattr(args, name)}" for name in TEXT_SHORTCUTS if getattr(args, name) is not None]
+    config_lib.apply_overrides(cfg, shortcuts + args.set)
+    _set_external_vae(cfg.data, args)
     out = Path(args.output_dir or f"runs/{args.preset}")
     resume = None
     if args.resume == "auto":
@@ -94,12 +97,14 @@ def cmd_generate(args):
         raise UsageError(f"--fps must be positive, got {args.fps}")
     if args.num_frames is not None and args.num_frames <= 0:
         raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
+    if args.image and not Path(args.image).is_file():
+        raise UsageError(f"image not found: {args.image}")
     _check_sampling(args)
     _check_writable(args.out)
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                       out=args.out, device=args.device, progress=not args.no_progress,
-                      text_cache=args.text_cache, window=args.window, overlap=args.overlap)
+                      text_cache=args.text_cache, window=args.window, overlap=args.overlap, image=args.image)
     _report(result)
 
 
@@ -135,7 +140,7 @@ def cmd_cache_text(args):
     if cfg.data.source != "synthetic":
         raise UsageError("cache-text enumerates captions of the synthetic source only")
     _check_writable(args.out)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, data_cfg=cfg.data)
     path = save_text_cache(encoder, all_captions(), args.out)
     print(f"text cache: {path}")
 
@@ -153,6 +158,7 @@ def cmd_prepare(args):
     for key in ("data_root", "manifest", "buckets", "vae"):
         if getattr(args, key) is not None:
             setattr(data, key, getattr(args, key))
+    _set_external_vae(data, args)
     data.strict = data.strict or args.strict
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
@@ -161,6 +167,21 @@ def cmd_prepare(args):
                      progress=not args.no_progress)
     print(result.report.summary())
     print(f"cache: {result.out} ({result.items} items, {result.new} new)")
+
+
+def _set_external_vae(data, args):
+    """--vae-module, --vae-class, --vae-init-json: an external VAE (docs/vae.md)."""
+    given = {k: getattr(args, k) for k in ("vae_module", "vae_class", "vae_init_json") if getattr(args, k)}
+    if given:
+        data.vae = "external"
+        for key, value in given.items():
+            setattr(data, key, value)
+
+
+def _vae_args(p):
+    p.add_argument("--vae-module", help="external VAE: import path of its module (docs/vae.md)")
+    p.add_argument("--vae-class", help="external VAE: the class in that module")
+    p.add_argument("--vae-init-json", help="external VAE: its keyword arguments, a JSON object or file")
 
 
 def cmd_evaluate(args):
@@ -222,7 +243,15 @@ def build_parser():
     t.add_argument("--output-dir", help="run folder (default: runs/<preset>)")
     t.add_argument("--resume", help="'auto' (the run folder's last checkpoint, if any) or a checkpoint path")
     t.add_argument("--text-cache", help="precomputed caption embeddings from `ttt-video cache-text`")
+    t.add_argument("--t5-model", help="data.t5_model: a local T5/UMT5 folder (data.text_encoder t5 or t5+llm)")
+    t.add_argument("--llm-model", help="data.llm_model: a local folder AutoModel loads (text_encoder llm, t5+llm)")
+    t.add_argument("--llm-dtype", choices=["float32", "float16", "bfloat16"], help="data.llm_dtype")
+    t.add_argument("--llm-max-length", type=int, help="data.llm_max_length: LLM tokens per caption")
+    t.add_argument("--llm-hidden-size", type=int, help="data.llm_hidden_size (default: from the LLM's config)")
+    t.add_argument("--local-files-only", action="store_true",
+                   help="accepted for compatibility: models always load from local files, never a hub")
     t.add_argument("--no-progress", action="store_true")
+    _vae_args(t)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("cache-text", help="precompute the caption embeddings of a preset's synthetic data")
@@ -246,6 +275,7 @@ def build_parser():
     g.add_argument("--height", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--width", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--dynamic-cfg", action="store_true", help="with --model: guidance rising over the steps")
+    g.add_argument("--image", help="an image the video starts from (a model trained with image conditioning)")
     _sampling_args(g)
     _window_args(g)
     g.set_defaults(func=cmd_generate)
@@ -267,7 +297,8 @@ def build_parser():
     d.add_argument("--data-root", help="folder the manifest's paths are relative to (default: the manifest's)")
     d.add_argument("--manifest", help="a .jsonl manifest or a metadata.json list")
     d.add_argument("--buckets", help="resolution buckets HxW,HxW,... (default: the config's height x width)")
-    d.add_argument("--vae", help="'identity' or a local diffusers VAE folder")
+    d.add_argument("--vae", help="'identity', a local diffusers VAE folder, or 'external' (below)")
+    _vae_args(d)
     d.add_argument("--out", required=True, help="cache folder (a re-run skips what is done)")
     d.add_argument("--workers", type=int, default=0, help="decoding processes")
     d.add_argument("--device", default="auto")

@@ -38,6 +38,7 @@ class ModelConfig:
     num_persistent_tokens: int = 4  # arch "titans-dit": learned tokens every block attends to
     num_memory_tokens: int = 8  # arch "titans-dit": tokens read from each block's memory per segment
     memory_chunk_size: int = 64  # arch "titans-dit": tokens per chunk of a memory update
+    condition_frames: int = 0  # arch "tiny-dit": 1: the first latent frame is an image condition (i2v)
 
 
 @dataclass
@@ -50,14 +51,22 @@ class DataConfig:
     fps: int = 8
     seed: int = 0
     text_max_length: int = 16
-    text_encoder: str = "minilm"
+    text_encoder: str = "minilm"  # minilm | t5 | llm | t5+llm (T5 or UMT5 tokens, then LLM tokens)
+    t5_model: str = ""  # text_encoder t5, t5+llm: a local T5/UMT5 folder (or CogVideoX pipeline folder)
+    llm_model: str = ""  # text_encoder llm, t5+llm: a local folder transformers' AutoModel loads
+    llm_dtype: str = "float32"  # float32 | float16 | bfloat16
+    llm_max_length: int = 64  # LLM tokens per caption
+    llm_hidden_size: int = 0  # 0: read from the LLM's config.json
     data_root: str = ""  # manifest paths are relative to this folder
     manifest: str = ""  # a .jsonl manifest or a metadata.json list (source "manifest")
     buckets: str = ""  # resolution buckets "HxW,HxW,..."; empty: height x width only
     i2v_ratio: float = 0.0  # share of items whose first frame (or cond_image) is a condition
     strict: bool = False  # bad data is an error instead of skipped and counted
     cache_dir: str = ""  # read latents and text embeddings from `ttt-video prepare` output
-    vae: str = "identity"  # identity | a local diffusers VAE folder
+    vae: str = "identity"  # identity | a local diffusers VAE folder | external
+    vae_module: str = ""  # vae "external": import path of the adapter module (docs/vae.md)
+    vae_class: str = ""  # vae "external": the adapter class in that module
+    vae_init_json: str = ""  # vae "external": JSON object of the class's keyword arguments
 
 
 @dataclass

@@ -57,7 +57,7 @@ def test_interrupted_prepare_keeps_finished_shards(root, encoder, tmp_path, monk
                 raise KeyboardInterrupt
             return super().encode(video)
 
-    monkeypatch.setattr(cache, "build_vae", lambda name, device: Failing())
+    monkeypatch.setattr(cache, "vae_from_config", lambda data_cfg, device: Failing())
     cfg = data_cfg(root / "good.jsonl")
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, tmp_path / "c", shard_size=2, progress=False, text_encoder=encoder)
@@ -141,6 +141,27 @@ def test_prepare_with_a_diffusers_vae(root, encoder, tmp_path):
     assert item["latents"].shape == (4, 8, 8, 12) and item["cond_latents"].shape == (4, 1, 8, 12)
     assert not torch.equal(item["latents"], cached._get(cached.entries[0], "mean"))  # a posterior sample
     torch.testing.assert_close(cached[0]["latents"], item["latents"])  # fixed by (seed, draw)
+
+
+def test_cached_i2v_condition_equals_the_one_encoded_on_the_fly(root, encoder, tmp_path):
+    from ttt_video.train.trainer import image_condition
+
+    tiny_autoencoder(tmp_path / "vae")
+    cfg = data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0)
+    prepare(cfg, tmp_path / "c", progress=False, text_encoder=encoder)
+    cached = CachedDataset(data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0,
+                                    cache_dir=str(tmp_path / "c")))
+    vae, dataset, conditioned = build_vae(cfg.vae), ManifestDataset(cfg), 0
+    for draw in range(len(dataset)):
+        decoded, from_cache = collate([dataset[draw]]), collate([cached[draw]])
+        x0 = vae.sample(decoded["video"], [[cfg.seed, draw]])
+        torch.testing.assert_close(x0, from_cache["latents"], rtol=1e-4, atol=1e-5)
+        on_the_fly = image_condition(decoded, x0, vae, [draw], cfg)
+        torch.testing.assert_close(on_the_fly, image_condition(from_cache, x0, None, [draw], cfg),
+                                   rtol=1e-4, atol=1e-5)
+        assert bool(on_the_fly[0, -1, 0].all()) == (decoded["task"][0] == "i2v")
+        conditioned += decoded["task"][0] == "i2v"
+    assert conditioned > 0
 
 
 def test_diffusers_cogvideox_vae_compresses_time(tmp_path):

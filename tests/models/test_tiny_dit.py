@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ttt_video.config import ModelConfig
+from ttt_video.layers.dit import condition_input
 from ttt_video.models import build_model
 
 from .common import tiny_inputs, tiny_model
@@ -44,3 +45,43 @@ def test_rejects_bad_shapes_and_mixers():
         model(x[:, :, :11], t, text)
     with pytest.raises(ValueError, match="seq_mixer"):
         build_model(ModelConfig(seq_mixer="mamba"))
+
+
+def test_image_conditioning_shapes_gradients_and_effect():
+    model = tiny_model(condition_frames=1, seq_mixer="attention")
+    x, t, text = tiny_inputs()
+    cond = condition_input(torch.randn(2, 3, 1, 8, 8), x.shape[2], torch.tensor([True, False]))
+    assert cond.shape == (2, 4, 12, 8, 8) and cond[1].abs().sum() == 0 and (cond[0, 3, 0] == 1).all()
+    out = model(x, t, text, cond=cond)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        plain = model(x, t, text)
+        torch.testing.assert_close(model(x, t, text, cond=cond)[1], plain[1])  # item 1 has no condition
+        assert (out[0] - plain[0]).abs().max() > 1e-4
+
+
+def test_conditioning_starts_at_zero_and_loads_unconditioned_weights(tmp_path):
+    from ttt_video.sample.pipeline import bundled_checkpoint
+    from ttt_video.train.checkpoint import load_model, load_weights
+
+    plain, cfg = load_model(bundled_checkpoint())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 2 * cfg.data.frames_per_scene, cfg.data.height, cfg.data.width, generator=g)
+    text = torch.randn(1, 2, 4, cfg.model.text_dim, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        reference = plain(x, t, text)
+        torch.testing.assert_close(plain(x, t, text, cond=None), reference, rtol=0, atol=0)
+        cfg.model.condition_frames = 1
+        conditioned = build_model(cfg.model).eval()
+        load_weights(conditioned, bundled_checkpoint())
+        cond = condition_input(x[:, :, :1], x.shape[2])
+        torch.testing.assert_close(conditioned(x, t, text, cond=cond), reference)
+    with pytest.raises(ValueError, match="no image condition"):
+        plain(x, t, text, cond=cond)
+    with pytest.raises(ValueError, match="condition_frames must be 0 or 1"):
+        build_model(ModelConfig(condition_frames=2))
+    with pytest.raises(ValueError, match="tiny-dit only"):
+        build_model(ModelConfig(arch="sora-dit", condition_frames=1))

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -189,3 +190,31 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     a, b = load_file(tmp_path / "ddp" / "checkpoint-3" / "model.safetensors"), load_file(single / "model.safetensors")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_image_condition_of_a_batch():
+    from ttt_video.data.dataset import task_for
+    from ttt_video.encoders.vae import IdentityVAE
+    from ttt_video.train.trainer import image_condition
+
+    cfg = apply_overrides(Config(), ["data.i2v_ratio=0.5"]).data
+    x0 = torch.randn(6, 3, 8, 4, 4)
+    cond = image_condition({"video": x0}, x0, IdentityVAE(), list(range(6)), cfg)
+    drawn = [task_for(None, 0.5, cfg.seed, i) == "i2v" for i in range(6)]
+    assert cond.shape == (6, 4, 8, 4, 4) and 0 < sum(drawn) < 6
+    for b, on in enumerate(drawn):
+        torch.testing.assert_close(cond[b, :3, 0], x0[b, :, 0] * on)
+        assert (cond[b, 3, 0] == on).all() and not cond[b, :, 1:].any()
+    latents = torch.randn(2, 3, 1, 4, 4)
+    cond = image_condition({"task": ["t2v", "i2v"], "cond_latents": latents}, x0[:2], None, [0, 1], cfg)
+    assert not cond[0].any() and torch.equal(cond[1, :3, :1], latents[1])
+
+
+def test_image_to_video_run_starts_from_an_unconditioned_checkpoint(tmp_path):
+    first = train(tiny(2), tmp_path / "t2v", progress=False)
+    cfg = apply_overrides(tiny(2), ["model.condition_frames=1", "data.i2v_ratio=1", f"train.init_from={first}"])
+    last = train(cfg, tmp_path / "i2v", progress=False)
+    weights = load_file(last / "model.safetensors")
+    assert weights["cond_embed.weight"].abs().sum() > 0
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "i2v" / "loss.jsonl")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

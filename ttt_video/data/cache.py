@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..encoders.text import build_text_encoder
-from ..encoders.vae import build_vae, item_generator
+from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
 from ..fileio import atomic_file, write_text_atomic
 from .buckets import Bucket, BucketBatchSampler, parse_resolutions
@@ -46,9 +46,12 @@ def cache_settings(data_cfg):
         "num_scenes": data_cfg.num_scenes,
         "buckets": ["x".join(map(str, r)) for r in parse_resolutions(data_cfg.buckets, (data_cfg.height,
                                                                                          data_cfg.width))],
-        "text_encoder": data_cfg.text_encoder,
+        "text_encoder": data_cfg.text_encoder if data_cfg.text_encoder == "minilm" else [
+            data_cfg.text_encoder, data_cfg.t5_model, data_cfg.llm_model, data_cfg.llm_dtype, data_cfg.llm_max_length,
+            data_cfg.llm_hidden_size],
         "text_max_length": data_cfg.text_max_length,
-        "vae": data_cfg.vae,
+        "vae": data_cfg.vae if data_cfg.vae != "external" else [data_cfg.vae_module, data_cfg.vae_class,
+                                                                data_cfg.vae_init_json],
     }
 
 
@@ -105,7 +108,7 @@ def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True
         _check_settings(index, data_cfg, out)
     else:
         index = {"settings": cache_settings(data_cfg), "items": []}
-    vae = vae or build_vae(data_cfg.vae, device)
+    vae = vae or vae_from_config(data_cfg, device)
     report = SkipReport(data_cfg.strict)
     dataset = ManifestDataset(data_cfg, report)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,8 @@ def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True
     next_shard = max(shard_numbers, default=-1) + 1
     encoder = text_encoder
     if todo or not (out / EMPTY_TEXT).is_file():
-        encoder = encoder or build_text_encoder(data_cfg.text_encoder, data_cfg.text_max_length, device)
+        encoder = encoder or build_text_encoder(data_cfg.text_encoder, data_cfg.text_max_length, device,
+                                                data_cfg=data_cfg)
         emb, mask = encoder.encode([""])
         atomic_file(out / EMPTY_TEXT, lambda tmp: save_file({"text": emb[0].contiguous(),
                                                              "text_mask": mask[0].to(torch.uint8)}, tmp))

@@ -1,10 +1,12 @@
 """T5 text encoder as CogVideoX uses it: captions -> embeddings `[N, 226, D]` and mask `[N, 226]`.
+A UMT5 encoder (config `model_type` "umt5", as Wan uses) loads the same way.
 
 Loads from local files only: a CogVideoX pipeline folder (`tokenizer/`, `text_encoder/`) or one
 folder holding both. Like diffusers' CogVideoX pipeline, every caption is padded to 226 tokens
 and the encoder sees the padding (no attention mask): the pretrained transformer was trained so.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -27,7 +29,7 @@ class T5TextEncoder(CachingEncoder):
     def __init__(self, path, max_length=MAX_LENGTH, device="cpu", dtype=torch.float32):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
         folder = Path(path)
         if not folder.is_dir():
@@ -39,7 +41,9 @@ class T5TextEncoder(CachingEncoder):
         except (ImportError, ValueError) as e:
             raise UserError(f"cannot load the tokenizer in {tokenizer_dir} ({e}); a sentencepiece-only "
                             f"tokenizer needs `pip install sentencepiece`") from None
-        self.model = T5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        model_class = UMT5EncoderModel if model_type == "umt5" else T5EncoderModel
+        self.model = model_class.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
         self.dim = self.model.config.d_model
         self.max_length, self.device = max_length, device

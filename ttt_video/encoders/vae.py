@@ -7,9 +7,23 @@ both and draw the sample at training time.
 - `identity`: latents are the pixels (mean = x, std = 0); the tiny models train on pixels.
 - a local diffusers folder (config.json + weights): `AutoencoderKL` (2D, applied frame by frame)
   or `AutoencoderKLCogVideoX` (3D, compresses time), chosen by the config's `_class_name`.
+- `external`: any class following the protocol below, built as `Class(**init)` from its import
+  path (`data.vae_module`, `data.vae_class`) and `data.vae_init_json` (a JSON object, inline or a
+  file's path); `cogvideox_vae.CogVideoXVAE` is the example (docs/vae.md).
+
+The protocol every VAE here follows:
+    encode(video [B, 3, F, H, W] in [-1, 1]) -> (mean, std), each [B, C, f, h, w] in latent units
+    decode(latents [B, C, f, h, w]) -> video [B, 3, F, H, W] in [-1, 1]
+    latent_channels (C), temporal_compression (F -> f), spatial_compression (H -> h, W -> w)
+Scaling (and any shift) happens inside `encode` and `decode`: the model sees exactly what
+`encode` returns. An external class whose `__init__` takes `device` gets the run's device
+unless the JSON sets it.
 """
 
+import importlib
+import inspect
 import json
+import math
 import os
 from pathlib import Path
 
@@ -27,8 +41,12 @@ def item_generator(seed):
     return torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
 
 
+PROTOCOL = ("encode", "decode", "latent_channels", "temporal_compression", "spatial_compression")
+
+
 class IdentityVAE:
     latent_channels = 3
+    temporal_compression = spatial_compression = 1
 
     def encode(self, video):
         return video, torch.zeros_like(video)
@@ -59,6 +77,11 @@ class DiffusersVAE:
         self.scaling_factor = cfg.scaling_factor
         self.shift_factor = cfg.shift_factor or 0.0
         self.latent_channels = cfg.latent_channels
+        downsamples = len(cfg.block_out_channels) - 1  # the last encoder block keeps its size
+        self.temporal_compression = 1
+        if self.temporal:
+            self.temporal_compression = 2 ** min(int(math.log2(cfg.temporal_compression_ratio)), downsamples)
+        self.spatial_compression = 2 ** downsamples
         self.device, self.dtype = device, dtype
         self.frames_per_chunk = frames_per_chunk
 
@@ -92,15 +115,87 @@ class DiffusersVAE:
 
     def sample(self, video, seeds):
         """A posterior sample per video; item b's noise comes from `item_generator(seeds[b])`."""
-        mean, std = self.encode(video)
-        noise = torch.stack([torch.randn(mean.shape[1:], generator=item_generator(s)) for s in seeds])
-        return mean + std * noise.to(mean.device)
+        return posterior_sample(self.encode(video), seeds)
 
 
-def build_vae(name, device="cpu"):
-    """`identity`, or a local diffusers VAE folder."""
+def posterior_sample(posterior, seeds):
+    mean, std = posterior
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=item_generator(s)) for s in seeds])
+    return mean + std * noise.to(mean.device)
+
+
+def _init_kwargs(init_json):
+    """`init_json`: a JSON object inline, or the path of a file holding one; empty: no arguments."""
+    if not init_json.strip():
+        return {}
+    text = init_json
+    if not init_json.lstrip().startswith("{"):
+        if not Path(init_json).is_file():
+            raise UserError(f"data.vae_init_json is neither a JSON object nor a file: {init_json}")
+        text = Path(init_json).read_text()
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"data.vae_init_json is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("data.vae_init_json must be a JSON object of keyword arguments")
+    return kwargs
+
+
+class ExternalVAE:
+    """An object following the module's protocol, built from its import path."""
+
+    def __init__(self, module, cls, init_json="", device="cpu"):
+        if not module or not cls:
+            raise UserError("data.vae 'external' needs data.vae_module and data.vae_class")
+        try:
+            factory = getattr(importlib.import_module(module), cls)
+        except ImportError as e:
+            raise UserError(f"cannot import VAE module {module}: {e}") from None
+        except AttributeError:
+            raise UserError(f"VAE module {module} has no class {cls}") from None
+        kwargs = _init_kwargs(init_json)
+        try:
+            if "device" in inspect.signature(factory).parameters:
+                kwargs.setdefault("device", device)
+        except (TypeError, ValueError):
+            pass
+        try:
+            self.adapter = factory(**kwargs)
+        except TypeError as e:
+            raise UserError(f"{module}.{cls}: {e}") from None
+        missing = [name for name in PROTOCOL if not hasattr(self.adapter, name)]
+        if missing:
+            raise UserError(f"{module}.{cls} does not follow the VAE protocol: no {missing[0]}")
+        self.latent_channels = int(self.adapter.latent_channels)
+        self.temporal_compression = int(self.adapter.temporal_compression)
+        self.spatial_compression = int(self.adapter.spatial_compression)
+
+    @torch.no_grad()
+    def encode(self, video):
+        mean, std = self.adapter.encode(video)
+        return mean.float(), std.float()
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return self.adapter.decode(latents).float()
+
+    def sample(self, video, seeds):
+        """A posterior sample per video; item b's noise comes from `item_generator(seeds[b])`."""
+        return posterior_sample(self.encode(video), seeds)
+
+
+def build_vae(name, device="cpu", module="", cls="", init_json=""):
+    """`identity`, a local diffusers VAE folder, or `external` (`module.cls(**init_json)`)."""
     if name == "identity":
         return IdentityVAE()
+    if name == "external":
+        return ExternalVAE(module, cls, init_json, device)
     if not Path(name).is_dir():
-        raise UserError(f"VAE folder not found: {name} (data.vae is 'identity' or a local diffusers VAE folder)")
+        raise UserError(f"VAE folder not found: {name} "
+                        "(data.vae is 'identity', a local diffusers VAE folder or 'external')")
     return DiffusersVAE(name, device)
+
+
+def vae_from_config(data_cfg, device="cpu"):
+    return build_vae(data_cfg.vae, device, data_cfg.vae_module, data_cfg.vae_class, data_cfg.vae_init_json)

@@ -15,7 +15,8 @@ def evaluate(checkpoint=None, num_videos=32, num_scenes=None, steps=None, guidan
              batch_size=16, device="auto", text_cache=None, progress=True):
     """Mean scores over `num_videos` held-out storyboards (storyboard seeds 0..num_videos-1)."""
     model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
+                                 data_cfg=cfg.data)
     num_scenes = num_scenes or cfg.data.num_scenes
     boards = [held_out(i, num_scenes) for i in range(num_videos)]
     items = []

@@ -15,6 +15,18 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def condition_input(cond_latents, num_frames, active=None):
+    """The image condition of a video DiT: `cond_latents` `[B, C, 1, h, w]` at frame 0, zeros at the
+    other frames, and a mask channel that is 1 where a condition is given; items with `active`
+    `[B]` False get no condition. Returns `[B, C + 1, num_frames, h, w]`."""
+    B, C, _, h, w = cond_latents.shape
+    cond = cond_latents.new_zeros(B, C + 1, num_frames, h, w)
+    on = torch.ones(B, device=cond.device) if active is None else active.to(cond.device, cond.dtype)
+    cond[:, :C, :1] = cond_latents * on.view(B, 1, 1, 1, 1)
+    cond[:, C, 0] = on.view(B, 1, 1)
+    return cond
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()

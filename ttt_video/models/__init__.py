@@ -14,4 +14,6 @@ def build_model(cfg):
         cls = ARCHS[cfg.arch]
     except KeyError:
         raise ValueError(f"unknown model arch {cfg.arch!r}; available: {', '.join(sorted(ARCHS))}") from None
+    if cfg.condition_frames and cfg.arch != "tiny-dit":
+        raise ValueError(f"model.condition_frames (image-to-video) is implemented for tiny-dit only, not {cfg.arch}")
     return cls(cfg)

@@ -1,5 +1,8 @@
 """Text-to-video generation: captions -> segments -> sampler -> frames -> mp4 + contact sheet.
 
+Image-to-video (`image`): a model trained with `model.condition_frames=1` takes the image as its
+condition, and the first frame is held at the image while sampling.
+
 Segment rule: the model works in segments of `frames_per_scene` frames, one caption each.
 With no length given, each caption gets one segment. With a frame count, the video has
 ceil(frames / frames_per_scene) segments, the captions are spread over them in order (caption i
@@ -17,7 +20,9 @@ import torch
 from ..diffusion.flow import sample_euler
 from ..encoders.text import build_text_encoder
 from ..errors import UserError
+from ..data.video import VideoError, read_image, to_tensor
 from ..fileio import read_json
+from ..layers.dit import condition_input
 from ..train.checkpoint import load_model
 from ..train.trainer import encode_captions, resolve_device
 from .export import contact_sheet, read_video, video_to_uint8, write_video
@@ -73,8 +78,10 @@ class Result:
     frames: "torch.Tensor"  # uint8 [F, H, W, 3]
 
 
-def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None, seed=0, progress=True):
-    """Sample B videos at once; `captions` holds B lists of one caption per segment.
+def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None, seed=0, progress=True,
+                 cond_image=None):
+    """Sample B videos at once; `captions` holds B lists of one caption per segment; `cond_image`
+    `[B, C, 1, h, w]`: the first frame of each (models with `condition_frames`).
     Returns the latents `[B, C, S * frames_per_scene, h, w]`."""
     device = next(model.parameters()).device
     B, S = len(captions), len(captions[0])
@@ -83,10 +90,35 @@ def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None,
     g = torch.Generator().manual_seed(seed)
     shape = (B, cfg.model.in_channels, S * cfg.data.frames_per_scene, cfg.data.height, cfg.data.width)
     noise = torch.randn(shape, generator=g)
-    return sample_euler(model, noise.to(device), tuple(t.to(device) for t in cond),
+    model_fn, known, known_frames = model, None, None
+    if cond_image is not None:
+        image = condition_input(cond_image.to(device), shape[2])
+
+        def conditioned(x, t, *text):
+            return model(x, t, *text, cond=image.repeat(x.shape[0] // B, 1, 1, 1, 1))
+
+        model_fn = conditioned
+        known = torch.zeros(shape, device=device)
+        known[:, :, :1] = cond_image.to(device)
+        known_frames = torch.arange(shape[2], device=device) < 1
+    return sample_euler(model_fn, noise.to(device), tuple(t.to(device) for t in cond),
                         tuple(t.to(device) for t in uncond), steps=steps or cfg.diffusion.steps,
                         guidance_scale=cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
-                        shift=cfg.diffusion.timestep_shift, progress=progress)
+                        shift=cfg.diffusion.timestep_shift, progress=progress, known=known,
+                        known_frames=known_frames)
+
+
+def load_condition_image(path, cfg):
+    """An image file as the condition `[1, 3, 1, H, W]` at the model's resolution, for a model
+    trained with image conditioning."""
+    if not cfg.model.condition_frames:
+        raise UserError("the checkpoint's model was not trained with image conditioning "
+                        "(model.condition_frames=0); --image needs an i2v model")
+    try:
+        frame = read_image(path, (cfg.data.height, cfg.data.width))
+    except VideoError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return to_tensor(frame[None])[None]
 
 
 def _write(frames, out, fps, frames_per_segment):
@@ -97,24 +129,31 @@ def _write(frames, out, fps, frames_per_segment):
 
 def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None, steps=None, guidance_scale=None,
              seed=0, out="outputs/video.mp4", device="auto", progress=True, text_cache=None, window=None,
-             overlap=None):
+             overlap=None, image=None):
     """Sample one video for `captions` and write `out` (mp4) and its contact sheet (png).
     Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption.
-    `window` (frames): generate window by window, each continuing the last `overlap` frames."""
+    `window` (frames): generate window by window, each continuing the last `overlap` frames.
+    `image`: an image file the video starts from (models trained with image conditioning)."""
     out = Path(out)
     model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+    cond_image = None
+    if image is not None:
+        if window:
+            raise UserError("--image does not combine with --window")
+        cond_image = load_condition_image(image, cfg)
     fps = fps or cfg.data.fps
     if seconds is not None:
         num_frames = max(1, round(seconds * fps))
     seg = cfg.data.frames_per_scene
     plan, padded = plan_segments(len(captions), seg, num_frames)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
+                                 data_cfg=cfg.data)
     if window:
         x = sliding_window(model, cfg, encoder, lambda k: captions[plan[min(k, len(plan) - 1)]], padded, window,
                            seg if overlap is None else overlap, steps, guidance_scale, seed, progress=progress)
     else:
         x = sample_batch(model, cfg, encoder, [[captions[i] for i in plan]], steps, guidance_scale, seed,
-                         progress)[0]
+                         progress, cond_image)[0]
     return _write(video_to_uint8(x.cpu().clamp(-1, 1))[: num_frames or padded], out, fps, seg)
 
 
@@ -138,7 +177,8 @@ def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, step
         raise UserError(f"the extension needs at least one new frame, got {num_frames}")
     plan, _ = plan_segments(len(captions), seg, num_frames)
     known_segments = x.shape[1] // seg
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
+                                 data_cfg=cfg.data)
 
     def caption_at(k):
         return captions[plan[min(max(k - known_segments, 0), len(plan) - 1)]]

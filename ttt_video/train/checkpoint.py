@@ -74,8 +74,13 @@ def resolve(path):
 
 def load_weights(model, path, ema=False):
     """Load a checkpoint's weights into `model` (built with its config and adapter);
-    `ema=True` then overwrites the trained parameters with their moving average."""
-    model.load_state_dict(load_file(path / MODEL_FILE))
+    `ema=True` then overwrites the trained parameters with their moving average. A checkpoint
+    without image conditioning loads into a model with it; its `cond_embed` stays at zero."""
+    state = load_file(path / MODEL_FILE)
+    for name, value in model.state_dict().items():
+        if ".cond_embed." in f".{name}" and name not in state:
+            state[name] = value
+    model.load_state_dict(state)
     if ema:
         missing = set(load_ema(path)) - {n for n, _ in model.named_parameters()}
         if missing:

@@ -17,11 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.cache import cached_text
-from ..data.dataset import EpochReport, collate
+from ..data.dataset import EpochReport, collate, task_for
 from ..data.synthetic import SyntheticStoryboards
 from ..diffusion.flow import FlowMatching
 from ..encoders.text import build_text_encoder
-from ..encoders.vae import build_vae
+from ..encoders.vae import item_generator, vae_from_config
+from ..errors import UserError
+from ..layers.dit import condition_input
 from ..models import build_model
 from . import checkpoint as ckpt
 from .adapters import apply_adapter
@@ -124,6 +126,28 @@ def item_randomness(indices, shape, num_segments, caption_dropout, objective, se
     return torch.cat(ts), torch.stack(noises), torch.stack(drops)
 
 
+def image_condition(batch, x0, vae, indices, data_cfg):
+    """The i2v condition `[B, C + 1, F, h, w]` of a batch. Items whose task is i2v (the dataset's,
+    or for the synthetic source drawn with `data.i2v_ratio` from (data seed, item index)) are
+    conditioned on their `cond_latents`, their encoded `cond_image`, or else their first latent frame.
+    An encoded condition's sample is the cache's: item i's generator draws its latents, then it."""
+    tasks = batch.get("task") or [task_for(None, data_cfg.i2v_ratio, data_cfg.seed, i) for i in indices]
+    active = torch.tensor([task == "i2v" for task in tasks], device=x0.device)
+    if "cond_latents" in batch:
+        first = batch["cond_latents"].to(x0.device)
+    elif "cond_image" in batch:
+        mean, std = vae.encode(batch["cond_image"].to(x0.device))
+        noise = []
+        for i in indices:
+            g = item_generator([data_cfg.seed, i])
+            torch.randn(x0.shape[1:], generator=g)
+            noise.append(torch.randn(mean.shape[1:], generator=g))
+        first = mean + std * torch.stack(noise).to(mean.device)
+    else:
+        first = x0[:, :, :1]
+    return condition_input(first, x0.shape[2], active)
+
+
 class EMA:
     """Exponential moving average of the trainable parameters."""
 
@@ -195,14 +219,18 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     unwrapped = accelerator.unwrap_model(model)
 
     dataset = build_dataset(cfg.data)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device, cache=text_cache)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device, cache=text_cache,
+                                 data_cfg=cfg.data)
+    if cfg.model.arch != "cogvideox-ttt" and encoder.dim != cfg.model.text_dim:
+        raise UserError(f"model.text_dim is {cfg.model.text_dim} but the text encoder gives {encoder.dim}; "
+                        f"set model.text_dim={encoder.dim}")
     objective = FlowMatching(cfg.diffusion.timestep_shift)
     A = tc.grad_accum_steps
     make_sampler = getattr(dataset, "batch_sampler", StepBatches)  # bucketed datasets bring their own
     sampler = make_sampler(step * A, tc.max_steps * A, tc.batch_size, accelerator.process_index,
                            accelerator.num_processes)
     epochs = EpochReport(dataset, sampler)
-    vae = None if getattr(dataset, "has_text", False) else build_vae(cfg.data.vae, device)
+    vae = None if getattr(dataset, "has_text", False) else vae_from_config(cfg.data, device)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=tc.num_workers)
     writer = None
@@ -237,8 +265,13 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
             else:
                 text, mask = encode_captions(encoder, batch["captions"], drop)
             xt, target = objective.training_pair(x0, t.to(device), noise.to(device))
+            inputs = (xt, t.to(device) * 1000, text.to(device), mask.to(device))
             with accelerator.accumulate(model), accelerator.autocast():
-                pred = model(xt, t.to(device) * 1000, text.to(device), mask.to(device))
+                if cfg.model.condition_frames:
+                    cond = image_condition(batch, x0, vae, sampler.indices(micro), cfg.data)
+                    pred = model(*inputs, cond=cond)
+                else:
+                    pred = model(*inputs)
                 loss = objective.loss(pred, target)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}; "
