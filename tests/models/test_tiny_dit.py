@@ -5,7 +5,7 @@ from ttt_video.config import ModelConfig
 from ttt_video.layers.dit import condition_input
 from ttt_video.models import build_model
 
-from .common import tiny_inputs, tiny_model
+from .common import check_shapes_and_gradients, tiny_inputs, tiny_model
 
 
 def _model(mixer):
@@ -14,14 +14,7 @@ def _model(mixer):
 
 @pytest.mark.parametrize("mixer", ["attention", "swa", "ttt-linear", "ttt-mlp"])
 def test_shapes_and_gradients(mixer):
-    model = _model(mixer)
-    x, t, text = tiny_inputs()
-    mask = torch.ones(2, 3, 5, dtype=torch.bool)
-    mask[:, :, -2:] = False
-    out = model(x, t, text, mask)
-    assert out.shape == x.shape
-    out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    check_shapes_and_gradients(_model(mixer))
 
 
 @pytest.mark.parametrize("mixer,global_context", [("attention", False), ("swa", True), ("ttt-mlp", True),

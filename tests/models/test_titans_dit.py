@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from .common import tiny_inputs, tiny_model
+from .common import check_shapes_and_gradients, tiny_inputs, tiny_model
 
 
 def _model(**kw):
@@ -9,14 +9,7 @@ def _model(**kw):
 
 
 def test_shapes_and_gradients():
-    model = _model()
-    x, t, text = tiny_inputs()
-    mask = torch.ones(2, 3, 5, dtype=torch.bool)
-    mask[:, :, -2:] = False
-    out = model(x, t, text, mask)
-    assert out.shape == x.shape
-    out.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+    check_shapes_and_gradients(_model(), nonzero=True)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
