@@ -9,11 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import UserError as UsageError
+
 EXIT_USAGE = 2
 TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
-
-
-from .errors import UserError as UsageError
 
 
 def _check_writable(path):
@@ -30,15 +29,28 @@ def _check_writable(path):
         raise UsageError(f"output path {path} is a directory")
 
 
-def cmd_train(args):
+def _load_config(args, shortcuts=()):
+    """The preset (or `--config` file) with `shortcuts`, then `--set` overrides, applied."""
     from . import config as config_lib
     from .presets import get_preset
+
+    cfg = config_lib.load(args.config) if getattr(args, "config", None) else get_preset(args.preset)
+    return config_lib.apply_overrides(cfg, [*shortcuts, *args.set])
+
+
+def _check_positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def cmd_train(args):
     from .train.checkpoint import resolve
     from .train.trainer import train
 
-    cfg = config_lib.load(args.config) if args.config else get_preset(args.preset)
     shortcuts = [f"data.{name}={getattr(args, name)}" for name in TEXT_SHORTCUTS if getattr(args, name) is not None]
-    config_lib.apply_overrides(cfg, shortcuts + args.set)
+    cfg = _load_config(args, shortcuts)
     _set_external_vae(cfg.data, args)
     out = Path(args.output_dir or f"runs/{args.preset}")
     resume = None
@@ -54,9 +66,8 @@ def cmd_train(args):
 
 
 def cmd_generate_cogvideox(args):
-    import torch
-
     from .sample.cogvideox import generate
+    from .train.trainer import resolve_device
 
     if args.prompts or not args.storyboard:
         raise UsageError("--model takes its captions from --storyboard FILE.json (one entry per 3 s segment)")
@@ -66,15 +77,13 @@ def cmd_generate_cogvideox(args):
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
     _check_sampling(args)
     _check_writable(args.out)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     result = generate(args.model, args.storyboard, seconds=args.seconds, out=args.out,
                       ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt,
                       sampler=args.sampler, steps=args.steps or 50,
                       guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
                       dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
-                      seed=args.seed, device=device, progress=not args.no_progress)
-    print(f"video: {result.video}")
-    print(f"contact sheet: {result.sheet}")
+                      seed=args.seed, device=resolve_device(args.device), progress=not args.no_progress)
+    _report(result)
 
 
 def cmd_generate(args):
@@ -91,12 +100,7 @@ def cmd_generate(args):
         raise UsageError("no prompts: give one caption per scene, or --storyboard FILE.json")
     if args.num_frames is not None and args.seconds is not None:
         raise UsageError("give --num-frames or --seconds, not both")
-    if args.seconds is not None and args.seconds <= 0:
-        raise UsageError(f"--seconds must be positive, got {args.seconds}")
-    if args.fps is not None and args.fps <= 0:
-        raise UsageError(f"--fps must be positive, got {args.fps}")
-    if args.num_frames is not None and args.num_frames <= 0:
-        raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
+    _check_positive(args, "seconds", "fps", "num_frames")
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"image not found: {args.image}")
     _check_sampling(args)
@@ -120,8 +124,7 @@ def cmd_extend(args):
         raise UsageError(f"video not found: {args.video}")
     if not args.prompts:
         raise UsageError("no prompts: give one caption per new scene")
-    if args.seconds is not None and args.seconds <= 0:
-        raise UsageError(f"--seconds must be positive, got {args.seconds}")
+    _check_positive(args, "seconds", "num_frames")
     _check_sampling(args)
     _check_writable(args.out)
     _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
@@ -131,12 +134,10 @@ def cmd_extend(args):
 
 
 def cmd_cache_text(args):
-    from . import config as config_lib
     from .data.synthetic import all_captions
     from .encoders.text import build_text_encoder, save_text_cache
-    from .presets import get_preset
 
-    cfg = config_lib.apply_overrides(get_preset(args.preset), args.set)
+    cfg = _load_config(args)
     if cfg.data.source != "synthetic":
         raise UsageError("cache-text enumerates captions of the synthetic source only")
     _check_writable(args.out)
@@ -146,14 +147,10 @@ def cmd_cache_text(args):
 
 
 def cmd_prepare(args):
-    from . import config as config_lib
     from .data.cache import prepare
-    from .presets import get_preset
     from .train.trainer import resolve_device
 
-    cfg = config_lib.load(args.config) if args.config else get_preset(args.preset)
-    config_lib.apply_overrides(cfg, args.set)
-    data = cfg.data
+    data = _load_config(args).data
     data.source = "manifest"
     for key in ("data_root", "manifest", "buckets", "vae"):
         if getattr(args, key) is not None:
@@ -228,8 +225,14 @@ def _window_args(p):
 def _check_sampling(args):
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps must be positive, got {args.steps}")
+    _check_positive(args, "steps")
+
+
+def _recipe_args(p, config=True):
+    p.add_argument("--preset", default="shapes-tiny", help="named recipe (default: shapes-tiny)")
+    if config:
+        p.add_argument("--config", help="a config JSON (e.g. a checkpoint's config.json) instead of a preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
 
 
 def build_parser():
@@ -237,9 +240,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a preset or config file")
-    t.add_argument("--preset", default="shapes-tiny", help="named recipe (default: shapes-tiny)")
-    t.add_argument("--config", help="a config JSON (e.g. a checkpoint's config.json) instead of a preset")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _recipe_args(t)
     t.add_argument("--output-dir", help="run folder (default: runs/<preset>)")
     t.add_argument("--resume", help="'auto' (the run folder's last checkpoint, if any) or a checkpoint path")
     t.add_argument("--text-cache", help="precomputed caption embeddings from `ttt-video cache-text`")
@@ -255,8 +256,7 @@ def build_parser():
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("cache-text", help="precompute the caption embeddings of a preset's synthetic data")
-    c.add_argument("--preset", default="shapes-tiny")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_args(c, config=False)
     c.add_argument("--out", required=True, help="output .safetensors file")
     c.set_defaults(func=cmd_cache_text)
 
@@ -291,9 +291,7 @@ def build_parser():
     x.set_defaults(func=cmd_extend)
 
     d = sub.add_parser("prepare", help="precompute VAE latents and text embeddings of a manifest's videos")
-    d.add_argument("--preset", default="shapes-tiny")
-    d.add_argument("--config", help="a config JSON instead of a preset")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_args(d)
     d.add_argument("--data-root", help="folder the manifest's paths are relative to (default: the manifest's)")
     d.add_argument("--manifest", help="a .jsonl manifest or a metadata.json list")
     d.add_argument("--buckets", help="resolution buckets HxW,HxW,... (default: the config's height x width)")
