@@ -5,7 +5,8 @@ from tqdm.auto import tqdm
 from ..data.synthetic import held_out
 from ..encoders.text import build_text_encoder
 from ..sample.export import video_to_uint8
-from ..sample.pipeline import bundled_checkpoint, sample_batch
+from ..sample.pipeline import bundled_checkpoint
+from ..sample.sampler import sample_batch
 from ..train.checkpoint import load_model
 from ..train.trainer import resolve_device
 from .scorer import CHANCE, score_batch

@@ -1,16 +1,15 @@
 """Sliding-window generation: continue a video window by window past the model's own length.
 
 Each window holds `window` frames; its first `overlap` frames are the last frames produced so
-far, held fixed during sampling (`sample_euler(known=...)`) so the rest of the window is
+far, held fixed during sampling (`sample_batch(lead=...)`) so the rest of the window is
 sampled to continue them; the overlap is then cross-faded into the output. The same loop
 extends an existing clip (`prefix`). Latents `[C, F, h, w]` per video.
 """
 
 import torch
 
-from ..diffusion.flow import sample_euler
 from ..errors import UserError
-from ..train.trainer import encode_captions
+from .sampler import sample_batch
 
 
 def check_window(window, overlap, frames_per_segment):
@@ -29,7 +28,6 @@ def sliding_window(model, cfg, encoder, caption_at, num_frames, window, overlap,
     seg = cfg.data.frames_per_scene
     check_window(window, overlap, seg)
     device = next(model.parameters()).device
-    C, h, w = cfg.model.in_channels, cfg.data.height, cfg.data.width
     g = torch.Generator().manual_seed(seed)
     out = None if prefix is None else prefix.to(device)
     if out is not None and out.shape[1] < overlap:
@@ -38,18 +36,9 @@ def sliding_window(model, cfg, encoder, caption_at, num_frames, window, overlap,
         start = 0 if out is None else out.shape[1] - overlap  # the window's first frame in the output
         first_seg = start // seg
         caps = [[caption_at(first_seg + i) for i in range(window // seg)]]
-        cond = tuple(t.to(device) for t in encode_captions(encoder, caps))
-        uncond = tuple(t.to(device) for t in encode_captions(encoder, [[""] * len(caps[0])]))
-        noise = torch.randn(1, C, window, h, w, generator=g).to(device)
-        known = known_frames = None
-        if out is not None and condition and overlap:
-            known = torch.zeros_like(noise)
-            known[0, :, :overlap] = out[:, -overlap:]
-            known_frames = torch.arange(window, device=device) < overlap
-        x = sample_euler(model, noise, cond, uncond, steps=steps or cfg.diffusion.steps,
-                         guidance_scale=cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
-                         shift=cfg.diffusion.timestep_shift, progress=progress, known=known,
-                         known_frames=known_frames)[0]
+        lead = out[None, :, -overlap:] if out is not None and condition and overlap else None
+        x = sample_batch(model, cfg, encoder, caps, steps, guidance_scale, progress=progress, lead=lead,
+                         generator=g)[0]
         if out is None:
             out = x
             continue

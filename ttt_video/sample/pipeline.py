@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.flow import sample_euler
+from ..data.video import VideoError, read_image, to_tensor
 from ..encoders.text import build_text_encoder
 from ..errors import UserError
-from ..data.video import VideoError, read_image, to_tensor
 from ..fileio import read_json
-from ..layers.dit import condition_input
 from ..train.checkpoint import load_model
-from ..train.trainer import encode_captions, resolve_device
+from ..train.trainer import resolve_device
 from .export import contact_sheet, read_video, video_to_uint8, write_video
 from .long import sliding_window
+from .sampler import sample_batch
 
 
 class StoryboardError(UserError):
@@ -76,36 +75,6 @@ class Result:
     video: Path
     sheet: Path
     frames: "torch.Tensor"  # uint8 [F, H, W, 3]
-
-
-def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None, seed=0, progress=True,
-                 cond_image=None):
-    """Sample B videos at once; `captions` holds B lists of one caption per segment; `cond_image`
-    `[B, C, 1, h, w]`: the first frame of each (models with `condition_frames`).
-    Returns the latents `[B, C, S * frames_per_scene, h, w]`."""
-    device = next(model.parameters()).device
-    B, S = len(captions), len(captions[0])
-    cond = encode_captions(encoder, captions)
-    uncond = encode_captions(encoder, [[""] * S] * B)
-    g = torch.Generator().manual_seed(seed)
-    shape = (B, cfg.model.in_channels, S * cfg.data.frames_per_scene, cfg.data.height, cfg.data.width)
-    noise = torch.randn(shape, generator=g)
-    model_fn, known, known_frames = model, None, None
-    if cond_image is not None:
-        image = condition_input(cond_image.to(device), shape[2])
-
-        def conditioned(x, t, *text):
-            return model(x, t, *text, cond=image.repeat(x.shape[0] // B, 1, 1, 1, 1))
-
-        model_fn = conditioned
-        known = torch.zeros(shape, device=device)
-        known[:, :, :1] = cond_image.to(device)
-        known_frames = torch.arange(shape[2], device=device) < 1
-    return sample_euler(model_fn, noise.to(device), tuple(t.to(device) for t in cond),
-                        tuple(t.to(device) for t in uncond), steps=steps or cfg.diffusion.steps,
-                        guidance_scale=cfg.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
-                        shift=cfg.diffusion.timestep_shift, progress=progress, known=known,
-                        known_frames=known_frames)
 
 
 def load_condition_image(path, cfg):

@@ -171,7 +171,7 @@ def peak_memory_gb(device):
 def write_validation_samples(model, cfg, encoder, out_dir, step, num_videos):
     from ..data.synthetic import held_out
     from ..sample.export import contact_sheet, video_to_uint8, write_video
-    from ..sample.pipeline import sample_batch
+    from ..sample.sampler import sample_batch
 
     boards = [held_out(i, cfg.data.num_scenes) for i in range(num_videos)]
     model.eval()
