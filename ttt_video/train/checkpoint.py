@@ -82,12 +82,13 @@ def load_weights(model, path, ema=False):
             state[name] = value
     model.load_state_dict(state)
     if ema:
-        missing = set(load_ema(path)) - {n for n, _ in model.named_parameters()}
+        averaged = load_ema(path)
+        params = dict(model.named_parameters())
+        missing = set(averaged) - set(params)
         if missing:
             raise CheckpointError(f"{path / EMA_FILE} names parameters the model lacks: {sorted(missing)[0]}")
-        params = dict(model.named_parameters())
         with torch.no_grad():
-            for n, v in load_ema(path).items():
+            for n, v in averaged.items():
                 params[n].copy_(v)
 
 
