@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from ..fileio import atomic_file, write_text_atomic
 from ..layers.rope import apply_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
 from ..layers.ttt import BidirectionalTTT
@@ -487,11 +488,11 @@ class CogVideoXTTT(nn.Module):
                                   ttt_impl=model_cfg.ttt_impl)
 
     def save_pretrained(self, path):
-        """Our own checkpoint: model.safetensors plus the resolved config.json."""
+        """Our own checkpoint: model.safetensors plus the resolved config.json, each written atomically."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
-        (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_file(path / WEIGHTS, lambda tmp: save_file(weights, tmp))
+        write_text_atomic(path / CONFIG_FILE, json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
