@@ -185,6 +185,7 @@ def cmd_evaluate(args):
     import json
 
     from .eval.evaluate import evaluate, format_scores
+    from .fileio import write_text_atomic
 
     _check_sampling(args)
     if args.num_videos < 1:
@@ -194,7 +195,7 @@ def cmd_evaluate(args):
                       text_cache=args.text_cache, progress=not args.no_progress)
     if args.json:
         _check_writable(args.json)
-        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(scores, indent=2) + "\n")
     print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
 
 

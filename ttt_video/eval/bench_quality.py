@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import apply_overrides
+from ..fileio import write_text_atomic
 from ..models import build_model
 from ..presets import get_preset
 from ..train.trainer import train
@@ -66,10 +67,9 @@ def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300
             scores[long_cfg.data.num_scenes] = evaluate(long, num_videos, progress=False)
             results.setdefault(mixer, {"params": params, "runs": []})["runs"].append(
                 {"seed": seed, "scores": {str(k): {m: v[m] for m in METRICS} for k, v in scores.items()}})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     table = summary_table(results)
-    (out / "README.md").write_text(table)
+    write_text_atomic(out / "README.md", table)
     plot(results, out / "consistency.png")
     return results, table
 
