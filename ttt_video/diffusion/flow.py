@@ -17,6 +17,10 @@ class FlowMatching:
     def __init__(self, timestep_shift=1.0):
         self.shift = timestep_shift
 
+    @classmethod
+    def from_config(cls, diffusion_cfg):
+        return cls(diffusion_cfg.timestep_shift)
+
     def sample_time(self, batch, generator=None, device=None):
         """Logit-normal times: most weight in the middle of the path."""
         u = torch.randn(batch, generator=generator, device=device)
@@ -27,7 +31,10 @@ class FlowMatching:
         tt = t.view(-1, *[1] * (x0.dim() - 1))
         return (1 - tt) * x0 + tt * noise, noise - x0
 
-    def loss(self, model_out, target):
+    def model_timestep(self, t):
+        return t * 1000
+
+    def loss(self, model_out, target, t=None):
         return torch.mean((model_out.float() - target.float()) ** 2)
 
 

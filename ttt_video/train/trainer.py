@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.cache import cached_text
 from ..data.dataset import EpochReport, collate, task_for
 from ..data.synthetic import SyntheticStoryboards
-from ..diffusion.flow import FlowMatching
+from ..diffusion import build_objective
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
@@ -224,7 +224,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     if cfg.model.arch != "cogvideox-ttt" and encoder.dim != cfg.model.text_dim:
         raise UserError(f"model.text_dim is {cfg.model.text_dim} but the text encoder gives {encoder.dim}; "
                         f"set model.text_dim={encoder.dim}")
-    objective = FlowMatching(cfg.diffusion.timestep_shift)
+    objective = build_objective(cfg.diffusion)
     A = tc.grad_accum_steps
     make_sampler = getattr(dataset, "batch_sampler", StepBatches)  # bucketed datasets bring their own
     sampler = make_sampler(step * A, tc.max_steps * A, tc.batch_size, accelerator.process_index,
@@ -265,14 +265,14 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
             else:
                 text, mask = encode_captions(encoder, batch["captions"], drop)
             xt, target = objective.training_pair(x0, t.to(device), noise.to(device))
-            inputs = (xt, t.to(device) * 1000, text.to(device), mask.to(device))
+            inputs = (xt, objective.model_timestep(t.to(device)), text.to(device), mask.to(device))
             with accelerator.accumulate(model), accelerator.autocast():
                 if cfg.model.condition_frames:
                     cond = image_condition(batch, x0, vae, sampler.indices(micro), cfg.data)
                     pred = model(*inputs, cond=cond)
                 else:
                     pred = model(*inputs)
-                loss = objective.loss(pred, target)
+                loss = objective.loss(pred, target, t.to(device))
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}; "
                                         f"last good checkpoint: {last or 'none'}")
