@@ -39,7 +39,7 @@ def test_train_writes_checkpoints_log_and_resumes_exactly(tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path, monkeypatch):
     calls = []
 
-    def loss(self, pred, target):
+    def loss(self, pred, target, t=None):
         calls.append(1)
         value = torch.mean((pred - target) ** 2)
         return value * float("nan") if len(calls) == 3 else value
@@ -89,7 +89,7 @@ def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
 
     calls = []
 
-    def loss(self, pred, target):
+    def loss(self, pred, target, t=None):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
