@@ -23,3 +23,14 @@ def test_quality_benchmark_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["attention"]["runs"][0]["scores"]) == {"2", "6"}  # training length and 3x
     assert table.count("\n") == 2 + 4 and (tmp_path / "README.md").read_text() == table
+
+
+def test_finished_runs_are_not_trained_again(tmp_path, monkeypatch):
+    import ttt_video.eval.bench_quality as bq
+
+    args = dict(mixers=("attention",), seeds=(0,), steps=1, extend_steps=1, num_videos=1,
+                overrides=[*TINY, "train.tensorboard=false"], progress=False)
+    first, _ = run(tmp_path, **args)
+    monkeypatch.setattr(bq, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    again, _ = run(tmp_path, **args)
+    assert again == first

@@ -7,6 +7,10 @@ storyboards at the training length (3 scenes), then fine-tuned briefly at 3x the
 (9 scenes, starting from its 3-scene checkpoint, as in the staged 3 s -> 9 s recipe) and scored
 at that length. Results (mean and std over seeds) go to `<out>/results.json` and
 `<out>/README.md`, with a plot of consistency against length when matplotlib is installed.
+
+Each finished run leaves `<out>/runs/<mixer>-<seed>/scores.json`; a run that has one is not
+trained again, so an interrupted benchmark resumes, and mixers can train in separate processes
+(`--mixers attention`, `--mixers ttt-mlp`, ...) before one last call tabulates them all.
 """
 
 import argparse
@@ -48,8 +52,20 @@ def match_parameters(model_cfg, target):
     return num_params(model_cfg)
 
 
+def train_and_score(cfg, run_dir, extend_steps, num_videos, text_cache, progress):
+    """Train at the recipe's length, score; extend to 3x the scenes from that checkpoint, score."""
+    short = train(cfg, run_dir, progress=progress, text_cache=text_cache)
+    scores = {cfg.data.num_scenes: evaluate(short, num_videos, text_cache=text_cache, progress=False)}
+    long_cfg = apply_overrides(copy.deepcopy(cfg), [f"data.num_scenes={3 * cfg.data.num_scenes}",
+                                                    f"train.max_steps={extend_steps}", f"train.init_from={short}",
+                                                    f"train.warmup_steps={min(cfg.train.warmup_steps, extend_steps)}"])
+    long = train(long_cfg, f"{run_dir}-long", progress=progress, text_cache=text_cache)
+    scores[long_cfg.data.num_scenes] = evaluate(long, num_videos, text_cache=text_cache, progress=False)
+    return {str(k): {m: v[m] for m in METRICS} for k, v in scores.items()}
+
+
 def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300, num_videos=32, overrides=(),
-        progress=True):
+        progress=True, text_cache=None):
     out = Path(out)
     target = num_params(apply_overrides(get_preset("shapes-tiny"), [*overrides, "model.seq_mixer=ttt-mlp"]).model)
     results = {}
@@ -58,15 +74,13 @@ def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300
             cfg = apply_overrides(get_preset("shapes-tiny"),
                                   [*overrides, f"train.max_steps={steps}", f"train.seed={seed}", *MIXERS[mixer]])
             params = match_parameters(cfg.model, target)
-            short = train(cfg, out / "runs" / f"{mixer}-{seed}", progress=progress)
-            scores = {cfg.data.num_scenes: evaluate(short, num_videos, progress=False)}
-            long_cfg = apply_overrides(copy.deepcopy(cfg), [f"data.num_scenes={3 * cfg.data.num_scenes}",
-                                             f"train.max_steps={extend_steps}", f"train.init_from={short}",
-                                             f"train.warmup_steps={min(cfg.train.warmup_steps, extend_steps)}"])
-            long = train(long_cfg, out / "runs" / f"{mixer}-{seed}-long", progress=progress)
-            scores[long_cfg.data.num_scenes] = evaluate(long, num_videos, progress=False)
+            run_dir = out / "runs" / f"{mixer}-{seed}"
+            done = run_dir / "scores.json"
+            if not done.is_file():
+                scores = train_and_score(cfg, run_dir, extend_steps, num_videos, text_cache, progress)
+                write_text_atomic(done, json.dumps(scores, indent=2) + "\n")
             results.setdefault(mixer, {"params": params, "runs": []})["runs"].append(
-                {"seed": seed, "scores": {str(k): {m: v[m] for m in METRICS} for k, v in scores.items()}})
+                {"seed": seed, "scores": json.loads(done.read_text())})
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     table = summary_table(results)
     write_text_atomic(out / "README.md", table)
@@ -118,11 +132,13 @@ def main(argv=None):
     p.add_argument("--extend-steps", type=int, default=300)
     p.add_argument("--num-videos", type=int, default=32)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe")
+    p.add_argument("--text-cache", default=None, help="caption embeddings from `ttt-video cache-text`")
     p.add_argument("--out", default="docs/benchmarks/quality")
     a = p.parse_args(argv)
     mixers = a.mixers.split(",")
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:
         p.error(f"unknown mixer {unknown[0]!r}; choose from {', '.join(MIXERS)}")
-    _, table = run(a.out, mixers, [int(s) for s in a.seeds.split(",")], a.steps, a.extend_steps, a.num_videos, a.set)
+    _, table = run(a.out, mixers, [int(s) for s in a.seeds.split(",")], a.steps, a.extend_steps, a.num_videos, a.set,
+                   text_cache=a.text_cache)
     print(table)
