@@ -63,3 +63,15 @@ def test_bidirectional_gates_and_global_context():
     x2 = x.clone()
     x2[:, -1] = torch.randn(32)  # the reversed pass carries the last token's change to the first mini-batch
     assert (block(x2, cos, sin)[:, 0] - y[:, 0]).abs().max() > 1e-5
+
+
+def test_memory_stays_bounded_when_written_with_large_tokens():
+    from ttt_video.layers.memory import NeuralMemory
+
+    torch.manual_seed(0)
+    memory = NeuralMemory(64, 4, 8, chunk_size=64)
+    state = memory.initial_state(2)
+    for _ in range(8):  # 8 segments of 256 tokens, 100x the usual scale
+        state = memory.update(state, 100 * torch.randn(2, 256, 64))
+    assert all(torch.isfinite(w).all() and w.abs().max() < 10 for w in state.values())
+    assert torch.isfinite(memory.read(state)).all()
