@@ -65,13 +65,15 @@ def test_bidirectional_gates_and_global_context():
     assert (block(x2, cos, sin)[:, 0] - y[:, 0]).abs().max() > 1e-5
 
 
-def test_memory_stays_bounded_when_written_with_large_tokens():
+def test_memory_stays_bounded_when_its_value_projection_grows():
     from ttt_video.layers.memory import NeuralMemory
 
     torch.manual_seed(0)
     memory = NeuralMemory(64, 4, 8, chunk_size=64)
+    with torch.no_grad():
+        memory.kv.weight.mul_(10)  # unnormalised values of this size overflowed the memory
     state = memory.initial_state(2)
-    for _ in range(8):  # 8 segments of 256 tokens, 100x the usual scale
-        state = memory.update(state, 100 * torch.randn(2, 256, 64))
+    for _ in range(8):  # 8 segments of 256 tokens
+        state = memory.update(state, torch.randn(2, 256, 64))
     assert all(torch.isfinite(w).all() and w.abs().max() < 10 for w in state.values())
     assert torch.isfinite(memory.read(state)).all()
