@@ -148,15 +148,18 @@ def cmd_cache_text(args):
 
 def cmd_prepare(args):
     from .data.cache import prepare
+    from .encoders.pipeline import fill_from_pipeline
     from .train.trainer import resolve_device
 
-    data = _load_config(args).data
+    cfg = _load_config(args)
+    data = cfg.data
     data.source = "manifest"
     for key in ("data_root", "manifest", "buckets", "vae"):
         if getattr(args, key) is not None:
             setattr(data, key, getattr(args, key))
     _set_external_vae(data, args)
     data.strict = data.strict or args.strict
+    data = fill_from_pipeline(cfg).data  # the T5 and VAE of model.pretrained's pipeline, as `train` takes them
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     _check_writable(args.out)
@@ -269,7 +272,8 @@ def build_parser():
     g.add_argument("--num-frames", type=int)
     g.add_argument("--out", default="outputs/video.mp4")
     g.add_argument("--model", help="a local CogVideoX diffusers folder (then captions come from --storyboard)")
-    g.add_argument("--ttt-checkpoint", help="with --model: a CogVideoX-TTT checkpoint replacing its transformer")
+    g.add_argument("--ttt-checkpoint", help="with --model: a CogVideoX-TTT checkpoint replacing its transformer "
+                   "(CogVideoXTTT.save_pretrained, or a `train` checkpoint or run folder)")
     g.add_argument("--ttt", choices=["mlp", "linear", "none"], default="mlp",
                    help="with --model and no --ttt-checkpoint: the (untrained) TTT kind, or none")
     g.add_argument("--sampler", choices=["ddim", "dpm"], help="with --model (default: the folder's scheduler)")

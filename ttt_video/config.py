@@ -46,6 +46,7 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | manifest
     num_scenes: int = 3
     frames_per_scene: int = 8  # one segment per scene
+    segment_overlap: int = 0  # frames neighbouring segments share (CogVideoX: 1; 49-frame segments, 48 S + 1 frames)
     height: int = 32
     width: int = 32
     fps: int = 8
@@ -71,7 +72,9 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "flow"
+    objective: str = "flow"  # flow | v-prediction (CogVideoX's DDPM, diffusion/vpred.py)
+    scheduler: str = ""  # v-prediction: a diffusers scheduler_config.json or its folder; empty: the one of
+    # the pipeline model.pretrained lies in, else CogVideoX-5B's values
     timestep_shift: float = 1.0
     steps: int = 20
     guidance_scale: float = 4.0

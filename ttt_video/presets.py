@@ -38,10 +38,15 @@ CONTEXT_STAGES = (3, 9, 18, 30, 63)  # seconds of video per training stage, 3 s 
 
 def cogvideox_5b_ttt(seconds):
     """TTT-Video's multi-stage context extension of CogVideoX-5B (480x720, 16 fps, 3 s segments of
-    13 latent frames, 226 T5 tokens per segment). Set `model.pretrained` to the local diffusers
-    CogVideoX folder; the model's dimensions come from its config.json, so a 2B folder works too.
+    49 frames sharing one frame with each neighbour, i.e. 13 latent frames sharing one; 226 T5
+    tokens per segment; v-prediction). Set `model.pretrained` to the local diffusers CogVideoX
+    pipeline folder: the model's dimensions come from its transformer config (a 2B folder works
+    too), and its T5, VAE and scheduler are used unless `data.t5_model`, `data.vae` or
+    `diffusion.scheduler` name others. Data: `data.manifest` (+ `data.data_root`) or a
+    `ttt-video prepare` cache in `data.cache_dir`.
     The 3 s stage fine-tunes everything (TTT at 1e-4, the pretrained weights at 1e-5); each later
-    stage starts from the previous stage's checkpoint (`train.init_from`) and trains the TTT layers,
+    stage starts from the previous stage's checkpoint (`train.init_from`, by default the previous
+    preset's default run folder `runs/cogvideox-5b-ttt-<previous>s`) and trains the TTT layers,
     their gates and the attention q/k/v/o at 1e-5. `max_steps` is a starting point, not a recipe
     constant: set it for your data."""
     if seconds not in CONTEXT_STAGES:
@@ -49,15 +54,17 @@ def cogvideox_5b_ttt(seconds):
     cfg = Config()
     m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
     m.arch, m.seq_mixer, m.ttt_mini_batch_size, m.gate_init = "cogvideox-ttt", "ttt-mlp", 64, 0.1
-    d.num_scenes, d.frames_per_scene, d.fps, d.height, d.width = seconds // 3, 48, 16, 480, 720
-    d.text_encoder, d.text_max_length = "t5", 226
+    d.source, d.num_scenes, d.fps, d.height, d.width = "manifest", seconds // 3, 16, 480, 720
+    d.frames_per_scene, d.segment_overlap = 49, 1
+    d.text_encoder, d.text_max_length, d.vae = "t5", 226, ""  # T5 and VAE: the pipeline's
     diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
-    first = seconds == CONTEXT_STAGES[0]
-    t.adapter = "full" if first else "ttt-qkvo"
+    stage = CONTEXT_STAGES.index(seconds)
+    t.adapter = "full" if stage == 0 else "ttt-qkvo"
+    t.init_from = "" if stage == 0 else f"runs/cogvideox-5b-ttt-{CONTEXT_STAGES[stage - 1]}s"
     t.lr = 1e-5
-    t.ttt_lr = 1e-4 if first else 1e-5
+    t.ttt_lr = 1e-4 if stage == 0 else 1e-5
     t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
-    t.max_steps = 5000 if first else 1000
+    t.max_steps = 5000 if stage == 0 else 1000
     t.batch_size, t.mixed_precision, t.grad_checkpointing = 1, "bf16", True
     t.save_every = 250
     return cfg

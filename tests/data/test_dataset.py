@@ -10,6 +10,7 @@ from ttt_video.data.dataset import EpochReport, ManifestDataset, collate, task_f
 from ttt_video.data.manifest import read_manifest
 from ttt_video.data.report import DataError, SkipReport
 from ttt_video.data.synthetic import SyntheticStoryboards
+from ttt_video.errors import UserError
 
 from .videos import level, make_dataset, ramp_frames, write_video
 
@@ -118,3 +119,19 @@ def test_metadata_json_and_malformed_entries(tmp_path, capsys):
 def test_strict_makes_bad_data_an_error(manifest):
     with pytest.raises(DataError, match="manifest.jsonl:4.*strict"):
         ManifestDataset(data_cfg(manifest, strict=True))
+
+
+def test_segments_sharing_a_frame(tmp_path):
+    """CogVideoX's layout: S segments of 5 frames sharing one with each neighbour are 4 S + 1 frames,
+    and the next window starts on the last frame of the previous one."""
+    write_video(tmp_path / "a.mp4", ramp_frames(24), 8)  # 3 s: (24 - 1) // 4 = 5 segments
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "caption": "ramp"}) + "\n")
+    ds = ManifestDataset(data_cfg(tmp_path / "m.jsonl", frames_per_scene=5, segment_overlap=1, buckets=""))
+    assert [str(b) for b in ds.buckets] == ["16x24x2", "16x24x2", "16x24x1"]
+    for i, first in enumerate((0, 8, 16)):
+        video = ds[i]["video"]
+        assert video.shape[1] == 4 * ds.buckets[i].segments + 1
+        frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()
+        np.testing.assert_allclose(level(frames), 8 * np.arange(first, first + video.shape[1]), atol=4)
+    with pytest.raises(UserError, match="segment_overlap must be at least 0 and below data.frames_per_scene"):
+        ManifestDataset(data_cfg(tmp_path / "m.jsonl", frames_per_scene=5, segment_overlap=5))

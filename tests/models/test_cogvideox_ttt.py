@@ -8,7 +8,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 
 from ttt_video.config import apply_overrides
 from ttt_video.errors import UserError
-from ttt_video.models import CogVideoXTTT, build_model
+from ttt_video.models import CogVideoXTTT, FrameworkCogVideoXTTT, build_model
 from ttt_video.presets import get_preset
 from ttt_video.train.adapters import apply_adapter
 from ttt_video.train.trainer import param_groups
@@ -168,6 +168,19 @@ def test_segment_frame_count_is_checked(pretrained):
         model(x[:, :-1], text, t)
     with pytest.raises(UserError, match="must divide by the patch size"):
         model(x[..., :3], text, t)
+
+
+def test_framework_call_takes_the_package_layout(pretrained):
+    torch.manual_seed(0)
+    model = CogVideoXTTT.from_diffusers(pretrained, ttt="mlp", ttt_mini_batch_size=16).eval()
+    torch.manual_seed(0)
+    framework = FrameworkCogVideoXTTT.from_diffusers(pretrained, ttt="mlp", ttt_mini_batch_size=16).eval()
+    assert framework.text_dim == 12 and framework.state_dict().keys() == model.state_dict().keys()
+    x, text, t = _segments_input(2)
+    mask = torch.ones(text.shape[:3], dtype=torch.bool)
+    with torch.no_grad():
+        out = framework(x.transpose(1, 2), t, text, mask)  # latents [B, C, F, h, w]
+        assert torch.equal(out, model(x, text, t).transpose(1, 2))
 
 
 def test_own_checkpoint_round_trip(pretrained, tmp_path):

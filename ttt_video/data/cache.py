@@ -43,6 +43,7 @@ def cache_settings(data_cfg):
     return {
         "fps": data_cfg.fps,
         "frames_per_scene": data_cfg.frames_per_scene,
+        "segment_overlap": data_cfg.segment_overlap,
         "num_scenes": data_cfg.num_scenes,
         "buckets": ["x".join(map(str, r)) for r in parse_resolutions(data_cfg.buckets, (data_cfg.height,
                                                                                          data_cfg.width))],

@@ -3,9 +3,11 @@ a `ttt-video prepare` cache (`cache.py`), and the synthetic storyboards (`synthe
 
 A clip is cut into segments of `frames_per_scene` frames at `fps` (3 s in the real presets),
 each with its own caption, and the segments into windows of at most `num_scenes`: one item
-per window, in the bucket (nearest resolution, number of segments). A clip shorter than one
-segment is skipped as too short. Items:
-    video       float32 [3, F, H, W] in [-1, 1], F = segments * frames_per_scene
+per window, in the bucket (nearest resolution, number of segments). Neighbouring segments share
+`segment_overlap` frames (CogVideoX: one, the frame its causal VAE encodes alone, so S segments of
+49 frames are 48 S + 1 frames and 12 S + 1 latent frames). A clip shorter than one segment is
+skipped as too short. Items:
+    video       float32 [3, F, H, W] in [-1, 1], F = segments * (frames_per_scene - overlap) + overlap
     captions    list[str], one per segment
     task        "t2v" or "i2v"
     cond_image  float32 [3, 1, H, W]: the condition of an i2v item (the cond_image of the manifest
@@ -61,8 +63,20 @@ def task_for(record_task, i2v_ratio, seed, draw):
     return "i2v" if np.random.default_rng([seed, draw, 1]).random() < i2v_ratio else "t2v"
 
 
-def segment_count(duration, fps, frames_per_scene):
-    return int(duration * fps / frames_per_scene + EPS)
+def segment_count(duration, fps, frames_per_scene, overlap=0):
+    return max(0, int((duration * fps - overlap) / (frames_per_scene - overlap) + EPS))
+
+
+def clip_frames(segments, frames_per_scene, overlap=0):
+    """Frames of `segments` consecutive segments that share `overlap` frames with their neighbours."""
+    return segments * (frames_per_scene - overlap) + overlap
+
+
+def checked_overlap(data_cfg):
+    if not 0 <= data_cfg.segment_overlap < data_cfg.frames_per_scene:
+        raise UserError(f"data.segment_overlap must be at least 0 and below data.frames_per_scene "
+                        f"({data_cfg.frames_per_scene}), got {data_cfg.segment_overlap}")
+    return data_cfg.segment_overlap
 
 
 class ManifestDataset(Dataset):
@@ -79,6 +93,7 @@ class ManifestDataset(Dataset):
         if not self.root.is_dir():
             raise UserError(f"data root not found: {self.root}")
         self.fps, self.frames_per_scene = data_cfg.fps, data_cfg.frames_per_scene
+        self.overlap = checked_overlap(data_cfg)
         self.max_segments = data_cfg.num_scenes
         self.resolutions = parse_resolutions(data_cfg.buckets, (data_cfg.height, data_cfg.width))
         self.i2v_ratio, self.seed = checked_i2v_ratio(data_cfg.i2v_ratio), data_cfg.seed
@@ -92,7 +107,7 @@ class ManifestDataset(Dataset):
                 self.report.add(result)
                 continue
             info, stamp = result
-            segments = segment_count(info.duration, self.fps, self.frames_per_scene)
+            segments = segment_count(info.duration, self.fps, self.frames_per_scene, self.overlap)
             if record.per_segment:
                 segments = min(segments, len(record.captions))
             if segments == 0:
@@ -134,7 +149,8 @@ class ManifestDataset(Dataset):
         return len(self.items)
 
     def segment_seconds(self):
-        return self.frames_per_scene / self.fps
+        """Time from one segment's start to the next's."""
+        return (self.frames_per_scene - self.overlap) / self.fps
 
     def decode_item(self, i):
         """(video `[3, F, H, W]`, condition `[3, 1, H, W]`, captions) of item i; raises Skipped."""
@@ -142,7 +158,8 @@ class ManifestDataset(Dataset):
         record = self.records[w.clip]
         size = (w.bucket.height, w.bucket.width)
         try:
-            frames = decode(self.path(record.video), self.fps, w.bucket.segments * self.frames_per_scene,
+            frames = decode(self.path(record.video), self.fps,
+                            clip_frames(w.bucket.segments, self.frames_per_scene, self.overlap),
                             start=w.first * self.segment_seconds(), size=size)
         except VideoError as e:
             raise Skipped(Skip(e.kind, record.video, str(e))) from None

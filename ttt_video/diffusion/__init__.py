@@ -7,8 +7,9 @@ model is called with; `loss(prediction, target, t)` -> scalar.
 """
 
 from .flow import FlowMatching
+from .vpred import VPrediction
 
-OBJECTIVES = {"flow": FlowMatching}
+OBJECTIVES = {"flow": FlowMatching, "v-prediction": VPrediction}
 
 
 def build_objective(diffusion_cfg):

@@ -56,7 +56,12 @@ class VideoDiT(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
         self.final = nn.Linear(cfg.dim, self.patch_dim)
+        self.text_dim = cfg.text_dim  # width of the text embeddings it takes
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        self.gradient_checkpointing = enabled
+        return self
 
     def initialize(self):
         for m in self.modules():

@@ -1,11 +1,13 @@
 """Model architectures, one file each; `build_model(cfg)` picks by `cfg.arch`."""
 
-from .cogvideox_ttt import CogVideoXTTT
+from .cogvideox_ttt import CogVideoXTTT, FrameworkCogVideoXTTT
 from .sora_dit import SoraDiT
 from .tiny_dit import TinyDiT
 from .titans_dit import TitansDiT
 
-ARCHS = {"tiny-dit": TinyDiT, "cogvideox-ttt": CogVideoXTTT.from_model_config, "sora-dit": SoraDiT,
+__all__ = ["ARCHS", "CogVideoXTTT", "FrameworkCogVideoXTTT", "SoraDiT", "TinyDiT", "TitansDiT", "build_model"]
+
+ARCHS = {"tiny-dit": TinyDiT, "cogvideox-ttt": FrameworkCogVideoXTTT.from_model_config, "sora-dit": SoraDiT,
          "titans-dit": TitansDiT}
 
 

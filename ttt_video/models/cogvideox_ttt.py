@@ -12,6 +12,8 @@ Layout (diffusers'): latents `[B, F, C, h, w]`; text `[B, L, Dt]` (one segment) 
 S segments of n latent frames (13 for CogVideoX, 3 s) overlap by one frame: F = S * (n - 1) + 1.
 Inside: video tokens `[B, F, N, D]` (N patches per frame), text tokens `[B, S, L, D]`; the shared
 frame of two neighbouring segments is computed in both and the two outputs are averaged.
+`FrameworkCogVideoXTTT`, what `build_model` gives the trainer, takes latents in the package's
+layout `[B, C, F, h, w]` instead.
 """
 
 import dataclasses
@@ -396,6 +398,10 @@ class CogVideoXTTT(nn.Module):
         self.gradient_checkpointing = enabled
         return self
 
+    @property
+    def text_dim(self):
+        return self.cfg.text_embed_dim
+
     def forward(self, hidden_states, encoder_hidden_states, timestep, ofs=None):
         """hidden_states `[B, F, C, h, w]`; encoder_hidden_states `[B, L, Dt]` (one segment) or
         `[B, S, L, Dt]` (S segments of `cfg.frames_per_segment` latent frames sharing one frame);
@@ -458,9 +464,7 @@ class CogVideoXTTT(nn.Module):
         """Load a local diffusers `CogVideoXTransformer3DModel` folder (the `transformer` folder, or a
         pipeline folder holding one): config.json plus one or sharded safetensors files. Pretrained
         weights load as `dtype`; the new TTT parameters are initialised afresh. Nothing is downloaded."""
-        folder = Path(path)
-        if (folder / "transformer" / CONFIG_FILE).is_file():
-            folder = folder / "transformer"
+        folder = transformer_folder(path)
         if not folder.is_dir():
             raise UserError(f"model folder not found: {folder}")
         cfg = load_config(folder / CONFIG_FILE, ttt=ttt, **overrides)
@@ -481,11 +485,7 @@ class CogVideoXTTT(nn.Module):
         `pretrained`, the TTT from `seq_mixer` and the `ttt_*` / `gate_init` fields."""
         if not model_cfg.pretrained:
             raise UserError("model.pretrained must name a local diffusers CogVideoX folder for arch cogvideox-ttt")
-        mixer = model_cfg.seq_mixer
-        ttt = {"attention": None, "ttt-mlp": "mlp", "ttt-linear": "linear"}.get(mixer, mixer)
-        return cls.from_diffusers(model_cfg.pretrained, ttt=ttt, ttt_mini_batch_size=model_cfg.ttt_mini_batch_size,
-                                  ttt_base_lr=model_cfg.ttt_base_lr, gate_init=model_cfg.gate_init,
-                                  ttt_impl=model_cfg.ttt_impl)
+        return cls.from_diffusers(model_cfg.pretrained, **ttt_settings(model_cfg))
 
     def save_pretrained(self, path):
         """Our own checkpoint: model.safetensors plus the resolved config.json, each written atomically."""
@@ -498,13 +498,43 @@ class CogVideoXTTT(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """Load a checkpoint written by `save_pretrained`."""
         folder = Path(path)
-        cfg = load_config(folder / CONFIG_FILE, **overrides)
-        if not (folder / WEIGHTS).is_file():
-            raise UserError(f"model folder {folder} is missing {WEIGHTS}")
+        return cls.from_weights(load_config(folder / CONFIG_FILE, **overrides), folder / WEIGHTS)
+
+    @classmethod
+    def from_weights(cls, cfg, file):
+        """A model of `cfg` holding exactly the weights of the safetensors `file` (TTT included)."""
+        file = Path(file)
+        if not file.is_file():
+            raise UserError(f"model folder {file.parent} is missing {file.name}")
         with torch.device("meta"):
             model = cls(cfg)
-        _load_exact(model, load_file(folder / WEIGHTS), folder)
+        _load_exact(model, load_file(file), file.parent)
         return model
+
+
+class FrameworkCogVideoXTTT(CogVideoXTTT):
+    """`CogVideoXTTT` called the way the package calls every model (`build_model`, the trainer):
+    latents `[B, C, F, h, w]`, timestep `[B]`, text `[B, S, L, Dt]` (S segments of
+    `cfg.frames_per_segment` latent frames sharing one frame). The text mask is accepted and
+    ignored: CogVideoX was trained seeing its T5 padding. Parameters and state dict are
+    `CogVideoXTTT`'s, so checkpoints of either load into the other."""
+
+    def forward(self, latents, timestep, text, text_mask=None):
+        return super().forward(latents.transpose(1, 2), text, timestep).transpose(1, 2)
+
+
+def ttt_settings(model_cfg):
+    """The project's `ModelConfig` (`seq_mixer`, `ttt_*`, `gate_init`) as `CogVideoXTTTConfig` overrides."""
+    mixer = model_cfg.seq_mixer
+    return {"ttt": {"attention": None, "ttt-mlp": "mlp", "ttt-linear": "linear"}.get(mixer, mixer),
+            "ttt_mini_batch_size": model_cfg.ttt_mini_batch_size, "ttt_base_lr": model_cfg.ttt_base_lr,
+            "gate_init": model_cfg.gate_init, "ttt_impl": model_cfg.ttt_impl}
+
+
+def transformer_folder(path):
+    """The transformer folder of a diffusers CogVideoX pipeline folder, or `path` itself."""
+    folder = Path(path)
+    return folder / "transformer" if (folder / "transformer" / CONFIG_FILE).is_file() else folder
 
 
 def diffusers_weight_files(folder):

@@ -1,9 +1,10 @@
 """Long videos from CogVideoX with TTT: storyboard -> T5 -> sampler -> VAE -> mp4 + contact sheet.
 
 Everything loads from a local CogVideoX diffusers folder (`transformer/`, `text_encoder/`,
-`tokenizer/`, `vae/`, `scheduler/`); a TTT checkpoint (`CogVideoXTTT.save_pretrained`) replaces
-its transformer. One storyboard entry per 3 s segment; latents `[B, F, C, h, w]` with
-F = S * 12 + 1 (neighbouring segments share one latent frame), decoded to S * 48 + 1 frames.
+`tokenizer/`, `vae/`, `scheduler/`); a TTT checkpoint (`CogVideoXTTT.save_pretrained`, or a
+checkpoint or run folder of `ttt-video train`) replaces its transformer. One storyboard entry per
+3 s segment; latents `[B, F, C, h, w]` with F = S * 12 + 1 (neighbouring segments share one
+latent frame), decoded to S * 48 + 1 frames.
 """
 
 import json
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import config as config_lib
 from ..encoders.t5 import T5TextEncoder
 from ..errors import UserError
 from ..fileio import read_json
-from ..models.cogvideox_ttt import CogVideoXTTT
+from ..models.cogvideox_ttt import CONFIG_FILE, CogVideoXTTT, load_config, transformer_folder, ttt_settings
+from ..train import checkpoint as ckpt
 from .export import contact_sheet, video_to_uint8, write_video
 
 SECONDS_PER_SEGMENT = 3
@@ -88,6 +91,39 @@ def dynamic_guidance(scale, step, num_steps):
     return 1 + scale * (1 - math.cos(math.pi * progress ** 5.0)) / 2
 
 
+def _from_trainer(path):
+    """Whether `path` is a run folder or checkpoint of `ttt-video train` (its config.json is the
+    package's config), rather than a `CogVideoXTTT.save_pretrained` folder."""
+    if (path / ckpt.LAST).is_file():
+        return True
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict)
+
+
+def load_transformer(model_dir, ttt_checkpoint=None, ttt="mlp"):
+    """The transformer to sample with: the folder's own with fresh TTT layers of kind `ttt` (or
+    none), or a trained one. A `ttt-video train` checkpoint holds the whole state dict and the run's
+    config; its TTT settings and the folder's transformer config rebuild the model, so the
+    checkpoint must come from a transformer of the same dimensions."""
+    if not ttt_checkpoint:
+        return CogVideoXTTT.from_diffusers(model_dir, ttt=ttt)
+    path = Path(ttt_checkpoint)
+    if not _from_trainer(path):
+        return CogVideoXTTT.from_pretrained(path)
+    path = ckpt.resolve(path)
+    cfg = config_lib.load(path / ckpt.CONFIG_FILE)
+    if cfg.model.arch != "cogvideox-ttt":
+        raise UserError(f"checkpoint {path} is of model.arch {cfg.model.arch!r}, not cogvideox-ttt")
+    if cfg.train.adapter == "lora":
+        raise UserError(f"checkpoint {path} holds LoRA weights (train.adapter lora); --ttt-checkpoint takes "
+                        "full state dicts")
+    model_cfg = load_config(transformer_folder(model_dir) / CONFIG_FILE, **ttt_settings(cfg.model))
+    return CogVideoXTTT.from_weights(model_cfg, path / ckpt.MODEL_FILE)
+
+
 class CogVideoXGenerator:
     def __init__(self, model_dir, ttt_checkpoint=None, ttt="mlp", sampler=None, device="cpu", dtype=torch.float32):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,10 +133,7 @@ class CogVideoXGenerator:
         for sub, marker in (("vae", "config.json"), ("scheduler", "scheduler_config.json")):
             if not (folder / sub / marker).is_file():
                 raise UserError(f"model folder {folder} is missing {sub}/{marker}")
-        if ttt_checkpoint:
-            self.model = CogVideoXTTT.from_pretrained(ttt_checkpoint)
-        else:
-            self.model = CogVideoXTTT.from_diffusers(folder, ttt=ttt)
+        self.model = load_transformer(folder, ttt_checkpoint, ttt)
         self.model.to(device, dtype).eval().requires_grad_(False)
         self.encoder = T5TextEncoder(folder, device=device, dtype=dtype)
         self.vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(folder / "vae", local_files_only=True,

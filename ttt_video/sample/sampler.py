@@ -7,6 +7,7 @@ Latents `[B, C, F, h, w]`; captions: B lists of one caption per segment.
 import torch
 
 from ..diffusion.flow import sample_euler
+from ..errors import UserError
 from ..layers.dit import condition_input
 from ..train.trainer import encode_captions
 
@@ -17,6 +18,9 @@ def sample_batch(model, cfg, encoder, captions, steps=None, guidance_scale=None,
     as its condition (models with `condition_frames`) and held during sampling. `lead`
     `[B, C, K, h, w]`: leading frames held during sampling. Noise comes from `generator`, or from
     one seeded by `seed`. Returns the latents `[B, C, S * frames_per_scene, h, w]`."""
+    if cfg.diffusion.objective == "v-prediction":
+        raise UserError("this model was trained with v-prediction (CogVideoX); sample it with "
+                        "`ttt-video generate --model PIPELINE --ttt-checkpoint CHECKPOINT`")
     device = next(model.parameters()).device
     B, S = len(captions), len(captions[0])
     cond = encode_captions(encoder, captions)

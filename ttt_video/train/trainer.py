@@ -20,6 +20,7 @@ from ..data.cache import cached_text
 from ..data.dataset import EpochReport, collate, task_for
 from ..data.synthetic import SyntheticStoryboards
 from ..diffusion import build_objective
+from ..encoders.pipeline import fill_from_pipeline
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
@@ -51,6 +52,8 @@ def build_dataset(data_cfg):
         return CachedDataset(data_cfg) if data_cfg.cache_dir else ManifestDataset(data_cfg)
     if data_cfg.source != "synthetic":
         raise ValueError(f"unknown data source {data_cfg.source!r}; available: synthetic, manifest")
+    if data_cfg.segment_overlap:
+        raise UserError("data.segment_overlap needs data.source=manifest (synthetic storyboards do not overlap)")
     return SyntheticStoryboards(data_cfg.num_scenes, data_cfg.frames_per_scene, data_cfg.height, data_cfg.width,
                                 seed=data_cfg.seed, size=10**8)
 
@@ -186,10 +189,16 @@ def write_validation_samples(model, cfg, encoder, out_dir, step, num_videos):
 
 def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     """Train `cfg` into `output_dir`; returns the last checkpoint's path.
-    `text_cache`: optional file of precomputed caption embeddings (`ttt-video cache-text`)."""
+    `text_cache`: optional file of precomputed caption embeddings (`ttt-video cache-text`).
+    Empty text-encoder, VAE and scheduler settings are filled from the pipeline folder of
+    `model.pretrained` (`encoders/pipeline.py`); checkpoints record the filled config."""
     from accelerate import Accelerator
 
+    cfg = fill_from_pipeline(cfg)
     tc = cfg.train
+    if tc.validate_every and cfg.diffusion.objective == "v-prediction":
+        raise UserError("train.validate_every has no v-prediction sampler; set it to 0 and sample checkpoints "
+                        "with `ttt-video generate --model PIPELINE --ttt-checkpoint CHECKPOINT`")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tc.num_threads:
@@ -202,7 +211,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     if tc.init_from:
         ckpt.load_weights(model, ckpt.resolve(tc.init_from))
     model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha).to(device).train()
-    model.gradient_checkpointing = tc.grad_checkpointing
+    model.enable_gradient_checkpointing(tc.grad_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
@@ -221,7 +230,10 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     dataset = build_dataset(cfg.data)
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device, cache=text_cache,
                                  data_cfg=cfg.data)
-    if cfg.model.arch != "cogvideox-ttt" and encoder.dim != cfg.model.text_dim:
+    if encoder.dim != unwrapped.text_dim:
+        if cfg.model.pretrained:
+            raise UserError(f"the pretrained model takes text embeddings of width {unwrapped.text_dim} but the "
+                            f"text encoder gives {encoder.dim}; use the encoder it was trained with (data.t5_model)")
         raise UserError(f"model.text_dim is {cfg.model.text_dim} but the text encoder gives {encoder.dim}; "
                         f"set model.text_dim={encoder.dim}")
     objective = build_objective(cfg.diffusion)
