@@ -6,9 +6,10 @@ An objective turns clean latents into one training example and scores the predic
 model is called with; `loss(prediction, target, t)` -> scalar.
 """
 
+from .edm import EDM
 from .flow import FlowMatching
 
-OBJECTIVES = {"flow": FlowMatching}
+OBJECTIVES = {"flow": FlowMatching, "edm": EDM}
 
 
 def build_objective(diffusion_cfg):
