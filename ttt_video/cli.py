@@ -96,8 +96,9 @@ def cmd_generate(args):
         if captions:
             raise UsageError("give prompts or --storyboard, not both")
         captions = read_storyboard(args.storyboard)
-    if not captions:
-        raise UsageError("no prompts: give one caption per scene, or --storyboard FILE.json")
+    if not captions and not args.image:
+        raise UsageError("no prompts: give one caption per scene, or --storyboard FILE.json "
+                         "(a Stable Video Diffusion model takes --image alone)")
     if args.num_frames is not None and args.seconds is not None:
         raise UsageError("give --num-frames or --seconds, not both")
     _check_positive(args, "seconds", "fps", "num_frames")
@@ -280,7 +281,8 @@ def build_parser():
     g.add_argument("--height", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--width", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--dynamic-cfg", action="store_true", help="with --model: guidance rising over the steps")
-    g.add_argument("--image", help="an image the video starts from (a model trained with image conditioning)")
+    g.add_argument("--image", help="an image the video starts from (a model trained with image conditioning, "
+                                   "or Stable Video Diffusion: then no captions)")
     _sampling_args(g)
     _window_args(g)
     g.set_defaults(func=cmd_generate)

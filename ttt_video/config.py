@@ -33,12 +33,16 @@ class ModelConfig:
     ttt_base_lr: float = 1.0
     gate_init: float = 0.1
     ttt_impl: str = "auto"  # auto | torch | triton | reference
-    pretrained: str = ""  # arch "cogvideox-ttt": a local diffusers CogVideoX (transformer) folder
+    pretrained: str = ""  # arch "cogvideox-ttt": a local diffusers CogVideoX (transformer) folder;
+    # arch "svd": a local diffusers Stable Video Diffusion pipeline folder (or its unet/)
     attention_type: str = "st"  # arch "sora-dit": st (space, then time) | full (3D)
     num_persistent_tokens: int = 4  # arch "titans-dit": learned tokens every block attends to
     num_memory_tokens: int = 8  # arch "titans-dit": tokens read from each block's memory per segment
     memory_chunk_size: int = 64  # arch "titans-dit": tokens per chunk of a memory update
-    condition_frames: int = 0  # arch "tiny-dit": 1: the first latent frame is an image condition (i2v)
+    condition_frames: int = 0  # arch "tiny-dit", "svd": 1: the first latent frame is an image condition (i2v)
+    fps_id: int = 6  # arch "svd": the fps micro-condition (SVD was trained with the clip's fps - 1)
+    motion_bucket_id: int = 127  # arch "svd": the motion micro-condition (higher: more motion)
+    noise_aug_strength: float = 0.02  # arch "svd": noise added to the condition image, also a micro-condition
 
 
 @dataclass
@@ -72,12 +76,17 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "flow"  # flow | v-prediction (CogVideoX's DDPM, diffusion/vpred.py)
+    objective: str = "flow"  # flow | v-prediction (CogVideoX's DDPM, diffusion/vpred.py) | edm (SVD)
     scheduler: str = ""  # v-prediction: a diffusers scheduler_config.json or its folder; empty: the one of
     # the pipeline model.pretrained lies in, else CogVideoX-5B's values
     timestep_shift: float = 1.0
     steps: int = 20
-    guidance_scale: float = 4.0
+    guidance_scale: float = 4.0  # objective "edm": the last frame's scale
+    min_guidance_scale: float = 1.0  # objective "edm": the first frame's scale (rising linearly to guidance_scale)
+    p_mean: float = 0.7  # objective "edm": training ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.6
+    sigma_min: float = 0.002  # objective "edm": the sampler's Karras schedule
+    sigma_max: float = 700.0
 
 
 @dataclass

@@ -70,11 +70,36 @@ def cogvideox_5b_ttt(seconds):
     return cfg
 
 
+def svd_finetune(num_frames):
+    """Fine-tunes Stable Video Diffusion (image-to-video) on a manifest of your clips: 14 frames
+    (`stable-video-diffusion-img2vid`) or 25 (`-xt`) at 7 fps, in 576x1024, 1024x576 and 768x768
+    buckets, each item conditioned on its first frame (or its manifest `cond_image`). Set
+    `model.pretrained` to the local diffusers pipeline folder, `data.vae` to its `vae/`, and the
+    manifest. EDM training (ln sigma ~ N(0.7, 1.6^2)) of the UNet's temporal layers at 1e-5 in bf16
+    with gradient checkpointing; `train.adapter=full` trains the spatial layers too. 10% of items
+    drop the image (the unconditional input of the guidance, 1 on the first frame rising to 3 on
+    the last). `max_steps` is a starting point: set it for your data."""
+    cfg = Config()
+    m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
+    m.arch, m.in_channels, m.condition_frames = "svd", 4, 1
+    d.source, d.num_scenes, d.frames_per_scene, d.fps = "manifest", 1, num_frames, 7
+    d.height, d.width, d.buckets, d.i2v_ratio = 576, 1024, "576x1024,1024x576,768x768", 1.0
+    m.fps_id, m.motion_bucket_id, m.noise_aug_strength = d.fps - 1, 127, 0.02
+    diff.objective, diff.steps, diff.min_guidance_scale, diff.guidance_scale = "edm", 25, 1.0, 3.0
+    diff.p_mean, diff.p_std, diff.sigma_min, diff.sigma_max = 0.7, 1.6, 0.002, 700.0
+    t.adapter, t.lr, t.lr_schedule, t.warmup_steps, t.weight_decay = "temporal", 1e-5, "constant", 100, 0.0
+    t.batch_size, t.mixed_precision, t.grad_checkpointing, t.caption_dropout = 1, "bf16", True, 0.1
+    t.max_steps, t.save_every = 5000, 500
+    return cfg
+
+
 PRESETS = {
     "shapes-tiny": shapes_tiny,
     "sora-tiny": sora_tiny,
     "titans-tiny": titans_tiny,
     **{f"cogvideox-5b-ttt-{s}s": partial(cogvideox_5b_ttt, s) for s in CONTEXT_STAGES},
+    "svd-finetune": partial(svd_finetune, 14),
+    "svd-xt-finetune": partial(svd_finetune, 25),
 }
 
 

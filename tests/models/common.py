@@ -30,3 +30,35 @@ def check_shapes_and_gradients(model, nonzero=False):
     assert out.shape == x.shape
     out.square().mean().backward()
     assert all(p.grad is not None and (not nonzero or p.grad.abs().max() > 0) for p in model.parameters())
+
+
+def tiny_svd_pipeline(folder):
+    """A Stable Video Diffusion pipeline folder of tiny random components (the real classes):
+    UNet of two levels, VAE compressing 2x, CLIP vision tower at 224 pixels with 32-d embeddings."""
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), num_attention_heads=(2, 4),
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=4)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
+                                       down_block_types=("DownEncoderBlock2D",) * 2)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=32,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          image_size=224, patch_size=56))
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    scheduler = EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True, sigma_min=0.002,
+                                       sigma_max=700.0, timestep_type="continuous", timestep_spacing="leading",
+                                       steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012)
+    with torch.no_grad():  # the UNet's output layer starts at zero; perturb so every path carries signal
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=clip, unet=unet, scheduler=scheduler,
+                                        feature_extractor=processor)
+    pipe.save_pretrained(folder)
+    return pipe

@@ -6,10 +6,11 @@ An objective turns clean latents into one training example and scores the predic
 model is called with; `loss(prediction, target, t)` -> scalar.
 """
 
+from .edm import EDM
 from .flow import FlowMatching
 from .vpred import VPrediction
 
-OBJECTIVES = {"flow": FlowMatching, "v-prediction": VPrediction}
+OBJECTIVES = {"flow": FlowMatching, "v-prediction": VPrediction, "edm": EDM}
 
 
 def build_objective(diffusion_cfg):

@@ -5,8 +5,10 @@
 both and draw the sample at training time.
 
 - `identity`: latents are the pixels (mean = x, std = 0); the tiny models train on pixels.
-- a local diffusers folder (config.json + weights): `AutoencoderKL` (2D, applied frame by frame)
-  or `AutoencoderKLCogVideoX` (3D, compresses time), chosen by the config's `_class_name`.
+- a local diffusers folder (config.json + weights): `AutoencoderKL` (2D, applied frame by frame),
+  `AutoencoderKLTemporalDecoder` (Stable Video Diffusion's: encodes frame by frame, decodes
+  chunks of consecutive frames of one video together) or `AutoencoderKLCogVideoX` (3D,
+  compresses time), chosen by the config's `_class_name`.
 - `external`: any class following the protocol below, built as `Class(**init)` from its import
   path (`data.vae_module`, `data.vae_class`) and `data.vae_init_json` (a JSON object, inline or a
   file's path); `cogvideox_vae.CogVideoXVAE` is the example (docs/vae.md).
@@ -32,7 +34,7 @@ import torch
 
 from ..errors import UserError
 
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLCogVideoX")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLTemporalDecoder", "AutoencoderKLCogVideoX")
 
 
 def item_generator(seed):
@@ -73,9 +75,10 @@ class DiffusersVAE:
         self.model = getattr(diffusers, name).from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
         self.temporal = name == "AutoencoderKLCogVideoX"
+        self.temporal_decoder = name == "AutoencoderKLTemporalDecoder"
         cfg = self.model.config
         self.scaling_factor = cfg.scaling_factor
-        self.shift_factor = cfg.shift_factor or 0.0
+        self.shift_factor = cfg.get("shift_factor") or 0.0
         self.latent_channels = cfg.latent_channels
         downsamples = len(cfg.block_out_channels) - 1  # the last encoder block keeps its size
         self.temporal_compression = 1
@@ -111,6 +114,11 @@ class DiffusersVAE:
         z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
         if self.temporal:
             return self.model.decode(z).sample.float()
+        if self.temporal_decoder:  # its decoder mixes the frames of a chunk, so a chunk is one video's
+            videos = [torch.cat([self.model.decode(chunk, num_frames=chunk.shape[0]).sample
+                                 for chunk in video.transpose(0, 1).split(self.frames_per_chunk)])  # [F, 3, H, W]
+                      for video in z]
+            return torch.stack(videos).transpose(1, 2).float()
         return self._frames(lambda f: (self.model.decode(f).sample,), z)[0].float()
 
     def sample(self, video, seeds):

@@ -4,6 +4,7 @@ from tqdm.auto import tqdm
 
 from ..data.synthetic import held_out
 from ..encoders.text import build_text_encoder
+from ..errors import UserError
 from ..sample.export import video_to_uint8
 from ..sample.pipeline import bundled_checkpoint
 from ..sample.sampler import sample_batch
@@ -16,6 +17,8 @@ def evaluate(checkpoint=None, num_videos=32, num_scenes=None, steps=None, guidan
              batch_size=16, device="auto", text_cache=None, progress=True):
     """Mean scores over `num_videos` held-out storyboards (storyboard seeds 0..num_videos-1)."""
     model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+    if cfg.model.arch == "svd":
+        raise UserError("evaluate samples captioned storyboards; a Stable Video Diffusion model takes an image")
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
                                  data_cfg=cfg.data)
     num_scenes = num_scenes or cfg.data.num_scenes

@@ -2,13 +2,14 @@
 
 from .cogvideox_ttt import CogVideoXTTT, FrameworkCogVideoXTTT
 from .sora_dit import SoraDiT
+from .svd import SVD
 from .tiny_dit import TinyDiT
 from .titans_dit import TitansDiT
 
-__all__ = ["ARCHS", "CogVideoXTTT", "FrameworkCogVideoXTTT", "SoraDiT", "TinyDiT", "TitansDiT", "build_model"]
+__all__ = ["ARCHS", "CogVideoXTTT", "FrameworkCogVideoXTTT", "SVD", "SoraDiT", "TinyDiT", "TitansDiT", "build_model"]
 
 ARCHS = {"tiny-dit": TinyDiT, "cogvideox-ttt": FrameworkCogVideoXTTT.from_model_config, "sora-dit": SoraDiT,
-         "titans-dit": TitansDiT}
+         "titans-dit": TitansDiT, "svd": SVD}
 
 
 def build_model(cfg):
@@ -16,6 +17,6 @@ def build_model(cfg):
         cls = ARCHS[cfg.arch]
     except KeyError:
         raise ValueError(f"unknown model arch {cfg.arch!r}; available: {', '.join(sorted(ARCHS))}") from None
-    if cfg.condition_frames and cfg.arch != "tiny-dit":
-        raise ValueError(f"model.condition_frames (image-to-video) is implemented for tiny-dit only, not {cfg.arch}")
+    if cfg.condition_frames and cfg.arch not in ("tiny-dit", "svd"):
+        raise ValueError(f"model.condition_frames (image-to-video) is implemented for tiny-dit and svd, not {cfg.arch}")
     return cls(cfg)

@@ -1,7 +1,12 @@
 """Text-to-video generation: captions -> segments -> sampler -> frames -> mp4 + contact sheet.
 
 Image-to-video (`image`): a model trained with `model.condition_frames=1` takes the image as its
-condition, and the first frame is held at the image while sampling.
+condition, and the first frame is held at the image while sampling. A Stable Video Diffusion
+model (arch `svd`) takes the image and no captions; its video has `num_frames` frames (default:
+`num_scenes * frames_per_scene`), with no segments.
+
+Models working on VAE latents (`data.vae` not `identity`) get latents sized by the VAE, and the
+result is decoded through it.
 
 Segment rule: the model works in segments of `frames_per_scene` frames, one caption each.
 With no length given, each caption gets one segment. With a frame count, the video has
@@ -18,9 +23,12 @@ from pathlib import Path
 import torch
 
 from ..data.video import VideoError, read_image, to_tensor
+from ..encoders.svd_image import SVDImageEncoder
 from ..encoders.text import build_text_encoder
+from ..encoders.vae import vae_from_config
 from ..errors import UserError
 from ..fileio import read_json
+from ..models.svd import pipeline_folder
 from ..train.checkpoint import load_model
 from ..train.trainer import resolve_device
 from .export import contact_sheet, read_video, video_to_uint8, write_video
@@ -104,25 +112,39 @@ def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None,
     `window` (frames): generate window by window, each continuing the last `overlap` frames.
     `image`: an image file the video starts from (models trained with image conditioning)."""
     out = Path(out)
-    model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+    device = resolve_device(device)
+    model, cfg = load_model(checkpoint or bundled_checkpoint(), device)
+    svd = cfg.model.arch == "svd"
     cond_image = None
     if image is not None:
         if window:
             raise UserError("--image does not combine with --window")
         cond_image = load_condition_image(image, cfg)
+    elif svd:
+        raise UserError("a Stable Video Diffusion model generates from an image: give --image")
+    if svd and captions:
+        raise UserError("a Stable Video Diffusion model takes no captions, only --image")
     fps = fps or cfg.data.fps
     if seconds is not None:
         num_frames = max(1, round(seconds * fps))
     seg = cfg.data.frames_per_scene
-    plan, padded = plan_segments(len(captions), seg, num_frames)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
-                                 data_cfg=cfg.data)
+    vae = vae_from_config(cfg.data, device)
+    if svd:  # one video of exactly the requested frames, with no captions or segments
+        captions, plan, padded = [""], [0], num_frames or cfg.data.num_scenes * seg
+        encoder = SVDImageEncoder(pipeline_folder(cfg.model.pretrained), vae, cfg.model.noise_aug_strength, device)
+    else:
+        plan, padded = plan_segments(len(captions), seg, num_frames)
+        encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
+                                     data_cfg=cfg.data)
+        if cond_image is not None:
+            cond_image = vae.encode(cond_image)[0]
     if window:
         x = sliding_window(model, cfg, encoder, lambda k: captions[plan[min(k, len(plan) - 1)]], padded, window,
                            seg if overlap is None else overlap, steps, guidance_scale, seed, progress=progress)
     else:
         x = sample_batch(model, cfg, encoder, [[captions[i] for i in plan]], steps, guidance_scale, seed,
-                         progress, cond_image)[0]
+                         progress, cond_image, vae=vae, num_frames=padded if svd else None)[0]
+    x = vae.decode(x[None])[0]
     return _write(video_to_uint8(x.cpu().clamp(-1, 1))[: num_frames or padded], out, fps, seg)
 
 
@@ -132,6 +154,8 @@ def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, step
     window by window; the clip is resized to the model's resolution and kept as the opening."""
     out = Path(out)
     model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+    if cfg.model.arch == "svd":
+        raise UserError("extend continues a video through captions; a Stable Video Diffusion model takes an image")
     seg = cfg.data.frames_per_scene
     try:
         clip = read_video(video)  # [F, H, W, 3]

@@ -1,13 +1,17 @@
 """What a run trains: full, attention q/k/v/o only, TTT only, TTT with attention q/k/v/o (TTT-Video's
-later stages, gates included), or LoRA (through peft).
+later stages, gates included), the temporal layers of Stable Video Diffusion's UNet (its spatial
+layers are those of the image model it grew from), or LoRA (through peft).
 
 `apply_adapter(model, name)` freezes everything the mode does not train (and, for LoRA, adds
 the low-rank weights); the trainer then optimises exactly the parameters left trainable.
 """
 
-ADAPTERS = ("full", "qkvo", "ttt-qkvo", "ttt-only", "lora")
+ADAPTERS = ("full", "qkvo", "ttt-qkvo", "ttt-only", "temporal", "lora")
 # attention projections: the tiny DiT family's fused qkv and out, then CogVideoX's (diffusers' names)
 ATTENTION_MODULES = ("attn.qkv", "attn.out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out")
+# diffusers' UNetSpatioTemporalConditionModel: temporal resnets and transformers, their frame
+# position embedding, and the learned blend of spatial and temporal paths
+TEMPORAL_MODULES = ("temporal_res_block", "temporal_transformer_blocks", "time_pos_embed", "time_mixer")
 
 
 def _select(model, keep):
@@ -25,6 +29,8 @@ def apply_adapter(model, name, lora_rank=8, lora_alpha=8.0):
         return _select(model, lambda n: ".ttt." in f".{n}" or any(f".{m}." in f".{n}" for m in ATTENTION_MODULES))
     if name == "ttt-only":
         return _select(model, lambda n: ".ttt." in f".{n}")
+    if name == "temporal":
+        return _select(model, lambda n: any(f".{m}." in f".{n}" for m in TEMPORAL_MODULES))
     if name == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 

@@ -151,6 +151,20 @@ def image_condition(batch, x0, vae, indices, data_cfg):
     return condition_input(first, x0.shape[2], active)
 
 
+def svd_image_encoder(cfg, dataset, vae, device):
+    """The image encoder of an SVD run (`encoders.svd_image`), after checking the run's settings."""
+    from ..encoders.svd_image import SVDImageEncoder
+    from ..models.svd import pipeline_folder
+
+    if getattr(dataset, "has_text", False):
+        raise UserError("arch svd needs the condition frame's pixels (its CLIP embedding), which a latent "
+                        "cache does not hold; train without data.cache_dir")
+    if cfg.train.validate_every:
+        raise UserError("train.validate_every is not supported for arch svd; sample with generate --image")
+    folder = pipeline_folder(cfg.model.pretrained)
+    return SVDImageEncoder(folder, vae, cfg.model.noise_aug_strength, device)
+
+
 class EMA:
     """Exponential moving average of the trainable parameters."""
 
@@ -228,9 +242,10 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     unwrapped = accelerator.unwrap_model(model)
 
     dataset = build_dataset(cfg.data)
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device, cache=text_cache,
-                                 data_cfg=cfg.data)
-    if encoder.dim != unwrapped.text_dim:
+    svd = cfg.model.arch == "svd"  # conditioned on an image alone, which takes the captions' place
+    encoder = None if svd else build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
+                                                  cache=text_cache, data_cfg=cfg.data)
+    if not svd and encoder.dim != unwrapped.text_dim:
         if cfg.model.pretrained:
             raise UserError(f"the pretrained model takes text embeddings of width {unwrapped.text_dim} but the "
                             f"text encoder gives {encoder.dim}; use the encoder it was trained with (data.t5_model)")
@@ -243,6 +258,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                            accelerator.num_processes)
     epochs = EpochReport(dataset, sampler)
     vae = None if getattr(dataset, "has_text", False) else vae_from_config(cfg.data, device)
+    image_encoder = svd_image_encoder(cfg, dataset, vae, device) if svd else None
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=tc.num_workers)
     writer = None
@@ -272,7 +288,11 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                 x0 = vae.sample(batch["video"].to(device), [[cfg.data.seed, i] for i in sampler.indices(micro)])
             t, noise, drop = item_randomness(sampler.indices(micro), x0.shape[1:], len(batch["captions"][0]),
                                              tc.caption_dropout, objective, tc.seed)
-            if "text" in batch:
+            cond = None
+            if image_encoder is not None:
+                text, mask, cond = image_encoder.training_inputs(batch, x0.shape[2], sampler.indices(micro), drop,
+                                                                 tc.seed)
+            elif "text" in batch:
                 text, mask = cached_text(batch, dataset.empty_text, drop)
             else:
                 text, mask = encode_captions(encoder, batch["captions"], drop)
@@ -280,7 +300,8 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
             inputs = (xt, objective.model_timestep(t.to(device)), text.to(device), mask.to(device))
             with accelerator.accumulate(model), accelerator.autocast():
                 if cfg.model.condition_frames:
-                    cond = image_condition(batch, x0, vae, sampler.indices(micro), cfg.data)
+                    if cond is None:
+                        cond = image_condition(batch, x0, vae, sampler.indices(micro), cfg.data)
                     pred = model(*inputs, cond=cond)
                 else:
                     pred = model(*inputs)
