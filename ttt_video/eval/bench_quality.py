@@ -26,6 +26,7 @@ from ..models import build_model
 from ..presets import get_preset
 from ..train.trainer import train
 from .evaluate import evaluate
+from .scorer import CHANCE
 
 MIXERS = {
     "attention": ["model.seq_mixer=attention"],
@@ -113,8 +114,10 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mixer, r in results.items():
         lengths = sorted(r["runs"][0]["scores"], key=int)
-        means = [np.nanmean([run["scores"][n]["consistency"] for run in r["runs"]]) for n in lengths]
-        ax.plot([int(n) for n in lengths], means, marker="o", label=mixer)
+        vals = [[run["scores"][n]["consistency"] for run in r["runs"]] for n in lengths]
+        ax.errorbar([int(n) for n in lengths], np.nanmean(vals, 1), yerr=np.nanstd(vals, 1), marker="o", capsize=3,
+                    label=mixer)
+    ax.axhline(CHANCE["consistency"], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("scenes per video")
     ax.set_ylabel("cross-scene consistency")
     ax.legend()
