@@ -203,7 +203,8 @@ def cmd_evaluate(args):
     print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
 
 
-BENCHMARKS = {"ttt": "bench_ttt", "data": "bench_data", "seams": "seams", "quality": "bench_quality"}
+BENCHMARKS = {"ttt": "bench_ttt", "data": "bench_data", "seams": "seams", "quality": "bench_quality",
+              "cogvideox": "bench_cogvideox"}
 
 
 def cmd_bench(args, rest):

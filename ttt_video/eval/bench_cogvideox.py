@@ -1,0 +1,173 @@
+"""CogVideoX-5B with and without TTT on one GPU: random weights, bf16, one run, ratios.
+
+Rows (B = 1 unless stated; 480x720, 13 latent frames per 3 s segment, 226 text tokens each):
+- 3 s forward: this package's CogVideoX (TTT off) against diffusers' `CogVideoXTransformer3DModel`
+  called the way `CogVideoXPipeline` calls it (its 3D RoPE tables precomputed once, as there).
+- 3 s sampling step with guidance (batch 2, conditional and unconditional): both models, and
+  50 such steps; the scheduler's arithmetic is not timed (microseconds against seconds).
+- 63 s (21 segments, 253 latent frames) forward and forward+backward (gradient checkpointing,
+  the training setting) of `--layers` blocks: TTT off, TTT-Linear, TTT-MLP. Every block costs
+  the same, so the ratios hold for the 42-block model; its time is the per-block time x 42
+  (printed beside it). The full 42 blocks do not fit one 80 GB GPU for forward+backward at 63 s
+  (each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes = 2.2 GB).
+Peak memory is `torch.cuda.max_memory_allocated` of each row.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ..models.cogvideox_ttt import CogVideoXTTT, CogVideoXTTTConfig
+
+COGVIDEOX_5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
+LATENT_H, LATENT_W, TEXT_LEN, FRAMES_PER_SEGMENT = 60, 90, 226, 13
+DEPTH_5B = 42
+
+
+def _time_s(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_gb(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def ours(ttt, layers, device):
+    with torch.device(device):
+        model = CogVideoXTTT(CogVideoXTTTConfig(**{**COGVIDEOX_5B, "num_layers": layers}, ttt=ttt))
+    return model.to(torch.bfloat16).eval()
+
+
+def diffusers_model(layers, device):
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device(device):
+        model = CogVideoXTransformer3DModel(**{**COGVIDEOX_5B, "num_layers": layers})
+    return model.to(torch.bfloat16).eval()
+
+
+def pipeline_rope(frames, device):
+    """The RoPE tables as diffusers' CogVideoXPipeline builds them at 480x720."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    gh, gw = LATENT_H // 2, LATENT_W // 2
+    crops = get_resize_crop_region_for_grid((gh, gw), gw, gh)
+    return tuple(t.to(device) for t in get_3d_rotary_pos_embed(64, crops, (gh, gw), frames))
+
+
+def inputs(segments, batch, device):
+    frames = segments * (FRAMES_PER_SEGMENT - 1) + 1
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, frames, 16, LATENT_H, LATENT_W, device=device, generator=g, dtype=torch.bfloat16)
+    text = torch.randn(batch, segments, TEXT_LEN, 4096, device=device, generator=g, dtype=torch.bfloat16)
+    return x, (text[:, 0] if segments == 1 else text), torch.full((batch,), 500.0, device=device)
+
+
+def short_rows(reps, device, sampling_steps):
+    rows = {}
+    x, text, t = inputs(1, 1, device)
+    x2, text2, t2 = inputs(1, 2, device)
+    rope = pipeline_rope(FRAMES_PER_SEGMENT, device)
+    makers = {"diffusers": lambda: diffusers_model(DEPTH_5B, device), "ours": lambda: ours(None, DEPTH_5B, device)}
+    for name, make in makers.items():
+        model = make()
+        if name == "diffusers":
+            def fwd(x, text, t):
+                return model(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
+                             return_dict=False)[0]
+        else:
+            def fwd(x, text, t):
+                return model(x, text, t)
+        with torch.no_grad():
+            rows[f"3s forward, {name}"] = {"s": _time_s(lambda: fwd(x, text, t), reps),
+                                           "peak_gb": _peak_gb(lambda: fwd(x, text, t))}
+            step = _time_s(lambda: fwd(x2, text2, t2), reps)
+            rows[f"3s sampling step (batch 2), {name}"] = {"s": step}
+            rows[f"3s {sampling_steps}-step sampling, {name}"] = {"s": step * sampling_steps}
+        model = None  # free it before the next one is built
+        torch.cuda.empty_cache()
+    return rows
+
+
+def long_rows(layers, reps, device, segments):
+    rows = {}
+    x, text, t = inputs(segments, 1, device)
+    for ttt in (None, "linear", "mlp"):
+        name = f"ttt-{ttt}" if ttt else "ttt off"
+        model = ours(ttt, layers, device)
+        with torch.no_grad():
+            fwd = _time_s(lambda: model(x, text, t), reps)
+            fwd_peak = _peak_gb(lambda: model(x, text, t))
+        model.train().enable_gradient_checkpointing()
+
+        def train_step():
+            model(x, text, t).float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        both = _time_s(train_step, max(1, reps - 1))
+        rows[f"{segments * 3}s forward, {layers} blocks, {name}"] = {
+            "s": fwd, "peak_gb": fwd_peak, "s_42_blocks": fwd / layers * DEPTH_5B}
+        rows[f"{segments * 3}s forward+backward, {layers} blocks, {name}"] = {
+            "s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
+        model = None  # free it before the next one is built
+        torch.cuda.empty_cache()
+    return rows
+
+
+def ratios(rows, segments, layers, sampling_steps):
+    out = {}
+    if "3s forward, ours" in rows:
+        out["3s forward: ours / diffusers (target <= 1.1)"] = \
+            rows["3s forward, ours"]["s"] / rows["3s forward, diffusers"]["s"]
+        out[f"3s {sampling_steps}-step sampling: ours / diffusers"] = \
+            rows[f"3s {sampling_steps}-step sampling, ours"]["s"] / rows[f"3s {sampling_steps}-step sampling, diffusers"]["s"]
+    s = segments * 3
+    for kind, target in (("forward", 1.3), ("forward+backward", 1.6)):
+        off = rows[f"{s}s {kind}, {layers} blocks, ttt off"]["s"]
+        for ttt in ("linear", "mlp"):
+            out[f"{s}s {kind}: ttt-{ttt} / ttt off (target <= {target})"] = \
+                rows[f"{s}s {kind}, {layers} blocks, ttt-{ttt}"]["s"] / off
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="ttt-video bench cogvideox", description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4, help="blocks in the long-video rows (every block costs the same)")
+    p.add_argument("--segments", type=int, default=21, help="3 s segments in the long-video rows (21: 63 s)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--sampling-steps", type=int, default=50)
+    p.add_argument("--skip-diffusers", action="store_true", help="only the long-video rows")
+    p.add_argument("--json", default=None, help="also write the rows and ratios to this file")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = "cuda"
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
+    rows = {} if a.skip_diffusers else short_rows(a.reps, device, a.sampling_steps)
+    rows.update(long_rows(a.layers, a.reps, device, a.segments))
+    for name, r in rows.items():
+        extra = "".join(f"  {k} {v:.2f}" for k, v in r.items() if k != "s")
+        print(f"{name:<52} {r['s'] * 1000:>10.1f} ms{extra}")
+    result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps)}
+    for name, v in result["ratios"].items():
+        print(f"{name:<60} {v:.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
