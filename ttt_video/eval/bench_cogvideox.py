@@ -10,7 +10,9 @@ Rows (B = 1 unless stated; 480x720, 13 latent frames per 3 s segment, 226 text t
   the same, so the ratios hold for the 42-block model; its time is the per-block time x 42
   (printed beside it). The full 42 blocks do not fit one 80 GB GPU for forward+backward at 63 s
   (each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes = 2.2 GB).
-Peak memory is `torch.cuda.max_memory_allocated` of each row.
+Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
+reported as such (the TTT rows' forward+backward at 63 s on an 80 GB GPU) — run `--segments 6`
+(18 s) for forward+backward ratios that fit.
 """
 
 import argparse
@@ -79,6 +81,12 @@ def inputs(segments, batch, device):
     return x, (text[:, 0] if segments == 1 else text), torch.full((batch,), 500.0, device=device)
 
 
+def report(rows, name, row):
+    rows[name] = row
+    extra = "".join(f"  {k} {v:.2f}" for k, v in row.items() if k not in ("s", "oom"))
+    print(f"{name:<52} " + ("out of memory" if row.get("oom") else f"{row['s'] * 1000:>10.1f} ms") + extra, flush=True)
+
+
 def short_rows(reps, device, sampling_steps):
     rows = {}
     x, text, t = inputs(1, 1, device)
@@ -95,11 +103,11 @@ def short_rows(reps, device, sampling_steps):
             def fwd(x, text, t):
                 return model(x, text, t)
         with torch.no_grad():
-            rows[f"3s forward, {name}"] = {"s": _time_s(lambda: fwd(x, text, t), reps),
-                                           "peak_gb": _peak_gb(lambda: fwd(x, text, t))}
+            report(rows, f"3s forward, {name}", {"s": _time_s(lambda: fwd(x, text, t), reps),
+                                                 "peak_gb": _peak_gb(lambda: fwd(x, text, t))})
             step = _time_s(lambda: fwd(x2, text2, t2), reps)
-            rows[f"3s sampling step (batch 2), {name}"] = {"s": step}
-            rows[f"3s {sampling_steps}-step sampling, {name}"] = {"s": step * sampling_steps}
+            report(rows, f"3s sampling step (batch 2), {name}", {"s": step})
+            report(rows, f"3s {sampling_steps}-step sampling, {name}", {"s": step * sampling_steps})
         model = None  # free it before the next one is built
         torch.cuda.empty_cache()
     return rows
@@ -113,18 +121,21 @@ def long_rows(layers, reps, device, segments):
         model = ours(ttt, layers, device)
         with torch.no_grad():
             fwd = _time_s(lambda: model(x, text, t), reps)
-            fwd_peak = _peak_gb(lambda: model(x, text, t))
+            report(rows, f"{segments * 3}s forward, {layers} blocks, {name}", {
+                "s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B})
         model.train().enable_gradient_checkpointing()
 
         def train_step():
             model(x, text, t).float().square().mean().backward()
             model.zero_grad(set_to_none=True)
 
-        both = _time_s(train_step, max(1, reps - 1))
-        rows[f"{segments * 3}s forward, {layers} blocks, {name}"] = {
-            "s": fwd, "peak_gb": fwd_peak, "s_42_blocks": fwd / layers * DEPTH_5B}
-        rows[f"{segments * 3}s forward+backward, {layers} blocks, {name}"] = {
-            "s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
+        try:
+            both = _time_s(train_step, max(1, reps - 1))
+            row = {"s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            row = {"s": float("nan"), "oom": True}
+        report(rows, f"{segments * 3}s forward+backward, {layers} blocks, {name}", row)
         model = None  # free it before the next one is built
         torch.cuda.empty_cache()
     return rows
@@ -162,9 +173,6 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
     rows = {} if a.skip_diffusers else short_rows(a.reps, device, a.sampling_steps)
     rows.update(long_rows(a.layers, a.reps, device, a.segments))
-    for name, r in rows.items():
-        extra = "".join(f"  {k} {v:.2f}" for k, v in r.items() if k != "s")
-        print(f"{name:<52} {r['s'] * 1000:>10.1f} ms{extra}")
     result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps)}
     for name, v in result["ratios"].items():
         print(f"{name:<60} {v:.3f}")
