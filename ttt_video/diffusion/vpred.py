@@ -17,12 +17,12 @@ mean squared error of v, which is what `loss` computes (no division by 1 - ab ne
 Latents any layout `[B, ...]`.
 """
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..fileio import read_json
 
 SCHEDULER_FILE = "scheduler_config.json"
 # CogVideoX-5B's scheduler config (the values a pipeline folder's file would give)
@@ -60,12 +60,7 @@ def read_scheduler_config(path):
     path = Path(path)
     if path.is_dir():
         path = path / SCHEDULER_FILE
-    if not path.is_file():
-        raise UserError(f"scheduler config not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path, "scheduler config")
     values = {**COGVIDEOX_5B, **{k: v for k, v in data.items() if k in COGVIDEOX_5B}}
     if values["prediction_type"] != "v_prediction":
         raise UserError(f"{path}: prediction_type is {values['prediction_type']!r}; "

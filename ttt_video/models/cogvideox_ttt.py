@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..fileio import atomic_file, write_text_atomic
+from ..fileio import atomic_file, read_json, write_text_atomic
 from ..layers.rope import apply_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
 from ..layers.ttt import BidirectionalTTT
@@ -114,11 +114,7 @@ def load_config(path, **overrides):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model folder {path.parent} is missing {path.name}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    data = {k: v for k, v in read_json(path, "model config").items() if not k.startswith("_")}
     names = {f.name for f in dataclasses.fields(CogVideoXTTTConfig)}
     for source, keys in ((path, data), ("overrides", overrides)):
         unknown = sorted(set(keys) - names)
