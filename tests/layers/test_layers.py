@@ -77,3 +77,19 @@ def test_memory_stays_bounded_when_its_value_projection_grows():
         state = memory.update(state, torch.randn(2, 256, 64))
     assert all(torch.isfinite(w).all() and w.abs().max() < 10 for w in state.values())
     assert torch.isfinite(memory.read(state)).all()
+
+
+def test_ttt_op_gets_one_activation_dtype_under_autocast(monkeypatch):
+    import ttt_video.layers.ttt as ttt_layer
+
+    seen = []
+
+    def op(q, k, v, eta, *weights, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q
+    monkeypatch.setattr(ttt_layer, "ttt_mlp", op)
+    layer = TTT(64, 4, kind="mlp", mini_batch_size=16)
+    cos, sin = rope_3d(2, 2, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(1, 16, 64), cos, sin)
+    assert seen == [(torch.bfloat16,) * 3]  # the norms run in float32 under autocast; the op must not

@@ -157,6 +157,8 @@ def test_supports_and_errors():
         assert triton_impl.supports(torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16, device=DEVICE))
         assert not triton_impl.supports(torch.zeros(1, 1, 8, 48, dtype=torch.bfloat16, device=DEVICE))
         assert not triton_impl.supports(torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16, device=DEVICE))
+        assert not triton_impl.supports(torch.zeros(1, 1, 8, 64, device=DEVICE), mlp=True)  # float32 MLP
+        assert triton_impl.supports(torch.zeros(1, 1, 8, 64, device=DEVICE), mlp=False)
     args = _inputs("linear", 20, seed=0)
     with pytest.raises(ValueError, match="mini-batch"):
         triton_impl.ttt_linear(*args, mini_batch_size=24)

@@ -42,12 +42,15 @@ class TTT(nn.Module):
     def forward(self, x, cos, sin, reverse=False):
         """x `[B, L, D]`; cos/sin `[L, Dh]` (identity rows for text). reverse runs the scan back to front."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = apply_rope(F.normalize(q, dim=-1), cos, sin)  # [B, H, L, Dh]
         k = apply_rope(F.normalize(k, dim=-1), cos, sin)
         d = v - k  # reconstruction target v' = LN_h(v - k) + k
         d = F.layer_norm(d.float(), (self.head_dim,), eps=1e-6).to(d.dtype)
         v = d * self.ln_weight[:, None] + self.ln_bias[:, None] + k
+        # the op in the projection's dtype: under autocast the norms above return float32
+        q, k, v = (t.to(qkv.dtype) for t in (q, k, v))
         eta = self.base_lr * torch.sigmoid(self.lr_gate(x)) / (self.head_dim * self.mini_batch_size)
         eta = eta.transpose(1, 2)  # [B, H, L]
         if reverse:

@@ -25,9 +25,13 @@ HEAD_DIMS = (16, 32, 64)
 MINI_BATCH_SIZES = (16, 32, 64, 128)
 
 
-def supports(q):
-    """True where these kernels run: CUDA (sm80+), float16/bfloat16/float32, head dim 16, 32 or 64."""
+def supports(q, mlp=True):
+    """True where these kernels run: CUDA (sm80+), float16/bfloat16 with head dim 16, 32 or 64, and
+    float32 up to head dim 32 for TTT-MLP (at 64 its float32 operands need 320 KB of shared
+    memory per program, more than an H100 or H200 has)."""
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if mlp and q.dtype == torch.float32 and q.shape[-1] > 32:
         return False
     return q.shape[-1] in HEAD_DIMS and torch.cuda.get_device_capability(q.device)[0] >= 8
 
@@ -719,6 +723,7 @@ def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, ca
         raise ValueError(f"triton TTT supports head dim {HEAD_DIMS} and mini-batch {MINI_BATCH_SIZES}, "
                          f"got {D} and {mini_batch_size}")
     N = B * H
+    k, v = k.to(q.dtype), v.to(q.dtype)  # one activation dtype (autocast may leave them mixed)
     keys = tuple(weights)
     if initial_state is None:
         state0 = [w.float().unsqueeze(0).expand(B, *w.shape).reshape(N, *w.shape[1:]) for w in weights.values()]
