@@ -65,6 +65,36 @@ def cmd_train(args):
         print(f"loss log: {out / 'loss.jsonl'}")
 
 
+def cmd_plan(args):
+    from .train.plan import format_plan, measure, parse_memory, plan
+    from .train.trainer import resolve_device
+
+    budget = parse_memory(args.gpu_memory)
+    cfg = _load_config(args)
+    device = resolve_device(args.device)
+    if args.measure and not device.startswith("cuda"):
+        raise UsageError("--measure reads the CUDA allocator's peak: it needs a CUDA device")
+    rows, proposal = plan(cfg, budget)
+    measured = None
+    if args.measure:
+        import torch
+
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        measured = {}
+        for r in rows:  # only what the estimate says this card holds: an out-of-memory error proves nothing
+            if r.total <= 0.9 * free:
+                measured[r.batch_size, r.checkpointing] = measure(cfg, r.batch_size, r.checkpointing, device)[0]
+                torch.cuda.empty_cache()
+    print(format_plan(cfg, rows, proposal, budget, measured))
+
+
+def cmd_export_lora(args):
+    from .train.lora_export import export_lora
+
+    _check_writable(args.out)
+    print(f"LoRA weights: {export_lora(args.checkpoint, args.out)}")
+
+
 def cmd_generate_cogvideox(args):
     from .sample.cogvideox import generate
     from .train.trainer import resolve_device
@@ -204,7 +234,7 @@ def cmd_evaluate(args):
 
 
 BENCHMARKS = {"ttt": "bench_ttt", "data": "bench_data", "seams": "seams", "quality": "bench_quality",
-              "cogvideox": "bench_cogvideox"}
+              "cogvideox": "bench_cogvideox", "parallel": "bench_parallel"}
 
 
 def cmd_bench(args, rest):
@@ -260,6 +290,19 @@ def build_parser():
     t.add_argument("--no-progress", action="store_true")
     _vae_args(t)
     t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("plan", help="estimate training memory and propose batch, accumulation and checkpointing")
+    _recipe_args(m)
+    m.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 24GB, 80GiB, 24000MB")
+    m.add_argument("--measure", action="store_true",
+                   help="also run a few training steps of every fitting row on this CUDA device and print the peaks")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_plan)
+
+    lx = sub.add_parser("export-lora", help="write a LoRA checkpoint's weights in diffusers' format")
+    lx.add_argument("checkpoint", help="checkpoint or run folder of a cogvideox-ttt run with train.adapter=lora")
+    lx.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
+    lx.set_defaults(func=cmd_export_lora)
 
     c = sub.add_parser("cache-text", help="precompute the caption embeddings of a preset's synthetic data")
     _recipe_args(c, config=False)

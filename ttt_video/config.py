@@ -35,6 +35,7 @@ class ModelConfig:
     ttt_impl: str = "auto"  # auto | torch | triton | reference
     pretrained: str = ""  # arch "cogvideox-ttt": a local diffusers CogVideoX (transformer) folder;
     # arch "svd": a local diffusers Stable Video Diffusion pipeline folder (or its unet/)
+    segment_frames: int = 0  # arch "cogvideox-ttt": latent frames per segment; 0: the pretrained config's (13)
     attention_type: str = "st"  # arch "sora-dit": st (space, then time) | full (3D)
     num_persistent_tokens: int = 4  # arch "titans-dit": learned tokens every block attends to
     num_memory_tokens: int = 8  # arch "titans-dit": tokens read from each block's memory per segment
@@ -112,6 +113,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     ttt_lr: float = 0.0  # learning rate of TTT parameters; 0: same as lr
     adapter: str = "full"  # full | qkvo | ttt-only | lora
+    frozen_dtype: str = "float32"  # float32 | bfloat16 | float16: storage of the weight matrices the adapter freezes
     init_from: str = ""  # start from this checkpoint's model weights (a new run, not a resume)
     lora_rank: int = 8
     lora_alpha: float = 8.0

@@ -93,6 +93,38 @@ def svd_finetune(num_frames):
     return cfg
 
 
+# seconds: (segments, frames per segment at 8 fps, height, width)
+RTX4090_SECONDS = {3: (1, 24, 480, 720), 5: (2, 20, 480, 720), 10: (4, 20, 352, 528)}
+
+
+def rtx4090(seconds):
+    """A TTT fine-tune of CogVideoX-2B that fits a 24 GB GPU (RTX 4090 class) at the 2B's native
+    8 fps: videos of 3 or 5 s at 480x720 and of 10 s at 352x528 (the same 2:3 frame, 0.54 of the
+    tokens), in segments of about 3 s (3 s does not divide 5 or 10, so those use 2.5 s), 226 T5
+    tokens per segment. The pretrained transformer stays frozen, stored in bf16; the new TTT layers
+    and their gates train (`ttt-only`, float32 weights and AdamW state) in bf16 autocast with
+    gradient checkpointing, one video per micro-batch and 4 accumulated per step.
+    `ttt-video plan --preset rtx4090-10s --gpu-memory 24GB` shows the budget. Set `model.pretrained`
+    to the local diffusers CogVideoX-2B folder; precompute text embeddings so the T5 encoder is not
+    loaded beside it."""
+    if seconds not in RTX4090_SECONDS:
+        raise ConfigError(f"no 24 GB preset of {seconds} s; lengths: {', '.join(map(str, RTX4090_SECONDS))}")
+    segments, frames, height, width = RTX4090_SECONDS[seconds]
+    cfg = Config()
+    m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
+    m.arch, m.seq_mixer, m.ttt_mini_batch_size, m.gate_init = "cogvideox-ttt", "ttt-mlp", 64, 0.1
+    m.segment_frames = frames // 4 + 1  # the VAE keeps one latent frame per 4 frames, plus the shared one
+    d.source, d.num_scenes, d.fps, d.height, d.width = "manifest", segments, 8, height, width
+    d.frames_per_scene, d.segment_overlap = frames + 1, 1  # neighbouring segments share a frame
+    d.text_encoder, d.text_max_length, d.vae = "t5", 226, ""  # T5 and VAE: the pipeline's
+    diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
+    t.adapter, t.frozen_dtype, t.lr, t.ttt_lr = "ttt-only", "bfloat16", 1e-4, 1e-4
+    t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
+    t.batch_size, t.grad_accum_steps, t.mixed_precision, t.grad_checkpointing = 1, 4, "bf16", True
+    t.max_steps, t.save_every = 2000, 250
+    return cfg
+
+
 PRESETS = {
     "shapes-tiny": shapes_tiny,
     "sora-tiny": sora_tiny,
@@ -100,6 +132,7 @@ PRESETS = {
     **{f"cogvideox-5b-ttt-{s}s": partial(cogvideox_5b_ttt, s) for s in CONTEXT_STAGES},
     "svd-finetune": partial(svd_finetune, 14),
     "svd-xt-finetune": partial(svd_finetune, 25),
+    **{f"rtx4090-{s}s": partial(rtx4090, s) for s in RTX4090_SECONDS},
 }
 
 

@@ -218,3 +218,50 @@ def test_image_to_video_run_starts_from_an_unconditioned_checkpoint(tmp_path):
     assert weights["cond_embed.weight"].abs().sum() > 0
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "i2v" / "loss.jsonl")]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_fp16_on_bf16_weights_warns_once(tmp_path):
+    import warnings
+
+    from ttt_video.models import build_model
+    from ttt_video.train.trainer import warn_fp16_on_bf16
+
+    cfg = tiny(1)
+    ckpt.save_checkpoint(tmp_path / "bf16", 1, build_model(cfg.model).to(torch.bfloat16), cfg)
+    ckpt.save_checkpoint(tmp_path / "fp32", 1, build_model(cfg.model), cfg)
+    cfg.train.mixed_precision, cfg.train.init_from = "fp16", str(tmp_path / "bf16")
+    expected = r"mixed_precision=fp16, but the starting weights in .*bf16.* are bf16"
+    with pytest.warns(UserWarning, match=expected) as seen:
+        warn_fp16_on_bf16(cfg)
+    assert len(seen) == 1
+    from diffusers import CogVideoXTransformer3DModel
+
+    from ..models.test_cogvideox_ttt import TINY as COGVIDEOX
+
+    CogVideoXTransformer3DModel(**COGVIDEOX).to(torch.bfloat16).save_pretrained(tmp_path / "cogvideox" / "transformer")
+    cog = apply_overrides(Config(), ["model.arch=cogvideox-ttt", f"model.pretrained={tmp_path / 'cogvideox'}",
+                                     "train.mixed_precision=fp16"])
+    with pytest.warns(UserWarning, match="diffusion_pytorch_model.safetensors are bf16"):
+        warn_fp16_on_bf16(cog)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for weights, precision in (("bf16", "bf16"), ("fp32", "fp16")):
+            warn_fp16_on_bf16(apply_overrides(tiny(1), [f"train.init_from={tmp_path / weights}",
+                                                        f"train.mixed_precision={precision}"]))
+
+
+def test_frozen_weights_in_bf16_train_the_adapter_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # a process of its own: Accelerate fixes the mixed precision once per process
+    sets = [a for s in TINY + ["train.max_steps=2", "train.adapter=ttt-only", "train.mixed_precision=bf16",
+                               "train.frozen_dtype=bfloat16", "train.device=cpu", "train.tensorboard=false"]
+            for a in ("--set", s)]
+    p = subprocess.run([sys.executable, "-m", "ttt_video.cli", "train", *sets, "--output-dir", str(tmp_path),
+                        "--no-progress"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert weights["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    assert weights["blocks.0.ttt.ttt.qkv.weight"].dtype == torch.float32

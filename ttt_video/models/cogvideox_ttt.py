@@ -203,8 +203,10 @@ class Segments:
         if num_frames != num_segments * (n - 1) + 1:
             raise UserError(f"{num_segments} segments of {n} latent frames sharing one frame need "
                             f"{num_segments * (n - 1) + 1} latent frames, got {num_frames}")
-        self.index = (torch.arange(num_segments)[:, None] * (n - 1) + torch.arange(n)[None]).to(device)  # [S, n]
-        self.count = torch.bincount(self.index.flatten(), minlength=num_frames)
+        index = torch.arange(num_segments)[:, None] * (n - 1) + torch.arange(n)[None]  # [S, n]
+        # counted on the CPU: bincount has no meta kernel (memory planning runs the model on meta)
+        self.count = torch.bincount(index.flatten(), minlength=num_frames).to(device)
+        self.index = index.to(device)
 
     def split(self, x):
         if self.num_segments == 1:
@@ -478,7 +480,7 @@ class CogVideoXTTT(nn.Module):
     @classmethod
     def from_model_config(cls, model_cfg):
         """Build from the project's `ModelConfig` (arch "cogvideox-ttt"): the pretrained folder in
-        `pretrained`, the TTT from `seq_mixer` and the `ttt_*` / `gate_init` fields."""
+        `pretrained`, the TTT from `seq_mixer`, the `ttt_*` / `gate_init` fields and `segment_frames`."""
         if not model_cfg.pretrained:
             raise UserError("model.pretrained must name a local diffusers CogVideoX folder for arch cogvideox-ttt")
         return cls.from_diffusers(model_cfg.pretrained, **ttt_settings(model_cfg))
@@ -520,11 +522,13 @@ class FrameworkCogVideoXTTT(CogVideoXTTT):
 
 
 def ttt_settings(model_cfg):
-    """The project's `ModelConfig` (`seq_mixer`, `ttt_*`, `gate_init`) as `CogVideoXTTTConfig` overrides."""
+    """The project's `ModelConfig` (`seq_mixer`, `ttt_*`, `gate_init`, `segment_frames`) as
+    `CogVideoXTTTConfig` overrides."""
     mixer = model_cfg.seq_mixer
+    extra = {"segment_frames": model_cfg.segment_frames} if model_cfg.segment_frames else {}
     return {"ttt": {"attention": None, "ttt-mlp": "mlp", "ttt-linear": "linear"}.get(mixer, mixer),
             "ttt_mini_batch_size": model_cfg.ttt_mini_batch_size, "ttt_base_lr": model_cfg.ttt_base_lr,
-            "gate_init": model_cfg.gate_init, "ttt_impl": model_cfg.ttt_impl}
+            "gate_init": model_cfg.gate_init, "ttt_impl": model_cfg.ttt_impl, **extra}
 
 
 def transformer_folder(path):

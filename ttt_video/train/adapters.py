@@ -6,6 +6,10 @@ layers are those of the image model it grew from), or LoRA (through peft).
 the low-rank weights); the trainer then optimises exactly the parameters left trainable.
 """
 
+import torch
+
+from ..config import ConfigError
+
 ADAPTERS = ("full", "qkvo", "ttt-qkvo", "ttt-only", "temporal", "lora")
 # attention projections: the tiny DiT family's fused qkv and out, then CogVideoX's (diffusers' names)
 ATTENTION_MODULES = ("attn.qkv", "attn.out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out")
@@ -39,6 +43,23 @@ def apply_adapter(model, name, lora_rank=8, lora_alpha=8.0):
                             target_modules=[m for m in ATTENTION_MODULES])
         return inject_adapter_in_model(config, model)
     raise ValueError(f"unknown adapter {name!r}; choose one of {ADAPTERS}")
+
+
+FROZEN_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cast_frozen(model, dtype, mixed_precision):
+    """Store the weight matrices the adapter froze in `dtype` ("bfloat16" halves a frozen base's
+    memory; autocast computes with them as it would with float32 ones). Trained parameters and
+    frozen vectors (norms, biases: few bytes, and some kernels want them in float32) stay float32."""
+    if dtype not in FROZEN_DTYPES:
+        raise ConfigError(f"unknown train.frozen_dtype {dtype!r}; choose one of {', '.join(FROZEN_DTYPES)}")
+    if dtype != "float32" and mixed_precision not in ("bf16", "fp16"):
+        raise ConfigError(f"train.frozen_dtype={dtype} needs train.mixed_precision=bf16 or fp16 (autocast)")
+    for p in model.parameters():
+        if not p.requires_grad and p.dim() >= 2:
+            p.data = p.data.to(getattr(torch, dtype))
+    return model
 
 
 def trainable_state_dict(model):

@@ -28,13 +28,15 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(run_dir, step, model, cfg, training_state=None, save_limit=None, ema=None):
-    """Write `run_dir/checkpoint-<step>` atomically, point `last` at it, prune old ones."""
+    """Write `run_dir/checkpoint-<step>` atomically, point `last` at it, prune old ones. `model` is
+    a module or its state dict (the trainer passes one gathered from every process)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
     tmp = temp_dir_beside(final)
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = model if isinstance(model, dict) else model.state_dict()
+        weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(weights, tmp / MODEL_FILE, metadata={"step": str(step)})
         config_lib.save(cfg, tmp / CONFIG_FILE)
         if training_state is not None:

@@ -1,7 +1,7 @@
 """The training loop: data -> objective -> model -> loss -> AdamW -> checkpoints, logs, samples.
 
-Launch plainly or with `accelerate launch` (DDP, FSDP through an Accelerate config); the model
-knows nothing of Accelerate. Runs are exactly resumable and independent of how the global
+Launch plainly or with `accelerate launch` (DDP, FSDP2 through the configs in configs/accelerate/);
+the model knows nothing of Accelerate. Runs are exactly resumable and independent of how the global
 batch is split: micro-batch m of process r holds dataset items [(m*P + r)*B, (m*P + r + 1)*B),
 and each item's noise, time and caption dropout come from a generator seeded by its index.
 """
@@ -11,9 +11,11 @@ import math
 import resource
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm.auto import tqdm
 
 from ..data.cache import cached_text
@@ -27,7 +29,7 @@ from ..errors import UserError
 from ..layers.dit import condition_input
 from ..models import build_model
 from . import checkpoint as ckpt
-from .adapters import apply_adapter
+from .adapters import apply_adapter, cast_frozen
 
 NO_DECAY = ("bias", "norm", "ln_")  # and every 1-D parameter (gates, norm weights)
 ITEM_SEED_STRIDE = 1_000_003
@@ -41,6 +43,41 @@ def resolve_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def stored_dtypes(cfg):
+    """{file: dtypes} of the weights a run starts from (`model.pretrained`, `train.init_from`), read
+    from the safetensors headers; a diffusers config.json that declares `torch_dtype` counts too."""
+    from safetensors import safe_open
+
+    found, files = {}, []
+    if cfg.model.arch == "cogvideox-ttt" and cfg.model.pretrained:
+        from ..models.cogvideox_ttt import CONFIG_FILE, diffusers_weight_files
+
+        folder = Path(cfg.model.pretrained)
+        folder = folder / "transformer" if (folder / "transformer" / CONFIG_FILE).is_file() else folder
+        files += diffusers_weight_files(folder)
+        if (folder / CONFIG_FILE).is_file():
+            declared = json.loads((folder / CONFIG_FILE).read_text()).get("torch_dtype")
+            found[str(folder / CONFIG_FILE)] = {"BF16"} if declared == "bfloat16" else set()
+    if cfg.train.init_from:
+        files.append(ckpt.resolve(cfg.train.init_from) / ckpt.MODEL_FILE)
+    for file in files:
+        with safe_open(file, "pt") as f:
+            found[str(file)] = {f.get_slice(k).get_dtype() for k in f.keys()}
+    return found
+
+
+def warn_fp16_on_bf16(cfg):
+    """fp16 autocast on weights trained in bf16 overflows where bf16's wider range was used."""
+    if cfg.train.mixed_precision != "fp16":
+        return
+    for file, dtypes in stored_dtypes(cfg).items():
+        if "BF16" in dtypes:
+            warnings.warn(f"train.mixed_precision=fp16, but the starting weights in {file} are bf16: activations "
+                          "beyond fp16's range will overflow; train.mixed_precision=bf16 keeps their range",
+                          stacklevel=2)
+            return
 
 
 def build_dataset(data_cfg):
@@ -166,7 +203,8 @@ def svd_image_encoder(cfg, dataset, vae, device):
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters."""
+    """Exponential moving average of the trainable parameters. Under FSDP2 the parameters, and so
+    the averages, are DTensor shards: each process averages its own shard."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -178,6 +216,40 @@ class EMA:
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
 
+    def full(self):
+        """The whole averages, gathered from the shards (every process must call this)."""
+        return {n: _full(v).cpu() for n, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def load(self, full):
+        for n, v in self.shadow.items():
+            v.copy_(_like(full[n], v))
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full, target):
+    """`full` where `target` lives: on its device, or sharded like it when it is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        return distribute_tensor(full.to(target.device_mesh.device_type), target.device_mesh, target.placements)
+    return full.to(target.device)
+
+
+def _optimizer_state_options(accelerator, loading=False):
+    """Optimizer state is saved whole and keyed by parameter name, whatever the parallelism, so a
+    checkpoint resumes on any number of processes; under FSDP each process loads it into its shard."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    return StateDictOptions(full_state_dict=sharded or not loading, cpu_offload=not loading)
+
 
 def peak_memory_gb(device):
     if device.type == "cuda":
@@ -185,7 +257,8 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def write_validation_samples(model, cfg, encoder, out_dir, step, num_videos):
+def write_validation_samples(model, cfg, encoder, out_dir, step, num_videos, write=True):
+    """Sample held-out storyboards; `write=False` only samples (FSDP: every process must run the model)."""
     from ..data.synthetic import held_out
     from ..sample.export import contact_sheet, video_to_uint8, write_video
     from ..sample.sampler import sample_batch
@@ -194,6 +267,8 @@ def write_validation_samples(model, cfg, encoder, out_dir, step, num_videos):
     model.eval()
     x = sample_batch(model, cfg, encoder, [b.captions for b in boards], progress=False)
     model.train()
+    if not write:
+        return
     for i, video in enumerate(x):
         frames = video_to_uint8(video.cpu().clamp(-1, 1))
         path = Path(out_dir) / "samples" / f"step-{step}-{i}.mp4"
@@ -207,12 +282,14 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     Empty text-encoder, VAE and scheduler settings are filled from the pipeline folder of
     `model.pretrained` (`encoders/pipeline.py`); checkpoints record the filled config."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     cfg = fill_from_pipeline(cfg)
     tc = cfg.train
     if tc.validate_every and cfg.diffusion.objective == "v-prediction":
         raise UserError("train.validate_every has no v-prediction sampler; set it to 0 and sample checkpoints "
                         "with `ttt-video generate --model PIPELINE --ttt-checkpoint CHECKPOINT`")
+    warn_fp16_on_bf16(cfg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tc.num_threads:
@@ -220,26 +297,30 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
                               cpu=resolve_device(tc.device) == "cpu")
     device, main = accelerator.device, accelerator.is_main_process
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # every process holds part of the model
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model)
     if tc.init_from:
         ckpt.load_weights(model, ckpt.resolve(tc.init_from))
-    model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha).to(device).train()
+    model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha)
+    model = cast_frozen(model, tc.frozen_dtype, tc.mixed_precision).to(device).train()
     model.enable_gradient_checkpointing(tc.grad_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
-    step = 0
-    if resume is not None:
+    step, state = 0, None
+    if resume is not None:  # weights before `prepare` (FSDP then shards them), optimizer state after
         path, state = ckpt.load_training_state(resume)
         ckpt.load_weights(model, path)
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        if ema is not None:
-            ema.shadow = {n: v.to(device) for n, v in ckpt.load_ema(path).items()}
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay else None
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
+                                 options=_optimizer_state_options(accelerator, loading=True))
+        if ema is not None:
+            ema.load(ckpt.load_ema(path))
 
     dataset = build_dataset(cfg.data)
     svd = cfg.model.arch == "svd"  # conditioned on an image alone, which takes the captions' place
@@ -268,14 +349,20 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         writer = SummaryWriter(out / "tensorboard")
 
     def save():
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
-        return ckpt.save_checkpoint(out, step, unwrapped, cfg, state, tc.save_limit,
-                                    ema=None if ema is None else ema.shadow)
+        """Every process gathers (FSDP shards are collected), the main process writes."""
+        weights = accelerator.get_state_dict(model)
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer.optimizer,
+                                                       options=_optimizer_state_options(accelerator)),
+                 "scheduler": scheduler.state_dict(), "step": step}
+        averages = None if ema is None else ema.full()
+        if main:
+            return ckpt.save_checkpoint(out, step, weights, cfg, state, tc.save_limit, ema=averages)
+        return None
 
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not (progress and main), dynamic_ncols=True)
-    last, losses, seen = None, [], 0
+    last, saved_step, losses, seen = None, None, [], 0
     t0 = t_log = time.perf_counter()
     log = open(out / "loss.jsonl", "a") if main else None
     try:
@@ -339,13 +426,13 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
                             writer.add_scalar(f"lr/{group['name']}", lr, step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if tc.validate_every and step % tc.validate_every == 0 and main:
-                write_validation_samples(unwrapped, cfg, encoder, out, step, tc.validation_videos)
-            if step % tc.save_every == 0 and main:
-                last = save()
+            if tc.validate_every and step % tc.validate_every == 0 and (main or sharded):
+                write_validation_samples(unwrapped, cfg, encoder, out, step, tc.validation_videos, write=main)
+            if step % tc.save_every == 0:
+                last, saved_step = save(), step
             if interrupted:  # stop before asking the loader (and its workers) for more
                 break
-        if main and (last is None or not last.name.endswith(f"-{step}")):
+        if saved_step != step:
             last = save()
         if main:
             epochs.close(step * A)

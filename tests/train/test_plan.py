@@ -1,0 +1,128 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ttt_video.cli import main
+from ttt_video.config import Config, apply_overrides
+from ttt_video.errors import UserError
+from ttt_video.models.cogvideox_ttt import CogVideoXTTTConfig
+from ttt_video.presets import RTX4090_SECONDS, get_preset
+from ttt_video.train import plan
+
+from .test_trainer import TINY
+
+DEEP = TINY + ["model.depth=3", "train.batch_size=4"]
+
+
+def tiny(*overrides):
+    return apply_overrides(Config(), DEEP + list(overrides))
+
+
+def test_parse_memory():
+    assert plan.parse_memory("24GB") == plan.parse_memory("24GiB") == plan.parse_memory("24") == 24 * 2**30
+    assert plan.parse_memory("24000MB") == 24000 * 2**20 and plan.parse_memory("0.5TB") == 2**39
+    for bad in ("lots", "24XB", "-3GB", "0"):
+        with pytest.raises(UserError, match="--gpu-memory must be a size"):
+            plan.parse_memory(bad)
+
+
+def test_static_memory_follows_the_adapter_precision_and_ema():
+    full = plan.estimate(tiny(), 1, False)
+    weights, trainable, depth = plan.parameter_counts(tiny())
+    assert (full.weights, full.gradients, full.optimizer, full.ema, full.autocast) == (
+        weights, 4 * trainable, 8 * trainable, 0, 0) and weights == 4 * trainable and depth == 3
+    for adapter in ("lora", "ttt-only"):
+        small = plan.estimate(tiny(f"train.adapter={adapter}"), 1, False)
+        assert small.weights >= full.weights and 0 < small.optimizer < full.optimizer / 2
+    extras = plan.estimate(tiny("train.ema_decay=0.99", "train.mixed_precision=bf16"), 1, False)
+    assert extras.ema == full.gradients and extras.autocast == full.gradients // 2
+    lora = plan.estimate(tiny("train.adapter=lora", "train.mixed_precision=bf16"), 1, False)
+    half = plan.estimate(tiny("train.adapter=lora", "train.mixed_precision=bf16", "train.frozen_dtype=bfloat16"), 1,
+                         False)
+    assert (lora.weights - lora.gradients) / 2 < half.weights - half.gradients < (lora.weights - lora.gradients) * 0.6
+    with pytest.raises(UserError, match="frozen_dtype=bfloat16 needs train.mixed_precision"):
+        plan.estimate(tiny("train.frozen_dtype=bfloat16"), 1, False)
+
+
+def test_activations_grow_with_batch_and_shrink_with_checkpointing():
+    cfg = tiny()
+    rows, proposal = plan.plan(cfg, 2**30)
+    by = {(r.batch_size, r.checkpointing): r for r in rows}
+    assert sorted(by) == [(b, c) for b in (1, 2, 4) for c in (False, True)]
+    for ckpt in (False, True):
+        acts = [by[b, ckpt].activations for b in (1, 2, 4)]
+        assert 0 < acts[0] < acts[1] < acts[2]
+    assert all(by[b, True].activations < by[b, False].activations for b in (1, 2, 4))
+    assert proposal == by[4, False]  # everything fits in 1 GiB: the whole batch, no recompute
+    tight = (by[1, True].total + by[2, True].total) / 2 / plan.HEADROOM
+    _, proposal = plan.plan(cfg, tight)
+    assert (proposal.batch_size, proposal.checkpointing) == (1, True)
+    assert plan.plan(cfg, 1000)[1] is None
+
+
+def test_activation_estimate_against_a_real_cpu_step():
+    """The same live-tensor count over real ops on the CPU (its attention takes the masked math
+    path, which keeps the attention matrix; the TTT op keeps a little more than the kernels)."""
+    cfg = tiny()
+    estimated = plan.estimate(cfg, 4, False).activations
+    model = plan.build_untrained(cfg, device="cpu")
+    loss_of = plan.step_inputs(cfg, model, 4, device="cpu")
+    tracker = plan._LiveBytes()
+    for t in model.parameters():
+        tracker.ignore(t)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: tracker.uncount(p.grad))
+    with tracker:
+        loss_of(model).backward()
+    assert 0.6 < estimated / tracker.peak < 1.2
+
+
+def _cogvideox_2b(folder, **changes):
+    config = {k: v for k, v in dataclasses.asdict(CogVideoXTTTConfig(**changes)).items()
+              if k not in ("ttt", "ttt_mini_batch_size", "ttt_base_lr", "gate_init", "ttt_impl", "segment_frames")}
+    (folder / "config.json").write_text(json.dumps(config))  # the defaults are CogVideoX-2B's dimensions
+    return folder
+
+
+def test_cogvideox_2b_presets_fit_24gb(tmp_path):
+    _cogvideox_2b(tmp_path)
+    for seconds in RTX4090_SECONDS:
+        cfg = apply_overrides(get_preset(f"rtx4090-{seconds}s"), [f"model.pretrained={tmp_path}"])
+        assert cfg.data.num_scenes * (cfg.data.frames_per_scene - cfg.data.segment_overlap) == 8 * seconds
+        weights, trainable, depth = plan.parameter_counts(cfg)
+        assert depth == 30 and 2.0e9 < trainable + (weights - 4 * trainable) / 2 < 2.3e9  # frozen in bf16
+        assert trainable < 0.25e9 * 2
+        proposal = plan.estimate(cfg, cfg.train.batch_size, cfg.train.grad_checkpointing)
+        assert proposal.total < plan.HEADROOM * 24 * 2**30
+
+
+def test_plan_command_prints_the_table_and_proposal(capsys):
+    sets = [a for s in DEEP for a in ("--set", s)]
+    assert main(["plan", *sets, "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "activations" in out and "checkpointing" in out
+    assert ("proposal: --set train.batch_size=4 --set train.grad_accum_steps=1 "
+            "--set train.grad_checkpointing=false") in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["plan", "--preset", "nope", "--gpu-memory", "24GB"], "unknown preset 'nope'"),
+    (["plan", "--gpu-memory", "plenty"], "--gpu-memory must be a size"),
+    (["plan", "--gpu-memory", "24GB", "--measure", "--device", "cpu"], "--measure reads the CUDA allocator's peak"),
+])
+def test_plan_user_errors(args, msg, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_measured_peak_is_near_the_estimate(tmp_path, checkpointing):
+    """rtx4090-3s on CogVideoX-2B's dimensions cut to two blocks (random weights)."""
+    cfg = apply_overrides(get_preset("rtx4090-3s"), [f"model.pretrained={_cogvideox_2b(tmp_path, num_layers=2)}",
+                                                     "model.ttt_impl=torch"])
+    measured, _ = plan.measure(cfg, 1, checkpointing, "cuda")
+    assert abs(plan.estimate(cfg, 1, checkpointing).total - measured) < 0.2 * measured

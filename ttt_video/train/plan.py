@@ -1,0 +1,440 @@
+"""Peak GPU memory of a training step, and the micro-batch, accumulation and checkpointing that fit.
+
+    peak = weights + gradients + optimizer + EMA + autocast copies + activations
+
+    weights      4 bytes x every parameter (fp32 master weights), 2 for frozen ones stored in
+                 bf16/fp16 (train.frozen_dtype: frozen weight matrices)
+    gradients    4 x trainable parameters (the adapter decides which: LoRA and ttt-only train few)
+    optimizer    8 x trainable (AdamW's two fp32 moments)
+    EMA          4 x trainable, with train.ema_decay > 0
+    autocast     2 x trainable, with bf16/fp16: the half-precision casts of trainable weights,
+                 cached for the whole step (frozen weights are cast again at each use, not cached)
+    activations  A(b, D): the peak, over one forward and backward of micro-batch b through D blocks,
+                 of the bytes held by live tensors other than parameters and their gradients
+
+A is measured, not guessed: the model is built on the `meta` device (shapes, no data) and one
+forward and backward runs under a dispatch mode that adds each new tensor's storage when an op
+creates it and subtracts it when Python frees it; parameter gradients are taken out of the count
+as they land. Attention runs through a stand-in that keeps what a fused (flash) kernel keeps
+(q, k, v, the output and a float32 log-sum-exp per query), since the meta device would otherwise
+take the math path and count a full attention matrix; the TTT scan likewise runs through a
+stand-in keeping what its kernels keep (inputs, output, and the inner weights of every item at
+every 16th mini-batch; the recompute scratch of one group in backward is not counted). With
+bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
+precision inputs (casting float32 ones, as autocast does), norms and softmax float32, other ops
+their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical and every item of a batch costs the same,
+so A is linear in b and, past the first block, in D (the first block can differ: with a frozen
+stem its input needs no gradient). A is measured at b in {1, 2} and D in {2, 3} and extrapolated:
+
+    A(b, D) = A(1, D) + (b - 1) (A(2, D) - A(1, D)),   A(n, D) = A(n, 2) + (D - 2) (A(n, 3) - A(n, 2))
+
+Gradient checkpointing keeps only each block's input and recomputes one block at a time, which
+the simulation sees because it runs the model's own checkpointed path.
+
+Not counted: the CUDA context and allocator fragmentation (a plan fills at most 90% of the
+card), the text encoder and VAE (the trainer can use precomputed caches), and data-parallel
+buffers (DDP keeps one more gradient-sized copy; FSDP divides weights, gradients and optimizer
+by the GPU count). `measure` runs real training steps on a CUDA device and reads the
+allocator's peak, to check the estimate.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import re
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import UserError
+from ..models import build_model
+from .adapters import apply_adapter, cast_frozen
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEADROOM = 0.9  # share of the card a plan may fill: the CUDA context and fragmentation take the rest
+UNITS = {"": 2**30, "G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+         "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_memory(text):
+    """'24GB', '24GiB', '80G', '24000MB' or '24' (GB) -> bytes. GB means 2**30 bytes, as GPU
+    makers' "24 GB" does."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+        raise UserError(f"--gpu-memory must be a size like 24GB, 80GiB or 24000MB, got {text!r}")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+@dataclass
+class Estimate:
+    batch_size: int
+    checkpointing: bool
+    weights: int
+    gradients: int
+    optimizer: int
+    ema: int
+    autocast: int
+    activations: int
+
+    @property
+    def total(self):
+        return self.weights + self.gradients + self.optimizer + self.ema + self.autocast + self.activations
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes held by live tensor storages created inside the mode, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted = {}  # id(storage) -> [bytes, still counted]
+
+    def add(self, t):
+        st = t.untyped_storage()
+        if id(st) in self.counted:
+            return
+        entry = self.counted[id(st)] = [st.nbytes(), True]
+        self.live += entry[0]
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, id(st), entry)
+
+    def ignore(self, t):
+        """Never count `t`'s storage (parameters: views of them are not new memory)."""
+        self.counted[id(t.untyped_storage())] = [0, False]
+
+    def uncount(self, t):
+        entry = self.counted.get(id(t.untyped_storage()))
+        if entry and entry[1]:
+            entry[1] = False
+            self.live -= entry[0]
+
+    def _free(self, key, entry):
+        if entry[1]:
+            self.live -= entry[0]
+        if self.counted.get(key) is entry:
+            del self.counted[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Shapes and saved tensors of a flash-attention kernel, no arithmetic."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+TTT_CHECKPOINT_GROUP = 16  # mini-batches between the inner states the TTT kernels keep
+
+
+class _TTTScan(torch.autograd.Function):
+    """Shapes and saved tensors of the TTT kernels (ops/ttt), no arithmetic: the inputs, the output
+    and the per-item inner weights at every `TTT_CHECKPOINT_GROUP`-th mini-batch."""
+
+    @staticmethod
+    def forward(ctx, mini_batch_size, q, k, v, eta, *weights):
+        B, _, T, _ = q.shape
+        groups = -(-T // (mini_batch_size * TTT_CHECKPOINT_GROUP))
+        states = [w.new_empty(groups, B, *w.shape) for w in weights]
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, eta, out, *states, *weights)
+        ctx.num_weights = len(weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        inputs, weights = saved[:4], saved[len(saved) - ctx.num_weights:]
+        return None, *(torch.empty_like(t) for t in inputs), *(torch.empty_like(w) for w in weights)
+
+
+class _Autocast(TorchFunctionMode):
+    """CUDA autocast, emulated above autograd (the meta device has none): matrix products run in
+    `dtype`, with the casts of trainable parameters made once and not counted (they are the
+    'autocast' term); norms and softmax run in float32; everything else in its inputs' dtype."""
+
+    def __init__(self, dtype, tracker, cached=None):
+        super().__init__()
+        self.dtype, self.tracker, self.cached = dtype, tracker, {} if cached is None else cached
+
+    def lower(self, t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == self.dtype:
+            return t
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            if id(t) not in self.cached:
+                self.cached[id(t)] = t.to(self.dtype)
+                self.tracker.uncount(self.cached[id(t)])
+            return self.cached[id(t)]
+        return t.to(self.dtype)
+
+    @staticmethod
+    def full(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in LOWER_PRECISION:
+            args, kwargs = tree_map(self.lower, (args, kwargs))
+        elif func in FULL_PRECISION:
+            args, kwargs = tree_map(self.full, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+LOWER_PRECISION = {F.linear, F.conv2d, F.conv3d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                   torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.einsum}
+FULL_PRECISION = {F.layer_norm, F.group_norm, F.normalize, F.softmax, F.log_softmax, torch.softmax,
+                  torch.Tensor.softmax, torch.norm, torch.Tensor.norm, F.mse_loss}
+
+
+def _fused_attention(q, k, v, attn_mask=None, dtype=None, **_):
+    if dtype is not None:  # autocast runs attention in half precision
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+    return _FusedAttention.apply(q, k, v)
+
+
+def _ttt_scan(q, k, v, eta, *weights, mini_batch_size=64, **_):
+    return _TTTScan.apply(mini_batch_size, q, k, v, eta, *weights)
+
+
+@contextlib.contextmanager
+def _stand_ins(autocast=None):
+    """Route every attention and TTT op the package calls through the stand-ins above. With an
+    `_Autocast`, attention runs in its dtype and checkpointed blocks recompute under it (backward
+    does not see the caller's function modes)."""
+    attention = functools.partial(_fused_attention, dtype=autocast and autocast.dtype)
+    replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan}
+    if autocast is not None:
+        replaced["checkpoint"] = functools.partial(
+            torch.utils.checkpoint.checkpoint,
+            context_fn=lambda: (contextlib.nullcontext(), _Autocast(autocast.dtype, autocast.tracker, autocast.cached)))
+    swaps = [(F, "scaled_dot_product_attention", attention)]
+    for name, module in list(sys.modules.items()):
+        if name.startswith("ttt_video.") and not name.startswith("ttt_video.ops"):
+            swaps += [(module, attr, new) for attr, new in replaced.items() if hasattr(module, attr)]
+    saved = [(m, attr, getattr(m, attr)) for m, attr, _ in swaps]
+    try:
+        for m, attr, new in swaps:
+            setattr(m, attr, new)
+        yield
+    finally:
+        for m, attr, old in saved:
+            setattr(m, attr, old)
+
+
+def _cogvideox_config(model_cfg, **overrides):
+    from ..models.cogvideox_ttt import CONFIG_FILE, load_config, transformer_folder, ttt_settings
+
+    if not model_cfg.pretrained:
+        raise UserError("model.pretrained must name a local diffusers CogVideoX folder (its config.json is enough)")
+    folder = transformer_folder(model_cfg.pretrained)
+    return load_config(folder / CONFIG_FILE, **ttt_settings(model_cfg), **overrides)
+
+
+def build_untrained(cfg, depth=None, device="meta"):
+    """The model of `cfg` with random weights (CogVideoX: from its config.json alone, no weights
+    read) and the run's adapter applied; `depth` overrides the number of blocks."""
+    with torch.device(device):
+        if cfg.model.arch == "cogvideox-ttt":
+            from ..models.cogvideox_ttt import FrameworkCogVideoXTTT
+
+            model = FrameworkCogVideoXTTT(_cogvideox_config(cfg.model, **({"num_layers": depth} if depth else {})))
+        else:
+            model = build_model(dataclasses.replace(cfg.model, depth=depth or cfg.model.depth))
+    tc = cfg.train
+    model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha)
+    return cast_frozen(model, tc.frozen_dtype, tc.mixed_precision).to(device).train()
+
+
+def step_inputs(cfg, model, batch_size, device="meta", dtype=torch.float32):
+    """Random model inputs of one micro-batch, shaped as the trainer feeds them; returns a function
+    of the model computing the loss."""
+    d, B, S = cfg.data, batch_size, cfg.data.num_scenes
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    if cfg.model.arch == "cogvideox-ttt":
+        mc = model.cfg
+        n = (d.frames_per_scene - d.segment_overlap) // mc.temporal_compression_ratio + 1  # latent frames
+        if n != mc.frames_per_segment and S > 1:
+            raise UserError(f"data.frames_per_scene={d.frames_per_scene} gives {n} latent frames per "
+                            f"segment, the model has {mc.frames_per_segment}; set model.segment_frames")
+        x = rand(B, mc.in_channels, S * (n - 1) + 1, d.height // 8, d.width // 8)  # [B, C, F, h, w]
+        text = rand(B, S, d.text_max_length, mc.text_embed_dim)
+        t = torch.full((B,), 500.0, device=device)
+        return lambda m: m(x, t, text).float().square().mean()
+    if d.vae != "identity":
+        raise UserError("plan knows the latent shape of data.vae=identity (pixels) and of arch cogvideox-ttt only")
+    x = rand(B, cfg.model.in_channels, S * d.frames_per_scene, d.height, d.width)  # [B, C, F, h, w]
+    text = rand(B, S, d.text_max_length, cfg.model.text_dim)
+    mask = torch.ones(B, S, d.text_max_length, dtype=torch.bool, device=device)
+    t = torch.full((B,), 500.0, device=device)
+    return lambda m: m(x, t, text, mask).float().square().mean()
+
+
+def _simulated_activations(cfg, batch_size, depth, checkpointing):
+    model = build_untrained(cfg, depth)
+    model.enable_gradient_checkpointing(checkpointing)
+    loss_of = step_inputs(cfg, model, batch_size)
+    tracker = _LiveBytes()
+    for t in [*model.parameters(), *model.buffers()]:
+        tracker.ignore(t)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.uncount(p.grad))
+             for p in model.parameters() if p.requires_grad]
+    dtype = HALF.get(cfg.train.mixed_precision)
+    autocast = _Autocast(dtype, tracker) if dtype else None
+    with _stand_ins(autocast), tracker, autocast or contextlib.nullcontext():
+        loss_of(model).backward()
+    for h in hooks:
+        h.remove()
+    return tracker.peak
+
+
+def activation_model(cfg, checkpointing, depth):
+    """A(b, D) of the module docstring as a function, from four simulated steps."""
+    d1, d2 = min(2, depth), min(3, depth)
+    a = {(b, d): _simulated_activations(cfg, b, d, checkpointing) for b in (1, 2) for d in {d1, d2}}
+
+    def at(b, d):
+        per_block = {n: a[n, d2] - a[n, d1] for n in (1, 2)}
+        at_d = {n: a[n, d1] + (d - d1) * per_block[n] for n in (1, 2)}
+        return max(0, at_d[1] + (b - 1) * (at_d[2] - at_d[1]))
+
+    return at
+
+
+def parameter_counts(cfg):
+    """(bytes of all parameters, trainable parameters, blocks) of the model with the run's adapter."""
+    model = build_untrained(cfg)
+    params = list(model.parameters())
+    depth = model.cfg.num_layers if cfg.model.arch == "cogvideox-ttt" else cfg.model.depth
+    return (sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params if p.requires_grad),
+            depth)
+
+
+def estimate(cfg, batch_size, checkpointing, counts=None, activation=None):
+    """The `Estimate` of one micro-batch size; `counts` and `activation` (from `parameter_counts`
+    and `activation_model`) are computed when not given."""
+    weights, trainable, depth = counts or parameter_counts(cfg)
+    activation = activation or activation_model(cfg, checkpointing, depth)
+    tc = cfg.train
+    return Estimate(batch_size, checkpointing, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
+                    ema=4 * trainable if tc.ema_decay else 0,
+                    autocast=2 * trainable if tc.mixed_precision in HALF else 0,
+                    activations=activation(batch_size, depth))
+
+
+def micro_batches(global_batch):
+    return [b for b in range(1, global_batch + 1) if global_batch % b == 0]
+
+
+def plan(cfg, budget):
+    """Estimates for every micro-batch dividing the global batch (train.batch_size x
+    grad_accum_steps), without and with checkpointing, and the proposal: the largest micro-batch
+    that fits in `HEADROOM` of `budget` bytes, without checkpointing if possible (it is faster).
+    Returns (estimates, proposal or None)."""
+    counts = parameter_counts(cfg)
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
+    rows = []
+    for ckpt in (False, True):
+        activation = activation_model(cfg, ckpt, counts[2])
+        rows += [estimate(cfg, b, ckpt, counts, activation) for b in micro_batches(global_batch)]
+    fitting = [r for r in rows if r.total <= HEADROOM * budget]
+    proposal = max(fitting, key=lambda r: (not r.checkpointing, r.batch_size), default=None)
+    return rows, proposal
+
+
+def gib(n):
+    return f"{n / 2**30:.2f}"
+
+
+def format_plan(cfg, rows, proposal, budget, measured=None):
+    """The plan as a text table (GiB), with measured peaks beside the estimates when given."""
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
+    head = ["micro-batch", "accum", "checkpointing", "weights", "grads", "optimizer", "EMA", "autocast",
+            "activations", "total", "fits"]
+    if measured is not None:
+        head += ["measured", "error"]
+    lines = [head]
+    for r in rows:
+        line = [str(r.batch_size), str(global_batch // r.batch_size), "on" if r.checkpointing else "off",
+                gib(r.weights), gib(r.gradients), gib(r.optimizer), gib(r.ema), gib(r.autocast), gib(r.activations),
+                gib(r.total), "yes" if r.total <= HEADROOM * budget else "no"]
+        if measured is not None:
+            m = measured.get((r.batch_size, r.checkpointing))
+            line += ["-", "-"] if m is None else [gib(m), f"{(r.total - m) / m:+.0%}"]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    text.append(f"memory in GiB; fits: total <= {HEADROOM:.0%} of {gib(budget)} GiB; global batch {global_batch}; "
+                f"adapter {cfg.train.adapter}; mixed precision {cfg.train.mixed_precision}")
+    if proposal is None:
+        text.append("nothing fits: try train.adapter=lora or ttt-only, train.mixed_precision=bf16, "
+                    "fewer scenes or a smaller resolution")
+    else:
+        text.append(f"proposal: --set train.batch_size={proposal.batch_size} "
+                    f"--set train.grad_accum_steps={global_batch // proposal.batch_size} "
+                    f"--set train.grad_checkpointing={str(proposal.checkpointing).lower()} "
+                    f"(estimated peak {gib(proposal.total)} GiB)")
+    return "\n".join(text)
+
+
+def measure(cfg, batch_size, checkpointing, device, steps=3):
+    """Run `steps` real training steps (random weights and inputs, the run's adapter, AdamW, EMA,
+    autocast) on a CUDA `device`; returns (peak allocated bytes, seconds per step)."""
+    from .trainer import EMA, param_groups
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = build_untrained(cfg, device=device)
+    model.enable_gradient_checkpointing(checkpointing)
+    tc = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
+    loss_of = step_inputs(cfg, model, batch_size, device=device)
+    dtype = HALF.get(tc.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = None
+    for step in range(steps):
+        if step == 1:  # the first step allocates the optimizer state and warms the kernels up
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_of(model)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+    torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / (steps - 1) if steps > 1 else float("nan")
+    return torch.cuda.max_memory_allocated(device), seconds
