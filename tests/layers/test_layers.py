@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ttt_video.layers.attention import SegmentAttention
@@ -93,3 +94,19 @@ def test_ttt_op_gets_one_activation_dtype_under_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(torch.randn(1, 16, 64), cos, sin)
     assert seen == [(torch.bfloat16,) * 3]  # the norms run in float32 under autocast; the op must not
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path runs on CUDA")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_ttt_layer_equals_eager(monkeypatch, reverse):
+    torch.manual_seed(0)
+    layer = TTT(128, 2, kind="mlp", mini_batch_size=16).cuda()
+    x = torch.randn(2, 80, 128, device="cuda", requires_grad=True)
+    cos, sin = (t.cuda() for t in rope_3d(5, 4, 4, 64))
+    outs = []
+    for compile_flag in ("0", "1"):
+        monkeypatch.setenv("TTT_VIDEO_COMPILE", compile_flag)
+        y = layer(x, cos, sin, reverse=reverse)
+        outs.append((y, *torch.autograd.grad(y.square().sum(), [x, layer.qkv.weight, layer.ln_weight])))
+    for eager, fused in zip(*outs):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)

@@ -113,7 +113,7 @@ def short_rows(reps, device, sampling_steps):
     return rows
 
 
-def long_rows(layers, reps, device, segments):
+def long_rows(layers, reps, device, segments, forward_only=False):
     rows = {}
     x, text, t = inputs(segments, 1, device)
     for ttt in (None, "linear", "mlp"):
@@ -123,6 +123,9 @@ def long_rows(layers, reps, device, segments):
             fwd = _time_s(lambda: model(x, text, t), reps)
             report(rows, f"{segments * 3}s forward, {layers} blocks, {name}", {
                 "s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B})
+        if forward_only:
+            model = None
+            continue
         model.train().enable_gradient_checkpointing()
 
         def train_step():
@@ -150,6 +153,8 @@ def ratios(rows, segments, layers, sampling_steps):
             rows[f"3s {sampling_steps}-step sampling, ours"]["s"] / rows[f"3s {sampling_steps}-step sampling, diffusers"]["s"]
     s = segments * 3
     for kind, target in (("forward", 1.3), ("forward+backward", 1.6)):
+        if f"{s}s {kind}, {layers} blocks, ttt off" not in rows:
+            continue
         off = rows[f"{s}s {kind}, {layers} blocks, ttt off"]["s"]
         for ttt in ("linear", "mlp"):
             out[f"{s}s {kind}: ttt-{ttt} / ttt off (target <= {target})"] = \
@@ -164,6 +169,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--skip-diffusers", action="store_true", help="only the long-video rows")
+    p.add_argument("--forward-only", action="store_true", help="no forward+backward rows")
     p.add_argument("--json", default=None, help="also write the rows and ratios to this file")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -172,7 +178,7 @@ def main(argv=None):
     device = "cuda"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
     rows = {} if a.skip_diffusers else short_rows(a.reps, device, a.sampling_steps)
-    rows.update(long_rows(a.layers, a.reps, device, a.segments))
+    rows.update(long_rows(a.layers, a.reps, device, a.segments, a.forward_only))
     result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps)}
     for name, v in result["ratios"].items():
         print(f"{name:<60} {v:.3f}")

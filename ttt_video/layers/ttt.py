@@ -1,7 +1,14 @@
 """TTT layer (TTT-Linear / TTT-MLP) and its gated bidirectional wrapper, as in TTT-Video.
 
 Tokens `[B, L, D]` (text and video interleaved per segment); the op works on `[B, H, L, Dh]`.
+
+Around the op the layer is memory-bound elementwise work over the whole video (normalising,
+rotating and re-targeting q, k, v; moving heads in and out): on CUDA those steps run as
+`torch.compile`d functions, which fuse them into a few kernels; elsewhere, and with
+`TTT_VIDEO_COMPILE=0`, they run eagerly (same arithmetic).
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +18,37 @@ from ..ops import ttt_linear, ttt_mlp
 from .rope import apply_rope
 
 KINDS = ("linear", "mlp")
+
+
+def _inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads):
+    """qkv `[B, L, 3 D]` -> contiguous q, k, v `[B, H, L, Dh]` in qkv's dtype: q and k unit-norm
+    per head and rotated; the reconstruction target v' = LN_h(v - k) + k."""
+    B, L, _ = qkv.shape
+    q, k, v = qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q = apply_rope(F.normalize(q, dim=-1), cos, sin)
+    k = apply_rope(F.normalize(k, dim=-1), cos, sin)
+    d = v - k
+    d = F.layer_norm(d.float(), (d.shape[-1],), eps=1e-6).to(d.dtype)
+    v = d * ln_weight[:, None] + ln_bias[:, None] + k
+    # under autocast the norms above return float32; the op gets the projection's dtype
+    return tuple(t.to(qkv.dtype).contiguous() for t in (q, k, v))
+
+
+def _merge_heads(o, weight, bias):
+    """o `[B, H, L, Dh]` -> post-normed `[B, L, H * Dh]`."""
+    o = o.transpose(1, 2).flatten(2)
+    return F.layer_norm(o, o.shape[-1:], weight, bias, eps=1e-6)
+
+
+_COMPILED = {}
+
+
+def _fused(fn, x):
+    if not x.is_cuda or os.environ.get("TTT_VIDEO_COMPILE", "1") == "0":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 class TTT(nn.Module):
@@ -41,27 +79,16 @@ class TTT(nn.Module):
 
     def forward(self, x, cos, sin, reverse=False):
         """x `[B, L, D]`; cos/sin `[L, Dh]` (identity rows for text). reverse runs the scan back to front."""
-        B, L, D = x.shape
-        qkv = self.qkv(x)
-        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(F.normalize(q, dim=-1), cos, sin)  # [B, H, L, Dh]
-        k = apply_rope(F.normalize(k, dim=-1), cos, sin)
-        d = v - k  # reconstruction target v' = LN_h(v - k) + k
-        d = F.layer_norm(d.float(), (self.head_dim,), eps=1e-6).to(d.dtype)
-        v = d * self.ln_weight[:, None] + self.ln_bias[:, None] + k
-        # the op in the projection's dtype: under autocast the norms above return float32
-        q, k, v = (t.to(qkv.dtype) for t in (q, k, v))
+        if reverse:  # the reversed scan is the forward scan of the reversed sequence
+            x, cos, sin = x.flip(1), cos.flip(0), sin.flip(0)
+        q, k, v = _fused(_inner_inputs, x)(self.qkv(x), cos, sin, self.ln_weight, self.ln_bias, self.num_heads)
         eta = self.base_lr * torch.sigmoid(self.lr_gate(x)) / (self.head_dim * self.mini_batch_size)
         eta = eta.transpose(1, 2)  # [B, H, L]
-        if reverse:
-            q, k, v, eta = (t.flip(2) for t in (q, k, v, eta))
         op = ttt_mlp if self.kind == "mlp" else ttt_linear
         o = op(q, k, v, eta, *self.inner_weights(), self.ln_weight, self.ln_bias,
                mini_batch_size=self.mini_batch_size, impl=self.impl)
-        if reverse:
-            o = o.flip(2)
-        o = o.transpose(1, 2).reshape(B, L, D)
-        return self.out(self.post_norm(o))
+        o = self.out(_fused(_merge_heads, x)(o, self.post_norm.weight, self.post_norm.bias))
+        return o.flip(1) if reverse else o
 
 
 class BidirectionalTTT(nn.Module):
