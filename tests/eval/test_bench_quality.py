@@ -34,3 +34,13 @@ def test_finished_runs_are_not_trained_again(tmp_path, monkeypatch):
     monkeypatch.setattr(bq, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
     again, _ = run(tmp_path, **args)
     assert again == first
+
+
+def test_unfinished_runs_start_again_from_scratch(tmp_path):
+    args = dict(mixers=("attention",), seeds=(0,), steps=1, extend_steps=1, num_videos=1,
+                overrides=[*TINY, "train.tensorboard=false"], progress=False)
+    stale = tmp_path / "runs" / "attention-0"
+    stale.mkdir(parents=True)
+    (stale / "loss.jsonl").write_text('{"step": 7, "loss": 9.0}\n')  # a run killed before its scores
+    run(tmp_path, **args)
+    assert [json.loads(line)["step"] for line in (stale / "loss.jsonl").read_text().splitlines()] == [1]

@@ -9,13 +9,14 @@ at that length. Results (mean and std over seeds) go to `<out>/results.json` and
 `<out>/README.md`, with a plot of consistency against length when matplotlib is installed.
 
 Each finished run leaves `<out>/runs/<mixer>-<seed>/scores.json`; a run that has one is not
-trained again, so an interrupted benchmark resumes, and mixers can train in separate processes
+trained again (one without it is trained again from scratch), so an interrupted benchmark resumes, and mixers can train in separate processes
 (`--mixers attention`, `--mixers ttt-mlp`, ...) before one last call tabulates them all.
 """
 
 import argparse
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,9 @@ def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300
             params = match_parameters(cfg.model, target)
             run_dir = out / "runs" / f"{mixer}-{seed}"
             done = run_dir / "scores.json"
-            if not done.is_file():
+            if not done.is_file():  # an unfinished run starts again from scratch
+                for folder in (run_dir, Path(f"{run_dir}-long")):
+                    shutil.rmtree(folder, ignore_errors=True)
                 scores = train_and_score(cfg, run_dir, extend_steps, num_videos, text_cache, progress)
                 write_text_atomic(done, json.dumps(scores, indent=2) + "\n")
             results.setdefault(mixer, {"params": params, "runs": []})["runs"].append(
