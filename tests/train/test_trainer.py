@@ -185,7 +185,8 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     single = train(apply_overrides(tiny(3), ["train.device=cpu"]), tmp_path / "one", progress=False)
-    losses = [[json.loads(line)["loss"] for line in open(d / "loss.jsonl")] for d in (tmp_path / "ddp", tmp_path / "one")]
+    losses = [[json.loads(line)["loss"] for line in open(d / "loss.jsonl")]
+              for d in (tmp_path / "ddp", tmp_path / "one")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
     a, b = load_file(tmp_path / "ddp" / "checkpoint-3" / "model.safetensors"), load_file(single / "model.safetensors")
     for k in b:

@@ -149,8 +149,8 @@ def ratios(rows, segments, layers, sampling_steps):
     if "3s forward, ours" in rows:
         out["3s forward: ours / diffusers (target <= 1.1)"] = \
             rows["3s forward, ours"]["s"] / rows["3s forward, diffusers"]["s"]
-        out[f"3s {sampling_steps}-step sampling: ours / diffusers"] = \
-            rows[f"3s {sampling_steps}-step sampling, ours"]["s"] / rows[f"3s {sampling_steps}-step sampling, diffusers"]["s"]
+        sampling = f"3s {sampling_steps}-step sampling"
+        out[f"{sampling}: ours / diffusers"] = rows[f"{sampling}, ours"]["s"] / rows[f"{sampling}, diffusers"]["s"]
     s = segments * 3
     for kind, target in (("forward", 1.3), ("forward+backward", 1.6)):
         if f"{s}s {kind}, {layers} blocks, ttt off" not in rows:

@@ -91,7 +91,8 @@ def main(argv=None):
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto (CUDA when present) or cpu")
     p.add_argument("--text-cache", help="precomputed caption embeddings (`ttt-video cache-text`)")
-    p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="folder with ddp.yaml and fsdp.yaml (default: the repository's configs/accelerate)")
+    p.add_argument("--config-dir", type=Path, default=CONFIG_DIR,
+                   help="folder with ddp.yaml and fsdp.yaml (default: the repository's configs/accelerate)")
     p.add_argument("--modes", default="single,ddp,fsdp")
     p.add_argument("--out", type=Path, default=Path("runs/parallel-check"))
     p.add_argument("--json", help="also write the summary to this file")

@@ -9,8 +9,9 @@ at that length. Results (mean and std over seeds) go to `<out>/results.json` and
 `<out>/README.md`, with a plot of consistency against length when matplotlib is installed.
 
 Each finished run leaves `<out>/runs/<mixer>-<seed>/scores.json`; a run that has one is not
-trained again (one without it is trained again from scratch), so an interrupted benchmark resumes, and mixers can train in separate processes
-(`--mixers attention`, `--mixers ttt-mlp`, ...) before one last call tabulates them all.
+trained again (one without it is trained again from scratch), so an interrupted benchmark
+resumes, and mixers can train in separate processes (`--mixers attention`, `--mixers ttt-mlp`,
+...) before one last call tabulates them all.
 """
 
 import argparse

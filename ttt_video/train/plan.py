@@ -22,9 +22,9 @@ stand-in keeping what its kernels keep (inputs, output, and the inner weights of
 every 16th mini-batch; the recompute scratch of one group in backward is not counted). With
 bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
 precision inputs (casting float32 ones, as autocast does), norms and softmax float32, other ops
-their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical and every item of a batch costs the same,
-so A is linear in b and, past the first block, in D (the first block can differ: with a frozen
-stem its input needs no gradient). A is measured at b in {1, 2} and D in {2, 3} and extrapolated:
+their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical and
+every item of a batch costs the same, so A is linear in b and, past the first block, in D (the
+first block can differ: with a frozen stem its input needs no gradient). A is measured at b in {1, 2} and D in {2, 3} and extrapolated:
 
     A(b, D) = A(1, D) + (b - 1) (A(2, D) - A(1, D)),   A(n, D) = A(n, 2) + (D - 2) (A(n, 3) - A(n, 2))
 
