@@ -121,6 +121,7 @@ class TrainConfig:
     validate_every: int = 0  # 0: no validation samples
     validation_videos: int = 2
     tensorboard: bool = True
+    wandb_project: str = ""  # non-empty: also log to this Weights & Biases project (the wandb extra)
 
 
 @dataclass

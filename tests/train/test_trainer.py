@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from ttt_video.config import Config, apply_overrides
 from ttt_video.diffusion.flow import FlowMatching
+from ttt_video.errors import UserError
 from ttt_video.train import checkpoint as ckpt
 from ttt_video.train.trainer import TrainingError, param_groups, train
 
@@ -266,3 +267,47 @@ def test_frozen_weights_in_bf16_train_the_adapter_only(tmp_path):
     weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     assert weights["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
     assert weights["blocks.0.ttt.ttt.qkv.weight"].dtype == torch.float32
+
+
+def test_wandb_logging_and_resume_continue_one_run(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", step, sorted(scalars)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs["project"], kwargs["id"], kwargs["resume"]))
+        return Run()
+    import importlib.machinery
+
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probing for wandb look at it
+    wandb.init = init
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    cfg = tiny(2)
+    cfg.train.wandb_project, cfg.train.tensorboard = "shapes", False
+    train(cfg, tmp_path, progress=False)
+    train(apply_overrides(cfg, ["train.max_steps=3"]), tmp_path, resume=tmp_path, progress=False)
+    inits = [c for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0] == inits[1] and inits[0][1:] == ("shapes", inits[0][2], "allow")
+    assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 3]
+    assert calls[1][2] == ["lr/base", "lr/base_no_decay", "train/grad_norm", "train/loss", "train/peak_memory_gb",
+                           "train/samples_per_s"]
+    assert [c[0] for c in calls].count("finish") == 2
+
+
+def test_wandb_project_without_wandb_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    cfg = tiny(1)
+    cfg.train.wandb_project = "shapes"
+    with pytest.raises(UserError, match=r"pip install 'ttt-video\[wandb\]'"):
+        train(cfg, tmp_path, progress=False)

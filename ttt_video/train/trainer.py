@@ -30,6 +30,7 @@ from ..layers.dit import condition_input
 from ..models import build_model
 from . import checkpoint as ckpt
 from .adapters import apply_adapter, cast_frozen
+from .metrics import MetricSinks
 
 NO_DECAY = ("bias", "norm", "ln_")  # and every 1-D parameter (gates, norm weights)
 ITEM_SEED_STRIDE = 1_000_003
@@ -342,12 +343,6 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     image_encoder = svd_image_encoder(cfg, dataset, vae, device) if svd else None
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=tc.num_workers)
-    writer = None
-    if main and tc.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(out / "tensorboard")
-
     def save():
         """Every process gathers (FSDP shards are collected), the main process writes."""
         weights = accelerator.get_state_dict(model)
@@ -364,7 +359,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not (progress and main), dynamic_ncols=True)
     last, saved_step, losses, seen = None, None, [], 0
     t0 = t_log = time.perf_counter()
-    log = open(out / "loss.jsonl", "a") if main else None
+    sinks = MetricSinks(out, cfg) if main else None
     try:
         for micro, batch in enumerate(loader, start=step * A):
             if main:
@@ -418,13 +413,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                        "peak_memory_gb": round(peak_memory_gb(device), 3), "elapsed_s": round(now - t0, 2)}
                 losses, seen, t_log = [], 0, now
                 if main:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for k in ("loss", "grad_norm", "samples_per_s", "peak_memory_gb"):
-                            writer.add_scalar(f"train/{k}", rec[k], step)
-                        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                            writer.add_scalar(f"lr/{group['name']}", lr, step)
+                    sinks.log(rec, {g["name"]: lr for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr())})
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             if tc.validate_every and step % tc.validate_every == 0 and (main or sharded):
                 write_validation_samples(unwrapped, cfg, encoder, out, step, tc.validation_videos, write=main)
@@ -440,9 +429,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         bar.close()
         signal.signal(signal.SIGINT, previous)
         if main:
-            log.close()
-            if writer is not None:
-                writer.close()
+            sinks.close()
         accelerator.end_training()
     if interrupted and main:
         print(f"interrupted at step {step}; saved {last}")
