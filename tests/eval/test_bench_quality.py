@@ -44,3 +44,12 @@ def test_unfinished_runs_start_again_from_scratch(tmp_path):
     (stale / "loss.jsonl").write_text('{"step": 7, "loss": 9.0}\n')  # a run killed before its scores
     run(tmp_path, **args)
     assert [json.loads(line)["step"] for line in (stale / "loss.jsonl").read_text().splitlines()] == [1]
+
+
+def test_parallel_runs_in_processes_give_the_same_table(tmp_path):
+    args = dict(mixers=("attention", "ttt-linear"), seeds=(0,), steps=1, extend_steps=1, num_videos=1,
+                overrides=[*TINY, "train.tensorboard=false", "train.device=cpu"], progress=False)
+    one, table = run(tmp_path / "one", **args)
+    both, parallel_table = run(tmp_path / "both", jobs=2, **args)
+    assert both == one and parallel_table == table
+    assert (tmp_path / "both" / "runs" / "ttt-linear-0.log").is_file()

@@ -10,14 +10,17 @@ at that length. Results (mean and std over seeds) go to `<out>/results.json` and
 
 Each finished run leaves `<out>/runs/<mixer>-<seed>/scores.json`; a run that has one is not
 trained again (one without it is trained again from scratch), so an interrupted benchmark
-resumes, and mixers can train in separate processes (`--mixers attention`, `--mixers ttt-mlp`,
-...) before one last call tabulates them all.
+resumes. `--jobs N` trains N runs at once, each in its own process (one GPU holds many of these
+tiny models), then tabulates them all.
 """
 
 import argparse
 import copy
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +70,36 @@ def train_and_score(cfg, run_dir, extend_steps, num_videos, text_cache, progress
     return {str(k): {m: v[m] for m in METRICS} for k, v in scores.items()}
 
 
+def train_in_parallel(out, pending, jobs, steps, extend_steps, num_videos, overrides, text_cache):
+    """Train the (mixer, seed) runs of `pending`, `jobs` processes at a time (one run each, output
+    in `<out>/runs/<mixer>-<seed>.log`): the tiny models leave a GPU mostly idle."""
+    common = ["--steps", str(steps), "--extend-steps", str(extend_steps), "--num-videos", str(num_videos),
+              "--out", str(out), "--no-progress", *[a for o in overrides for a in ("--set", o)],
+              *(["--text-cache", str(text_cache)] if text_cache else [])]
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    queue, running, failed = list(pending), [], []
+    while queue or running:
+        while queue and len(running) < jobs:
+            mixer, seed = queue.pop(0)
+            log = out / "runs" / f"{mixer}-{seed}.log"
+            cmd = [sys.executable, "-m", "ttt_video.cli", "bench", "quality", "--mixers", mixer, "--seeds", str(seed)]
+            with open(log, "w") as f:
+                running.append((subprocess.Popen([*cmd, *common], stdout=f, stderr=subprocess.STDOUT), log))
+        time.sleep(0.5)
+        for proc, log in [r for r in running if r[0].poll() is not None]:
+            running.remove((proc, log))
+            if proc.returncode:
+                failed.append(str(log))
+    if failed:
+        raise RuntimeError(f"{len(failed)} benchmark run(s) failed; see {', '.join(failed)}")
+
+
 def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300, num_videos=32, overrides=(),
-        progress=True, text_cache=None):
+        progress=True, text_cache=None, jobs=1):
     out = Path(out)
+    pending = [(m, s) for m in mixers for s in seeds if not (out / "runs" / f"{m}-{s}" / "scores.json").is_file()]
+    if jobs > 1 and pending:
+        train_in_parallel(out, pending, jobs, steps, extend_steps, num_videos, overrides, text_cache)
     target = num_params(apply_overrides(get_preset("shapes-tiny"), [*overrides, "model.seq_mixer=ttt-mlp"]).model)
     results = {}
     for mixer in mixers:
@@ -140,12 +170,16 @@ def main(argv=None):
     p.add_argument("--num-videos", type=int, default=32)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe")
     p.add_argument("--text-cache", default=None, help="caption embeddings from `ttt-video cache-text`")
+    p.add_argument("--jobs", type=int, default=1, help="runs (mixer, seed) trained at once, each in its own process")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="docs/benchmarks/quality")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be positive, got {a.jobs}")
     mixers = a.mixers.split(",")
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:
         p.error(f"unknown mixer {unknown[0]!r}; choose from {', '.join(MIXERS)}")
     _, table = run(a.out, mixers, [int(s) for s in a.seeds.split(",")], a.steps, a.extend_steps, a.num_videos, a.set,
-                   text_cache=a.text_cache)
+                   progress=not a.no_progress, text_cache=a.text_cache, jobs=a.jobs)
     print(table)
