@@ -70,11 +70,12 @@ def test_console_script_exit_status(tmp_path):
     assert p.stderr.strip().startswith("ttt-video: error: checkpoint") and "Traceback" not in p.stderr
 
 
-def test_train_image_to_video_then_generate_from_an_image(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["tiny-dit", "sora-dit", "titans-dit"])
+def test_train_image_to_video_then_generate_from_an_image(tmp_path, capsys, arch):
     from PIL import Image
 
-    sets = [a for s in TINY + ["train.max_steps=2", "model.condition_frames=1", "data.i2v_ratio=0.5"]
-            for a in ("--set", s)]
+    sets = [a for s in TINY + ["train.max_steps=2", "model.condition_frames=1", "data.i2v_ratio=0.5",
+                               f"model.arch={arch}"] for a in ("--set", s)]
     code, stdout, _ = run_cli(["train", *sets, "--output-dir", str(tmp_path / "run"), "--no-progress"], capsys)
     assert code == 0 and "checkpoint-2" in stdout
     image = tmp_path / "first.png"

@@ -40,7 +40,7 @@ class ModelConfig:
     num_persistent_tokens: int = 4  # arch "titans-dit": learned tokens every block attends to
     num_memory_tokens: int = 8  # arch "titans-dit": tokens read from each block's memory per segment
     memory_chunk_size: int = 64  # arch "titans-dit": tokens per chunk of a memory update
-    condition_frames: int = 0  # arch "tiny-dit", "svd": 1: the first latent frame is an image condition (i2v)
+    condition_frames: int = 0  # 1: the first latent frame is an image condition (i2v; not cogvideox-ttt)
     fps_id: int = 6  # arch "svd": the fps micro-condition (SVD was trained with the clip's fps - 1)
     motion_bucket_id: int = 127  # arch "svd": the motion micro-condition (higher: more motion)
     noise_aug_strength: float = 0.02  # arch "svd": noise added to the condition image, also a micro-condition

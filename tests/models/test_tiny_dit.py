@@ -76,5 +76,5 @@ def test_conditioning_starts_at_zero_and_loads_unconditioned_weights(tmp_path):
         plain(x, t, text, cond=cond)
     with pytest.raises(ValueError, match="condition_frames must be 0 or 1"):
         build_model(ModelConfig(condition_frames=2))
-    with pytest.raises(ValueError, match="implemented for tiny-dit and svd, not sora-dit"):
-        build_model(ModelConfig(arch="sora-dit", condition_frames=1))
+    with pytest.raises(ValueError, match="not implemented for cogvideox-ttt"):
+        build_model(ModelConfig(arch="cogvideox-ttt", condition_frames=1))

@@ -43,14 +43,21 @@ class TimestepEmbedder(nn.Module):
 
 class VideoDiT(nn.Module):
     """Base of the from-scratch DiTs. Subclasses add `blocks` (each with an adaLN `ada` whose last
-    layer starts at zero, so every block starts as the identity) and write `forward`."""
+    layer starts at zero, so every block starts as the identity) and write `forward`.
+
+    With `condition_frames=1` (image-to-video) a condition `[B, C + 1, F, h, w]` (`condition_input`)
+    is patched like the latents and added to the video tokens through `cond_embed`, which starts at
+    zero: training starts from the unconditioned model, whose checkpoint loads into this one."""
 
     def __init__(self, cfg):
         super().__init__()
+        if cfg.condition_frames not in (0, 1):
+            raise ValueError(f"condition_frames must be 0 or 1 (the first frame), got {cfg.condition_frames}")
         self.cfg = cfg
         pt, ph, pw = cfg.patch_size
         self.patch_dim = cfg.in_channels * pt * ph * pw
         self.patch_embed = nn.Linear(self.patch_dim, cfg.dim)
+        self.cond_embed = nn.Linear((cfg.in_channels + 1) * pt * ph * pw, cfg.dim) if cfg.condition_frames else None
         self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.dim))
         self.t_embed = TimestepEmbedder(cfg.dim)
         self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
@@ -68,9 +75,22 @@ class VideoDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for layer in [block.ada[-1] for block in self.blocks] + [self.final_ada[-1], self.final]:
+        zero = [block.ada[-1] for block in self.blocks] + [self.final_ada[-1], self.final]
+        for layer in zero + ([self.cond_embed] if self.cond_embed is not None else []):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def add_condition(self, tokens, latents, cond, patches):
+        """Video tokens plus the embedded image condition. `patches` turns `[B, C', F, h, w]` into
+        patches laid out as `tokens`; a conditioned model given no `cond` gets the empty condition."""
+        if self.cond_embed is None:
+            if cond is not None:
+                raise ValueError("this model takes no image condition (model.condition_frames=0)")
+            return tokens
+        if cond is None:
+            cond = condition_input(latents[:, :, :1], latents.shape[2],
+                                   torch.zeros(latents.shape[0], dtype=torch.bool))
+        return tokens + self.cond_embed(patches(cond.to(tokens.dtype)))
 
     def grid(self, latents, num_segments):
         """Patch grid (t, y, x) of one segment; rejects latents that do not split evenly."""

@@ -17,6 +17,6 @@ def build_model(cfg):
         cls = ARCHS[cfg.arch]
     except KeyError:
         raise ValueError(f"unknown model arch {cfg.arch!r}; available: {', '.join(sorted(ARCHS))}") from None
-    if cfg.condition_frames and cfg.arch not in ("tiny-dit", "svd"):
-        raise ValueError(f"model.condition_frames (image-to-video) is implemented for tiny-dit and svd, not {cfg.arch}")
+    if cfg.condition_frames and cfg.arch == "cogvideox-ttt":
+        raise ValueError("model.condition_frames (image-to-video) is not implemented for cogvideox-ttt")
     return cls(cfg)

@@ -94,15 +94,19 @@ class SoraDiT(VideoDiT):
         for block in self.blocks:  # a zero cross-attention output too: blocks start as the identity
             nn.init.zeros_(block.cross.out.weight)
 
-    def forward(self, latents, timestep, text, text_mask=None):
+    def forward(self, latents, timestep, text, text_mask=None, cond=None):
         """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
-        text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool. Returns the prediction `[B, C, F, h, w]`."""
+        text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool, cond `[B, C + 1, F, h, w]` (models with
+        `condition_frames`). Returns the prediction `[B, C, F, h, w]`."""
         S = text.shape[1]
         pt, ph, pw = self.cfg.patch_size
         seg_t, gh, gw = self.grid(latents, S)
         gt = S * seg_t
-        x = rearrange(latents, "b c (t pt) (y ph) (x pw) -> b t (y x) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
-        x = self.patch_embed(x)  # [B, T, N, D]
+
+        def patches(v):
+            return rearrange(v, "b c (t pt) (y ph) (x pw) -> b t (y x) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+        x = self.add_condition(self.patch_embed(patches(latents)), latents, cond, patches)  # [B, T, N, D]
         text = self.text_embed(text)  # [B, S, Lt, D]
         mask = None if text_mask is None else text_mask.bool()
 

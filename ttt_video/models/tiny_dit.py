@@ -4,10 +4,8 @@ Each block: attention local to each segment (its video tokens with its own capti
 then a gated bidirectional TTT over the whole interleaved sequence, then the MLP; adaLN from
 the timestep. `seq_mixer="attention"` drops the TTT (local attention only); `"swa"` replaces it
 with gated sliding-window attention over the whole sequence (a long-context baseline).
-With `condition_frames=1` (image-to-video) a condition `[B, C + 1, F, h, w]` (`condition_input`:
-the first frame's latents at frame 0 and a mask channel) is patchified like the latents and added
-through `cond_embed`, which starts at zero: training starts from the unconditioned model, and an
-unconditioned model's checkpoint loads into a conditioned one.
+With `condition_frames=1` it is an image-to-video model (`VideoDiT`: the first frame's latents
+and a mask channel, patched like the latents, added through a zero-initialised embedding).
 
 Layout: latents `[B, C, F, h, w]`; text `[B, S, Lt, Dt]` (one caption per segment);
 tokens `[B, S * (Lt + Lv), D]`, each segment `[text, video]`.
@@ -18,7 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from ..layers.attention import SegmentAttention, SlidingWindowAttention
-from ..layers.dit import VideoDiT, condition_input, modulate
+from ..layers.dit import VideoDiT, modulate
 from ..layers.rope import rope_3d, with_text
 from ..layers.ttt import BidirectionalTTT
 
@@ -56,23 +54,14 @@ class TinyDiT(VideoDiT):
     def __init__(self, cfg):
         if cfg.seq_mixer not in SEQ_MIXERS:
             raise ValueError(f"unknown seq_mixer {cfg.seq_mixer!r}; choose one of {SEQ_MIXERS}")
-        if cfg.condition_frames not in (0, 1):
-            raise ValueError(f"condition_frames must be 0 or 1 (the first frame), got {cfg.condition_frames}")
         super().__init__(cfg)
         self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # text, video
-        self.cond_embed = None
-        if cfg.condition_frames:
-            pt, ph, pw = cfg.patch_size
-            self.cond_embed = nn.Linear((cfg.in_channels + 1) * pt * ph * pw, cfg.dim)  # latents and mask
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.initialize()
 
     def initialize(self):
         super().initialize()
         nn.init.normal_(self.type_embed, std=0.02)
-        if self.cond_embed is not None:
-            nn.init.zeros_(self.cond_embed.weight)
-            nn.init.zeros_(self.cond_embed.bias)
 
     def forward(self, latents, timestep, text, text_mask=None, cond=None):
         """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
@@ -87,12 +76,7 @@ class TinyDiT(VideoDiT):
             return rearrange(x, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)", s=S, pt=pt, ph=ph, pw=pw)
 
         video = self.patch_embed(patches(latents)) + self.type_embed[1]  # [B, S, Lv, D]
-        if self.cond_embed is not None:
-            if cond is None:
-                cond = condition_input(latents[:, :, :1], latents.shape[2], torch.zeros(B, dtype=torch.bool))
-            video = video + self.cond_embed(patches(cond.to(video.dtype)))
-        elif cond is not None:
-            raise ValueError("this model takes no image condition (model.condition_frames=0)")
+        video = self.add_condition(video, latents, cond, patches)
         txt = self.text_embed(text) + self.type_embed[0]  # [B, S, Lt, D]
         x = torch.cat([txt, video], 2).flatten(1, 2)  # [B, S*(Lt+Lv), D]
 

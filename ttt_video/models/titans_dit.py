@@ -61,16 +61,20 @@ class TitansDiT(VideoDiT):
             nn.init.normal_(block.persistent, std=0.02)
             block.memory.reset_gates()
 
-    def forward(self, latents, timestep, text, text_mask=None):
+    def forward(self, latents, timestep, text, text_mask=None, cond=None):
         """latents `[B, C, F, h, w]` (F a multiple of S and of the time patch), timestep `[B]`,
-        text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool. Returns the prediction `[B, C, F, h, w]`."""
+        text `[B, S, Lt, Dt]`, text_mask `[B, S, Lt]` bool, cond `[B, C + 1, F, h, w]` (models with
+        `condition_frames`). Returns the prediction `[B, C, F, h, w]`."""
         B = latents.shape[0]
         S, Lt = text.shape[1], text.shape[2]
         pt, ph, pw = self.cfg.patch_size
         gt, gh, gw = self.grid(latents, S)
-        video = rearrange(latents, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)",
-                          s=S, pt=pt, ph=ph, pw=pw)
-        video = self.patch_embed(video) + self.type_embed[1]  # [B, S, Lv, D]
+
+        def patches(v):
+            return rearrange(v, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)", s=S, pt=pt, ph=ph, pw=pw)
+
+        video = self.patch_embed(patches(latents)) + self.type_embed[1]  # [B, S, Lv, D]
+        video = self.add_condition(video, latents, cond, patches)
         txt = self.text_embed(text) + self.type_embed[0]  # [B, S, Lt, D]
         tokens = torch.cat([txt, video], 2)  # [B, S, Lt+Lv, D]
 
