@@ -6,7 +6,6 @@ batch is split: micro-batch m of process r holds dataset items [(m*P + r)*B, (m*
 and each item's noise, time and caption dropout come from a generator seeded by its index.
 """
 
-import json
 import math
 import resource
 import signal
@@ -26,6 +25,7 @@ from ..encoders.pipeline import fill_from_pipeline
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
+from ..fileio import read_json
 from ..layers.dit import condition_input
 from ..models import build_model
 from . import checkpoint as ckpt
@@ -53,13 +53,12 @@ def stored_dtypes(cfg):
 
     found, files = {}, []
     if cfg.model.arch == "cogvideox-ttt" and cfg.model.pretrained:
-        from ..models.cogvideox_ttt import CONFIG_FILE, diffusers_weight_files
+        from ..models.cogvideox_ttt import CONFIG_FILE, diffusers_weight_files, transformer_folder
 
-        folder = Path(cfg.model.pretrained)
-        folder = folder / "transformer" if (folder / "transformer" / CONFIG_FILE).is_file() else folder
+        folder = transformer_folder(cfg.model.pretrained)
         files += diffusers_weight_files(folder)
         if (folder / CONFIG_FILE).is_file():
-            declared = json.loads((folder / CONFIG_FILE).read_text()).get("torch_dtype")
+            declared = read_json(folder / CONFIG_FILE, "model config").get("torch_dtype")
             found[str(folder / CONFIG_FILE)] = {"BF16"} if declared == "bfloat16" else set()
     if cfg.train.init_from:
         files.append(ckpt.resolve(cfg.train.init_from) / ckpt.MODEL_FILE)
