@@ -7,6 +7,7 @@ Latents `[B, C, F, h, w]`; patches `(pt, ph, pw)`; tokens `[..., D]`.
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -100,6 +101,19 @@ class VideoDiT(nn.Module):
             raise ValueError(f"latents {tuple(latents.shape)} do not split into {num_segments} segments "
                              f"of patches {self.cfg.patch_size}")
         return F // num_segments // pt, h // ph, w // pw
+
+    def segment_tokens(self, latents, text, cond=None):
+        """Per-segment embeddings: captions `[B, S, Lt, D]`, video patches `[B, S, Lv, D]` (with the
+        image condition of models that take one), and one segment's patch grid (t, y, x)."""
+        S = text.shape[1]
+        pt, ph, pw = self.cfg.patch_size
+        grid = self.grid(latents, S)
+
+        def patches(v):
+            return rearrange(v, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)", s=S, pt=pt, ph=ph, pw=pw)
+
+        video = self.add_condition(self.patch_embed(patches(latents)), latents, cond, patches)
+        return self.text_embed(text), video, grid
 
     def run_block(self, block, *args):
         if self.gradient_checkpointing and self.training:

@@ -70,15 +70,9 @@ class TinyDiT(VideoDiT):
         B = latents.shape[0]
         S, Lt = text.shape[1], text.shape[2]
         pt, ph, pw = self.cfg.patch_size
-        gt, gh, gw = self.grid(latents, S)
-
-        def patches(x):
-            return rearrange(x, "b c (s t pt) (y ph) (x pw) -> b s (t y x) (c pt ph pw)", s=S, pt=pt, ph=ph, pw=pw)
-
-        video = self.patch_embed(patches(latents)) + self.type_embed[1]  # [B, S, Lv, D]
-        video = self.add_condition(video, latents, cond, patches)
-        txt = self.text_embed(text) + self.type_embed[0]  # [B, S, Lt, D]
-        x = torch.cat([txt, video], 2).flatten(1, 2)  # [B, S*(Lt+Lv), D]
+        txt, video, (gt, gh, gw) = self.segment_tokens(latents, text, cond)
+        video = video + self.type_embed[1]  # [B, S, Lv, D]
+        x = torch.cat([txt + self.type_embed[0], video], 2).flatten(1, 2)  # [B, S*(Lt+Lv), D]
 
         cos, sin = rope_3d(gt, gh, gw, self.cfg.dim // self.cfg.num_heads)
         seg_rope = tuple(t.to(x.device) for t in with_text(cos, sin, Lt, 1))
