@@ -110,3 +110,24 @@ def test_fused_ttt_layer_equals_eager(monkeypatch, reverse):
         outs.append((y, *torch.autograd.grad(y.square().sum(), [x, layer.qkv.weight, layer.ln_weight])))
     for eager, fused in zip(*outs):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_is_chosen_by_device_size_and_switch(monkeypatch):
+    from ttt_video.layers import ttt as ttt_layer
+
+    class Input:  # what `_fused` looks at: the device and the size
+        def __init__(self, numel, is_cuda=True):
+            self.n, self.is_cuda = numel, is_cuda
+
+        def numel(self):
+            return self.n
+
+    big, small = ttt_layer.FUSE_MIN_ELEMENTS, ttt_layer.FUSE_MIN_ELEMENTS - 1
+    fn = ttt_layer._merge_heads
+    monkeypatch.delenv("TTT_VIDEO_COMPILE", raising=False)
+    assert ttt_layer._fused(fn, Input(big)) is not fn and ttt_layer._fused(fn, Input(small)) is fn
+    assert ttt_layer._fused(fn, Input(big, is_cuda=False)) is fn
+    monkeypatch.setenv("TTT_VIDEO_COMPILE", "0")
+    assert ttt_layer._fused(fn, Input(big)) is fn
+    monkeypatch.setenv("TTT_VIDEO_COMPILE", "1")
+    assert ttt_layer._fused(fn, Input(small)) is not fn

@@ -3,9 +3,10 @@
 Tokens `[B, L, D]` (text and video interleaved per segment); the op works on `[B, H, L, Dh]`.
 
 Around the op the layer is memory-bound elementwise work over the whole video (normalising,
-rotating and re-targeting q, k, v; moving heads in and out): on CUDA those steps run as
-`torch.compile`d functions, which fuse them into a few kernels; elsewhere, and with
-`TTT_VIDEO_COMPILE=0`, they run eagerly (same arithmetic).
+rotating and re-targeting q, k, v; moving heads in and out): on CUDA, for inputs of at least
+`FUSE_MIN_ELEMENTS`, those steps run as `torch.compile`d functions, which fuse them into a few
+kernels; smaller inputs, where compiling would cost more than it saves, and other devices run
+them eagerly (same arithmetic). `TTT_VIDEO_COMPILE=0` never compiles, `=1` always does (on CUDA).
 """
 
 import os
@@ -40,11 +41,13 @@ def _merge_heads(o, weight, bias):
     return F.layer_norm(o, o.shape[-1:], weight, bias, eps=1e-6)
 
 
+FUSE_MIN_ELEMENTS = 2**24  # a 3 s CogVideoX segment has 55M; the bundled model's batch about 3M
 _COMPILED = {}
 
 
 def _fused(fn, x):
-    if not x.is_cuda or os.environ.get("TTT_VIDEO_COMPILE", "1") == "0":
+    mode = os.environ.get("TTT_VIDEO_COMPILE", "auto")
+    if not x.is_cuda or mode == "0" or (mode != "1" and x.numel() < FUSE_MIN_ELEMENTS):
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
