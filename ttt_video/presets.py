@@ -36,6 +36,24 @@ def titans_tiny():
 CONTEXT_STAGES = (3, 9, 18, 30, 63)  # seconds of video per training stage, 3 s per segment
 
 
+def _cogvideox_ttt(segments, frames_per_segment, fps, height, width):
+    """What every CogVideoX-TTT recipe shares: TTT-MLP layers, manifest data in `segments` segments
+    of `frames_per_segment` frames plus the one shared with the next, the pipeline's T5 (226
+    tokens per segment) and VAE, v-prediction, one video per micro-batch in bf16 with gradient
+    checkpointing, and TTT-Video's optimiser settings."""
+    cfg = Config()
+    m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
+    m.arch, m.seq_mixer, m.ttt_mini_batch_size, m.gate_init = "cogvideox-ttt", "ttt-mlp", 64, 0.1
+    d.source, d.num_scenes, d.fps, d.height, d.width = "manifest", segments, fps, height, width
+    d.frames_per_scene, d.segment_overlap = frames_per_segment + 1, 1  # neighbouring segments share a frame
+    d.text_encoder, d.text_max_length, d.vae = "t5", 226, ""  # T5 and VAE: the pipeline's
+    diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
+    t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
+    t.batch_size, t.mixed_precision, t.grad_checkpointing = 1, "bf16", True
+    t.save_every = 250
+    return cfg
+
+
 def cogvideox_5b_ttt(seconds):
     """TTT-Video's multi-stage context extension of CogVideoX-5B (480x720, 16 fps, 3 s segments of
     49 frames sharing one frame with each neighbour, i.e. 13 latent frames sharing one; 226 T5
@@ -51,22 +69,14 @@ def cogvideox_5b_ttt(seconds):
     constant: set it for your data."""
     if seconds not in CONTEXT_STAGES:
         raise ConfigError(f"no CogVideoX-TTT stage of {seconds} s; stages: {', '.join(map(str, CONTEXT_STAGES))}")
-    cfg = Config()
-    m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
-    m.arch, m.seq_mixer, m.ttt_mini_batch_size, m.gate_init = "cogvideox-ttt", "ttt-mlp", 64, 0.1
-    d.source, d.num_scenes, d.fps, d.height, d.width = "manifest", seconds // 3, 16, 480, 720
-    d.frames_per_scene, d.segment_overlap = 49, 1
-    d.text_encoder, d.text_max_length, d.vae = "t5", 226, ""  # T5 and VAE: the pipeline's
-    diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
+    cfg = _cogvideox_ttt(seconds // 3, 48, 16, 480, 720)
+    t = cfg.train
     stage = CONTEXT_STAGES.index(seconds)
     t.adapter = "full" if stage == 0 else "ttt-qkvo"
     t.init_from = "" if stage == 0 else f"runs/cogvideox-5b-ttt-{CONTEXT_STAGES[stage - 1]}s"
     t.lr = 1e-5
     t.ttt_lr = 1e-4 if stage == 0 else 1e-5
-    t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
     t.max_steps = 5000 if stage == 0 else 1000
-    t.batch_size, t.mixed_precision, t.grad_checkpointing = 1, "bf16", True
-    t.save_every = 250
     return cfg
 
 
@@ -110,18 +120,11 @@ def rtx4090(seconds):
     if seconds not in RTX4090_SECONDS:
         raise ConfigError(f"no 24 GB preset of {seconds} s; lengths: {', '.join(map(str, RTX4090_SECONDS))}")
     segments, frames, height, width = RTX4090_SECONDS[seconds]
-    cfg = Config()
-    m, d, diff, t = cfg.model, cfg.data, cfg.diffusion, cfg.train
-    m.arch, m.seq_mixer, m.ttt_mini_batch_size, m.gate_init = "cogvideox-ttt", "ttt-mlp", 64, 0.1
-    m.segment_frames = frames // 4 + 1  # the VAE keeps one latent frame per 4 frames, plus the shared one
-    d.source, d.num_scenes, d.fps, d.height, d.width = "manifest", segments, 8, height, width
-    d.frames_per_scene, d.segment_overlap = frames + 1, 1  # neighbouring segments share a frame
-    d.text_encoder, d.text_max_length, d.vae = "t5", 226, ""  # T5 and VAE: the pipeline's
-    diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
+    cfg = _cogvideox_ttt(segments, frames, 8, height, width)
+    cfg.model.segment_frames = frames // 4 + 1  # the VAE keeps one latent frame per 4 frames, plus the shared one
+    t = cfg.train
     t.adapter, t.frozen_dtype, t.lr, t.ttt_lr = "ttt-only", "bfloat16", 1e-4, 1e-4
-    t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
-    t.batch_size, t.grad_accum_steps, t.mixed_precision, t.grad_checkpointing = 1, 4, "bf16", True
-    t.max_steps, t.save_every = 2000, 250
+    t.grad_accum_steps, t.max_steps = 4, 2000
     return cfg
 
 
