@@ -113,6 +113,22 @@ def short_rows(reps, device, sampling_steps):
     return rows
 
 
+def train_row(model, x, text, t, reps, layers):
+    """A training step with gradient checkpointing per block: time, peak memory, or out of memory."""
+    model.train().enable_gradient_checkpointing()
+
+    def train_step():
+        model(x, text, t).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        both = _time_s(train_step, max(1, reps - 1))
+        return {"s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        return {"s": float("nan"), "oom": True}
+
+
 def long_rows(layers, reps, device, segments, forward_only=False):
     rows = {}
     x, text, t = inputs(segments, 1, device)
@@ -123,22 +139,9 @@ def long_rows(layers, reps, device, segments, forward_only=False):
             fwd = _time_s(lambda: model(x, text, t), reps)
             report(rows, f"{segments * 3}s forward, {layers} blocks, {name}", {
                 "s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B})
-        if forward_only:
-            model = None
-            continue
-        model.train().enable_gradient_checkpointing()
-
-        def train_step():
-            model(x, text, t).float().square().mean().backward()
-            model.zero_grad(set_to_none=True)
-
-        try:
-            both = _time_s(train_step, max(1, reps - 1))
-            row = {"s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
-        except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            row = {"s": float("nan"), "oom": True}
-        report(rows, f"{segments * 3}s forward+backward, {layers} blocks, {name}", row)
+        if not forward_only:
+            report(rows, f"{segments * 3}s forward+backward, {layers} blocks, {name}",
+                   train_row(model, x, text, t, reps, layers))
         model = None  # free it before the next one is built
         torch.cuda.empty_cache()
     return rows
