@@ -131,12 +131,17 @@ def test_diffusers_vae_encodes_frame_by_frame_in_latent_units(tmp_path):
         build_vae(str(tmp_path / "empty"))
 
 
-def test_prepare_with_a_diffusers_vae(root, encoder, tmp_path):
+def _prepared_with_a_vae(root, encoder, tmp_path):
+    """The good manifest, every item i2v, prepared with a tiny diffusers VAE: (its config, the cache)."""
     tiny_autoencoder(tmp_path / "vae")
     cfg = data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0)
     prepare(cfg, tmp_path / "c", progress=False, text_encoder=encoder)
-    cached = CachedDataset(data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0,
-                                    cache_dir=str(tmp_path / "c")))
+    return cfg, CachedDataset(data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0,
+                                       cache_dir=str(tmp_path / "c")))
+
+
+def test_prepare_with_a_diffusers_vae(root, encoder, tmp_path):
+    _, cached = _prepared_with_a_vae(root, encoder, tmp_path)
     item = cached[0]
     assert item["latents"].shape == (4, 8, 8, 12) and item["cond_latents"].shape == (4, 1, 8, 12)
     assert not torch.equal(item["latents"], cached._get(cached.entries[0], "mean"))  # a posterior sample
@@ -146,11 +151,7 @@ def test_prepare_with_a_diffusers_vae(root, encoder, tmp_path):
 def test_cached_i2v_condition_equals_the_one_encoded_on_the_fly(root, encoder, tmp_path):
     from ttt_video.train.trainer import image_condition
 
-    tiny_autoencoder(tmp_path / "vae")
-    cfg = data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0)
-    prepare(cfg, tmp_path / "c", progress=False, text_encoder=encoder)
-    cached = CachedDataset(data_cfg(root / "good.jsonl", vae=str(tmp_path / "vae"), i2v_ratio=1.0,
-                                    cache_dir=str(tmp_path / "c")))
+    cfg, cached = _prepared_with_a_vae(root, encoder, tmp_path)
     vae, dataset, conditioned = build_vae(cfg.vae), ManifestDataset(cfg), 0
     for draw in range(len(dataset)):
         decoded, from_cache = collate([dataset[draw]]), collate([cached[draw]])
