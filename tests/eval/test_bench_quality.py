@@ -53,3 +53,21 @@ def test_parallel_runs_in_processes_give_the_same_table(tmp_path):
     both, parallel_table = run(tmp_path / "both", jobs=2, **args)
     assert both == one and parallel_table == table
     assert (tmp_path / "both" / "runs" / "ttt-linear-0.log").is_file()
+
+
+def test_a_scored_first_phase_goes_on_with_the_extension_only(tmp_path, monkeypatch):
+    import ttt_video.eval.bench_quality as bq
+
+    args = dict(mixers=("attention",), seeds=(0,), steps=1, extend_steps=1, num_videos=1,
+                overrides=[*TINY, "train.tensorboard=false"], progress=False)
+    first, _ = run(tmp_path, **args)
+    scores_file = tmp_path / "runs" / "attention-0" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    scores_file.write_text(json.dumps({"2": scores["2"]}))  # the extension was interrupted
+    trained = []
+    real_train = bq.train
+    monkeypatch.setattr(bq, "train", lambda cfg, folder, **k: trained.append(str(folder)) or real_train(cfg, folder, **k))
+    again, _ = run(tmp_path, **args)
+    assert trained == [str(tmp_path / "runs" / "attention-0-long")]
+    assert again["attention"]["runs"][0]["scores"]["2"] == scores["2"]
+    assert set(json.loads(scores_file.read_text())) == {"2", "6"}

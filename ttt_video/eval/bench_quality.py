@@ -8,10 +8,12 @@ storyboards at the training length (3 scenes), then fine-tuned briefly at 3x the
 at that length. Results (mean and std over seeds) go to `<out>/results.json` and
 `<out>/README.md`, with a plot of consistency against length when matplotlib is installed.
 
-Each finished run leaves `<out>/runs/<mixer>-<seed>/scores.json`; a run that has one is not
-trained again (one without it is trained again from scratch), so an interrupted benchmark
-resumes. `--jobs N` trains N runs at once, each in its own process (one GPU holds many of these
-tiny models), then tabulates them all.
+Each run writes `<out>/runs/<mixer>-<seed>/scores.json` after each phase. A phase that has its
+scores is not trained again: a run whose training-length phase is scored goes on with the
+extension from that phase's last checkpoint; a phase without scores is trained again from scratch.
+So an interrupted benchmark resumes, and the two phases of a run can run in separate sessions.
+`--jobs N` trains N runs at once, each in its own process (one GPU holds many of these tiny
+models), then tabulates them all.
 """
 
 import argparse
@@ -58,16 +60,30 @@ def match_parameters(model_cfg, target):
     return num_params(model_cfg)
 
 
+def read_scores(run_dir):
+    """The scores a run has so far: {str(num_scenes): {metric: value}}."""
+    done = Path(run_dir) / "scores.json"
+    return json.loads(done.read_text()) if done.is_file() else {}
+
+
 def train_and_score(cfg, run_dir, extend_steps, num_videos, text_cache, progress):
-    """Train at the recipe's length, score; extend to 3x the scenes from that checkpoint, score."""
-    short = train(cfg, run_dir, progress=progress, text_cache=text_cache)
-    scores = {cfg.data.num_scenes: evaluate(short, num_videos, text_cache=text_cache, progress=False)}
+    """Train at the recipe's length, score; extend to 3x the scenes from that checkpoint, score.
+    Each phase's scores are saved as soon as they exist; a scored phase is not trained again."""
+    run_dir = Path(run_dir)
+    scores = read_scores(run_dir)
     long_cfg = apply_overrides(copy.deepcopy(cfg), [f"data.num_scenes={3 * cfg.data.num_scenes}",
-                                                    f"train.max_steps={extend_steps}", f"train.init_from={short}",
+                                                    f"train.max_steps={extend_steps}", f"train.init_from={run_dir}",
                                                     f"train.warmup_steps={min(cfg.train.warmup_steps, extend_steps)}"])
-    long = train(long_cfg, f"{run_dir}-long", progress=progress, text_cache=text_cache)
-    scores[long_cfg.data.num_scenes] = evaluate(long, num_videos, text_cache=text_cache, progress=False)
-    return {str(k): {m: v[m] for m in METRICS} for k, v in scores.items()}
+    for phase_cfg, folder in ((cfg, run_dir), (long_cfg, Path(f"{run_dir}-long"))):
+        key = str(phase_cfg.data.num_scenes)
+        if key in scores:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished phase starts again from scratch
+        last = train(phase_cfg, folder, progress=progress, text_cache=text_cache)
+        scores[key] = {m: v for m, v in evaluate(last, num_videos, text_cache=text_cache, progress=False).items()
+                       if m in METRICS}
+        write_text_atomic(run_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
+    return scores
 
 
 def train_in_parallel(out, pending, jobs, steps, extend_steps, num_videos, overrides, text_cache):
@@ -97,7 +113,7 @@ def train_in_parallel(out, pending, jobs, steps, extend_steps, num_videos, overr
 def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300, num_videos=32, overrides=(),
         progress=True, text_cache=None, jobs=1):
     out = Path(out)
-    pending = [(m, s) for m in mixers for s in seeds if not (out / "runs" / f"{m}-{s}" / "scores.json").is_file()]
+    pending = [(m, s) for m in mixers for s in seeds if len(read_scores(out / "runs" / f"{m}-{s}")) < 2]
     if jobs > 1 and pending:
         train_in_parallel(out, pending, jobs, steps, extend_steps, num_videos, overrides, text_cache)
     target = num_params(apply_overrides(get_preset("shapes-tiny"), [*overrides, "model.seq_mixer=ttt-mlp"]).model)
@@ -107,15 +123,9 @@ def run(out, mixers=tuple(MIXERS), seeds=(0, 1, 2), steps=2000, extend_steps=300
             cfg = apply_overrides(get_preset("shapes-tiny"),
                                   [*overrides, f"train.max_steps={steps}", f"train.seed={seed}", *MIXERS[mixer]])
             params = match_parameters(cfg.model, target)
-            run_dir = out / "runs" / f"{mixer}-{seed}"
-            done = run_dir / "scores.json"
-            if not done.is_file():  # an unfinished run starts again from scratch
-                for folder in (run_dir, Path(f"{run_dir}-long")):
-                    shutil.rmtree(folder, ignore_errors=True)
-                scores = train_and_score(cfg, run_dir, extend_steps, num_videos, text_cache, progress)
-                write_text_atomic(done, json.dumps(scores, indent=2) + "\n")
-            results.setdefault(mixer, {"params": params, "runs": []})["runs"].append(
-                {"seed": seed, "scores": json.loads(done.read_text())})
+            scores = train_and_score(cfg, out / "runs" / f"{mixer}-{seed}", extend_steps, num_videos, text_cache,
+                                     progress)
+            results.setdefault(mixer, {"params": params, "runs": []})["runs"].append({"seed": seed, "scores": scores})
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     table = summary_table(results)
     write_text_atomic(out / "README.md", table)
