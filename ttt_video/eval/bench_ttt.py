@@ -110,13 +110,13 @@ def _attn_fn(segments, heads, head_dim, device, backward):
 
 
 def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("triton", "torch"), device="cuda",
-        max_estimate_s=2.0):
+        max_estimate_s=2.0, on_row=None):
     """Time every (length, op, impl, mode); rows carry ms, TFLOP/s and the ratio to attention.
 
     A torch-path case whose time, extrapolated from the previous length, exceeds `max_estimate_s`
-    per call is skipped and reported with that estimate.
+    per call is skipped and reported with that estimate. `on_row(row)` sees each row as it is done.
     """
-    rows = []
+    rows = _Rows(on_row)
     last = {}
     for sec in seconds:
         segments = max(1, round(sec / SECONDS_PER_SEGMENT))
@@ -150,15 +150,29 @@ def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("
     return rows
 
 
+class _Rows(list):
+    def __init__(self, on_row):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row):
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+
+HEADER = f"{'len':>4} {'T':>8} {'op':<11} {'impl':<7} {'mode':<8} {'ms':>10} {'TFLOP/s':>8} {'x attn':>7}"
+
+
+def format_row(r):
+    head = f"{r['seconds']:>3}s {r['T']:>8} {r['op']:<11} {r['impl']:<7} {r['mode']:<8}"
+    if r.get("skipped") is not None:
+        return f"{head} skipped (est. {r['skipped']:.1f} s)"
+    return f"{head} {r['ms']:>10.2f} {r['tflops']:>8.1f} {r['ratio']:>7.3f}"
+
+
 def format_table(rows):
-    lines = [f"{'len':>4} {'T':>8} {'op':<11} {'impl':<7} {'mode':<8} {'ms':>10} {'TFLOP/s':>8} {'x attn':>7}"]
-    for r in rows:
-        head = f"{r['seconds']:>3}s {r['T']:>8} {r['op']:<11} {r['impl']:<7} {r['mode']:<8}"
-        if r.get("skipped") is not None:
-            lines.append(f"{head} skipped (est. {r['skipped']:.1f} s)")
-        else:
-            lines.append(f"{head} {r['ms']:>10.2f} {r['tflops']:>8.1f} {r['ratio']:>7.3f}")
-    return "\n".join(lines)
+    return "\n".join([HEADER, *map(format_row, rows)])
 
 
 def main(argv=None):
@@ -175,11 +189,11 @@ def main(argv=None):
         p.exit(2, "ttt-video bench ttt: needs a CUDA device\n")
     if any(s % SECONDS_PER_SEGMENT for s in args.seconds):
         p.exit(2, f"ttt-video bench ttt: --seconds must be multiples of {SECONDS_PER_SEGMENT}\n")
-    rows = run(tuple(args.seconds), args.heads, args.head_dim, args.mini_batch_size, tuple(args.impls),
-               max_estimate_s=args.max_estimate_s)
     print(f"device: {torch.cuda.get_device_name()}, heads {args.heads} x {args.head_dim}, "
           f"mini-batch {args.mini_batch_size}, TTT both directions in one call, bf16")
-    print(format_table(rows))
+    print(HEADER, flush=True)
+    run(tuple(args.seconds), args.heads, args.head_dim, args.mini_batch_size, tuple(args.impls),
+        max_estimate_s=args.max_estimate_s, on_row=lambda row: print(format_row(row), flush=True))
     return 0
 
 

@@ -18,10 +18,10 @@ def _triton_module():
     return triton_impl
 
 
-def _pick(impl, q, mlp):
+def _pick(impl, q, mlp, mini_batch_size):
     if impl is None:
         triton_impl = _triton_module() if q.is_cuda else None
-        if triton_impl is not None and triton_impl.supports(q, mlp):
+        if triton_impl is not None and triton_impl.supports(q, mlp, mini_batch_size):
             return triton_impl
         return torch_impl
     if impl == "reference":
@@ -39,7 +39,7 @@ def _pick(impl, q, mlp):
 def ttt_mlp(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias, *, mini_batch_size=64, causal=False, eps=1e-6,
             initial_state=None, return_state=False, impl=None):
     """TTT-MLP over `[B, H, T, D]` inputs; see README "TTT ops" for the exact semantics."""
-    return _pick(impl, q, True).ttt_mlp(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias,
+    return _pick(impl, q, True, mini_batch_size).ttt_mlp(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias,
                                   mini_batch_size=mini_batch_size, causal=causal, eps=eps,
                                   initial_state=initial_state, return_state=return_state)
 
@@ -47,6 +47,6 @@ def ttt_mlp(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias, *, mini_batch_size
 def ttt_linear(q, k, v, eta, w1, b1, ln_weight, ln_bias, *, mini_batch_size=64, causal=False, eps=1e-6,
                initial_state=None, return_state=False, impl=None):
     """TTT-Linear over `[B, H, T, D]` inputs; see README "TTT ops" for the exact semantics."""
-    return _pick(impl, q, False).ttt_linear(q, k, v, eta, w1, b1, ln_weight, ln_bias,
+    return _pick(impl, q, False, mini_batch_size).ttt_linear(q, k, v, eta, w1, b1, ln_weight, ln_bias,
                                      mini_batch_size=mini_batch_size, causal=causal, eps=eps,
                                      initial_state=initial_state, return_state=return_state)

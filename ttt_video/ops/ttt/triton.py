@@ -21,19 +21,31 @@ import triton.language as tl
 
 MLP_KEYS = ("w1", "b1", "w2", "b2")
 LINEAR_KEYS = ("w1", "b1")
-HEAD_DIMS = (16, 32, 64)
+HEAD_DIMS = (16, 32, 64, 128)
 MINI_BATCH_SIZES = (16, 32, 64, 128)
 
 
-def supports(q, mlp=True):
-    """True where these kernels run: CUDA (sm80+), float16/bfloat16 with head dim 16, 32 or 64, and
-    float32 up to head dim 32 for TTT-MLP (at 64 its float32 operands need 320 KB of shared
-    memory per program, more than an H100 or H200 has)."""
+def supports(q, mlp=True, mini_batch_size=64):
+    """True where these kernels run: CUDA (sm80+), float16/bfloat16 with head dim 16, 32, 64 or 128,
+    and float32 up to head dim 32 for TTT-MLP (at 64 its float32 operands need 320 KB of shared
+    memory per program, more than an H100 or H200 has); mini-batch 16, 32, 64 or 128, except
+    TTT-MLP at 128 on a GPU (see `_compiled_gap`)."""
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     if mlp and q.dtype == torch.float32 and q.shape[-1] > 32:
         return False
+    if mini_batch_size not in MINI_BATCH_SIZES or _compiled_gap(q, mlp, mini_batch_size):
+        return False
     return q.shape[-1] in HEAD_DIMS and torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def _compiled_gap(q, mlp, mini_batch_size):
+    """Why a case that passes in the interpreter must not run compiled, or None. The compiled TTT-MLP
+    backward at mini-batch 128 gives a wrong gradient of k on an H100 (relative error 0.5; the
+    output, final state and the gradient of q match), not yet diagnosed."""
+    if q.is_cuda and mlp and mini_batch_size == 128:
+        return "the compiled TTT-MLP backward at mini-batch 128 gives a wrong gradient of k (known bug)"
+    return None
 
 
 def _empty_like(x):
@@ -621,9 +633,10 @@ def _mlp_chunk_size(D):
     return D
 
 
-def _launch_options(mlp):
-    """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory."""
-    return dict(num_warps=8 if mlp else 4, num_stages=1 if mlp else 2)
+def _launch_options(mlp, D):
+    """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory.
+    TTT-Linear at head dim 128 holds a 128 x 128 state (and its adjoint) in registers: 8 warps."""
+    return dict(num_warps=8 if mlp or D >= 128 else 4, num_stages=1 if mlp else 2)
 
 
 def _bf16_products(q):
@@ -670,7 +683,7 @@ class _TTT(torch.autograd.Function):
         ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
         out = _empty_like(q)
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
-                      **_launch_options(mlp))
+                      **_launch_options(mlp, D))
         if mlp:
             F, FC = 4 * D, _mlp_chunk_size(D)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
@@ -703,7 +716,7 @@ class _TTT(torch.autograd.Function):
         deta = _empty_like(eta.float())
         dlnw = q.new_empty((N, D), dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
-        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp))
+        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D))
         if mlp:
             scr = q.new_empty((N, bs, 4 * D), dtype=torch.float32)
             _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
@@ -722,6 +735,9 @@ def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, ca
     if D not in HEAD_DIMS or mini_batch_size not in MINI_BATCH_SIZES:
         raise ValueError(f"triton TTT supports head dim {HEAD_DIMS} and mini-batch {MINI_BATCH_SIZES}, "
                          f"got {D} and {mini_batch_size}")
+    gap = _compiled_gap(q, "w2" in weights, mini_batch_size)
+    if gap:
+        raise ValueError(f"triton TTT: {gap}; use mini-batch <= 64 or impl='torch'")
     N = B * H
     k, v = k.to(q.dtype), v.to(q.dtype)  # one activation dtype (autocast may leave them mixed)
     keys = tuple(weights)
