@@ -190,7 +190,7 @@ def test_supports_and_errors():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dim,mb,dtype", [(64, 64, torch.bfloat16), (64, 16, torch.bfloat16),
                                           (64, 128, torch.bfloat16), (64, 64, torch.float16),
-                                          (128, 64, torch.bfloat16)])
+                                          (128, 64, torch.bfloat16), (128, 128, torch.bfloat16)])
 def test_cuda_16bit_realistic(kind, causal, dim, mb, dtype):
     from ttt_video.ops.ttt import torch as torch_impl
 
@@ -198,10 +198,10 @@ def test_cuda_16bit_realistic(kind, causal, dim, mb, dtype):
 
     args = _inputs(kind, 1000, seed=3, batch=1, dim=dim, device="cuda", eta_scale=0.02)
     low = [a.to(dtype) if i < 4 else a.float() for i, a in enumerate(args)]
-    if kind == "mlp" and mb == 128:  # the compiled backward's known bug: refused, not run
-        assert not triton_impl.supports(low[0], mlp=True, mini_batch_size=mb)
-        with pytest.raises(ValueError, match="known bug"):
-            triton_impl.ttt_mlp(*low, mini_batch_size=mb, causal=causal)
+    if dim == 128 and mb == 128:  # over the shared memory of an H100: refused, the PyTorch path takes it
+        assert not triton_impl.supports(low[0], mlp=kind == "mlp", mini_batch_size=mb)
+        with pytest.raises(ValueError, match="shared memory"):
+            _run(triton_impl, kind, low, mini_batch_size=mb, causal=causal)
         return
     out_r, state_r, grads_r = _run(torch_impl, kind, args, mini_batch_size=mb, causal=causal)
     out, state, grads = _run(triton_impl, kind, low, mini_batch_size=mb, causal=causal)
