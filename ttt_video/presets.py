@@ -6,9 +6,9 @@ from .config import Config, ConfigError
 
 
 def shapes_tiny():
-    """The bundled demo: a ~2M-parameter TTT-MLP video DiT on synthetic shape storyboards, 32x32 pixels,
-    3 scenes of 8 frames (one segment each), MiniLM captions. Runs on a CPU; the bundled model
-    was trained on one GPU with these settings (README, "The bundled model")."""
+    """The demo recipe: a ~2M-parameter TTT-MLP video DiT on synthetic shape storyboards, 32x32 pixels,
+    3 scenes of 8 frames (one segment each), MiniLM captions. Runs on a CPU. The other tiny presets
+    are this recipe with another `model.arch`."""
     cfg = Config()
     cfg.train.max_steps = 2500
     cfg.train.batch_size = 32
@@ -26,7 +26,9 @@ def sora_tiny():
 
 def titans_tiny():
     """A video DiT whose context across segments is a Titans neural memory per block (8 memory
-    tokens, 4 persistent tokens) on the shapes-tiny data and schedule: 32x32 pixels, 3 scenes of 8 frames."""
+    tokens, 4 persistent tokens) on the shapes-tiny data and schedule: 32x32 pixels, 3 scenes of 8 frames.
+    The bundled model is this preset with `model.mlp_ratio=4.453125`, `train.max_steps=1000` and
+    `train.seed=2` (README, "The bundled model")."""
     cfg = shapes_tiny()
     cfg.model.arch = "titans-dit"
     cfg.model.num_memory_tokens, cfg.model.num_persistent_tokens, cfg.model.memory_chunk_size = 8, 4, 64

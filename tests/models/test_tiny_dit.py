@@ -56,20 +56,20 @@ def test_image_conditioning_shapes_gradients_and_effect():
 
 
 def test_conditioning_starts_at_zero_and_loads_unconditioned_weights(tmp_path):
-    from ttt_video.sample.pipeline import bundled_checkpoint
-    from ttt_video.train.checkpoint import load_model, load_weights
+    from ttt_video.config import Config
+    from ttt_video.train.checkpoint import load_model, load_weights, save_checkpoint
 
-    plain, cfg = load_model(bundled_checkpoint())
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 3, 2 * cfg.data.frames_per_scene, cfg.data.height, cfg.data.width, generator=g)
-    text = torch.randn(1, 2, 4, cfg.model.text_dim, generator=g)
-    t = torch.tensor([500.0])
+    cfg = Config()
+    cfg.model = ModelConfig(dim=32, depth=2, num_heads=2, text_dim=12, seq_mixer="ttt-mlp", ttt_mini_batch_size=16)
+    ckpt = save_checkpoint(tmp_path, 1, tiny_model(**vars(cfg.model)), cfg)  # every layer nonzero, as if trained
+    plain, cfg = load_model(ckpt)
+    x, t, text = tiny_inputs()
     with torch.no_grad():
         reference = plain(x, t, text)
         torch.testing.assert_close(plain(x, t, text, cond=None), reference, rtol=0, atol=0)
         cfg.model.condition_frames = 1
         conditioned = build_model(cfg.model).eval()
-        load_weights(conditioned, bundled_checkpoint())
+        load_weights(conditioned, ckpt)
         cond = condition_input(x[:, :, :1], x.shape[2])
         torch.testing.assert_close(conditioned(x, t, text, cond=cond), reference)
     with pytest.raises(ValueError, match="no image condition"):

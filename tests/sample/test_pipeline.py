@@ -1,8 +1,10 @@
+import glob
 import json
+from pathlib import Path
 
 import pytest
 
-from ttt_video.sample.pipeline import StoryboardError, plan_segments, read_storyboard
+from ttt_video.sample.pipeline import StoryboardError, bundled_checkpoint, plan_segments, read_storyboard
 
 
 def test_plan_segments():
@@ -27,3 +29,17 @@ def test_read_storyboard(tmp_path):
         read_storyboard(p)
     with pytest.raises(StoryboardError, match="not found"):
         read_storyboard(tmp_path / "missing.json")
+
+
+def test_the_bundled_model_is_package_data():
+    """pyproject's package-data patterns, globbed as setuptools globs them (files only), cover every
+    file of the bundled model, so a wheel carries it."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[2]
+    package = root / "ttt_video"
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ttt_video"]
+    shipped = {Path(f).relative_to(package) for pattern in patterns
+               for f in glob.glob(str(package / pattern), recursive=True) if Path(f).is_file()}
+    bundled = package / "assets" / bundled_checkpoint().name
+    assert {"model.safetensors", "config.json"} <= {f.name for f in bundled.iterdir()}
+    assert {f.relative_to(package) for f in bundled.iterdir()} <= shipped

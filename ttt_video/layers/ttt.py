@@ -41,7 +41,7 @@ def _merge_heads(o, weight, bias):
     return F.layer_norm(o, o.shape[-1:], weight, bias, eps=1e-6)
 
 
-FUSE_MIN_ELEMENTS = 2**24  # a 3 s CogVideoX segment has 55M; the bundled model's batch about 3M
+FUSE_MIN_ELEMENTS = 2**24  # a 3 s CogVideoX segment has 55M; a shapes-tiny batch about 3M
 _COMPILED = {}
 
 

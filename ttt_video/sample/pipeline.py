@@ -41,8 +41,8 @@ class StoryboardError(UserError):
 
 
 def bundled_checkpoint():
-    """The tiny demo model shipped inside the package."""
-    return Path(str(resources.files("ttt_video") / "assets" / "shapes-tiny"))
+    """The tiny demo model shipped inside the package (a Titans-memory DiT; README, "The bundled model")."""
+    return Path(str(resources.files("ttt_video") / "assets" / "bundled"))
 
 
 def read_storyboard(path):
