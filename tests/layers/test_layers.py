@@ -112,6 +112,21 @@ def test_fused_ttt_layer_equals_eager(monkeypatch, reverse):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path runs on CUDA")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_kernels_give_the_eager_layer(monkeypatch, reverse):
+    torch.manual_seed(0)
+    layer = TTT(128, 2, kind="linear", mini_batch_size=16).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 80, 128, device="cuda", dtype=torch.bfloat16)
+    cos, sin = (t.cuda() for t in rope_3d(5, 4, 4, 64))
+    outs = []
+    for compile_flag in ("0", "1"):
+        monkeypatch.setenv("TTT_VIDEO_COMPILE", compile_flag)
+        with torch.no_grad():
+            outs.append(layer(x, cos, sin, reverse=reverse))
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+
+
 def test_fusion_is_chosen_by_device_size_and_switch(monkeypatch):
     from ttt_video.layers import ttt as ttt_layer
 
@@ -131,3 +146,9 @@ def test_fusion_is_chosen_by_device_size_and_switch(monkeypatch):
     assert ttt_layer._fused(fn, Input(big)) is fn
     monkeypatch.setenv("TTT_VIDEO_COMPILE", "1")
     assert ttt_layer._fused(fn, Input(small)) is not fn
+    pytest.importorskip("triton")
+    from ttt_video.ops.ttt import layer_io
+
+    with torch.no_grad():  # inference: the forward-only Triton kernel
+        assert ttt_layer._fused(fn, Input(big)) is layer_io.merge_heads
+        assert ttt_layer._fused(ttt_layer._inner_inputs, Input(big)) is layer_io.inner_inputs

@@ -211,3 +211,25 @@ def test_cuda_16bit_realistic(kind, causal, dim, mb, dtype):
         _check(f"state {n}", state[n], state_r[n], 1e-2)
     for name, gt, gr in zip(_names(kind), grads, grads_r):
         _check(f"grad {name}", gt, gr, 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+def test_layer_io_kernels_match_the_eager_layer_steps(dtype):
+    _module()
+    from ttt_video.layers import ttt as ttt_layer
+    from ttt_video.layers.rope import rope_3d
+    from ttt_video.ops.ttt import layer_io
+
+    g = torch.Generator().manual_seed(5)
+    heads, dh, L = 3, 16, 37  # L not a multiple of the token block; H * Dh not a power of two
+    qkv = torch.randn(2, L, 3 * heads * dh, generator=g).to(DEVICE, dtype)
+    cos, sin = (t[:L].to(DEVICE) for t in rope_3d(3, 4, 4, dh))
+    ln_w, ln_b = (1 + 0.1 * torch.randn(heads, dh, generator=g)).to(DEVICE), (0.1 * torch.randn(heads, dh)).to(DEVICE)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for got, ref in zip(layer_io.inner_inputs(qkv, cos, sin, ln_w, ln_b, heads),
+                        ttt_layer._inner_inputs(qkv, cos, sin, ln_w, ln_b, heads)):
+        assert got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got, ref, **tol)
+    o = torch.randn(2, heads, L, dh, generator=g).to(DEVICE, dtype)
+    w, b = (1 + 0.1 * torch.randn(heads * dh)).to(DEVICE, dtype), (0.1 * torch.randn(heads * dh)).to(DEVICE, dtype)
+    torch.testing.assert_close(layer_io.merge_heads(o, w, b), ttt_layer._merge_heads(o, w, b), **tol)

@@ -4,9 +4,10 @@ Tokens `[B, L, D]` (text and video interleaved per segment); the op works on `[B
 
 Around the op the layer is memory-bound elementwise work over the whole video (normalising,
 rotating and re-targeting q, k, v; moving heads in and out): on CUDA, for inputs of at least
-`FUSE_MIN_ELEMENTS`, those steps run as `torch.compile`d functions, which fuse them into a few
-kernels; smaller inputs, where compiling would cost more than it saves, and other devices run
-them eagerly (same arithmetic). `TTT_VIDEO_COMPILE=0` never compiles, `=1` always does (on CUDA).
+`FUSE_MIN_ELEMENTS`, those steps are fused: without gradients (inference) into one Triton kernel
+each (`ttt_video.ops.ttt.layer_io`), with gradients as `torch.compile`d functions. Smaller inputs,
+where fusing would cost more than it saves, and other devices run them eagerly (same arithmetic).
+`TTT_VIDEO_COMPILE=0` never fuses, `=1` always does (on CUDA).
 """
 
 import os
@@ -49,9 +50,20 @@ def _fused(fn, x):
     mode = os.environ.get("TTT_VIDEO_COMPILE", "auto")
     if not x.is_cuda or mode == "0" or (mode != "1" and x.numel() < FUSE_MIN_ELEMENTS):
         return fn
+    if not torch.is_grad_enabled() and (kernel := _kernel(fn)) is not None:
+        return kernel
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+def _kernel(fn):
+    """The forward-only Triton kernel doing what `fn` does, or None without Triton."""
+    try:
+        from ..ops.ttt import layer_io
+    except ImportError:
+        return None
+    return {_inner_inputs: layer_io.inner_inputs, _merge_heads: layer_io.merge_heads}[fn]
 
 
 class TTT(nn.Module):
