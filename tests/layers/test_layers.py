@@ -140,15 +140,16 @@ def test_fusion_is_chosen_by_device_size_and_switch(monkeypatch):
     big, small = ttt_layer.FUSE_MIN_ELEMENTS, ttt_layer.FUSE_MIN_ELEMENTS - 1
     fn = ttt_layer._merge_heads
     monkeypatch.delenv("TTT_VIDEO_COMPILE", raising=False)
-    assert ttt_layer._fused(fn, Input(big)) is not fn and ttt_layer._fused(fn, Input(small)) is fn
-    assert ttt_layer._fused(fn, Input(big, is_cuda=False)) is fn
+    assert ttt_layer._fused(fn, Input(big), 64) is not fn and ttt_layer._fused(fn, Input(small), 64) is fn
+    assert ttt_layer._fused(fn, Input(big, is_cuda=False), 64) is fn
     monkeypatch.setenv("TTT_VIDEO_COMPILE", "0")
-    assert ttt_layer._fused(fn, Input(big)) is fn
+    assert ttt_layer._fused(fn, Input(big), 64) is fn
     monkeypatch.setenv("TTT_VIDEO_COMPILE", "1")
-    assert ttt_layer._fused(fn, Input(small)) is not fn
+    assert ttt_layer._fused(fn, Input(small), 64) is not fn
     pytest.importorskip("triton")
     from ttt_video.ops.ttt import layer_io
 
     with torch.no_grad():  # inference: the forward-only Triton kernel
-        assert ttt_layer._fused(fn, Input(big)) is layer_io.merge_heads
-        assert ttt_layer._fused(ttt_layer._inner_inputs, Input(big)) is layer_io.inner_inputs
+        assert ttt_layer._fused(fn, Input(big), 64) is layer_io.merge_heads
+        assert ttt_layer._fused(ttt_layer._inner_inputs, Input(big), 64) is layer_io.inner_inputs
+        assert ttt_layer._fused(fn, Input(big), 48) is not layer_io.merge_heads  # compiled instead

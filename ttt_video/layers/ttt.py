@@ -46,19 +46,22 @@ FUSE_MIN_ELEMENTS = 2**24  # a 3 s CogVideoX segment has 55M; a shapes-tiny batc
 _COMPILED = {}
 
 
-def _fused(fn, x):
+def _fused(fn, x, head_dim):
     mode = os.environ.get("TTT_VIDEO_COMPILE", "auto")
     if not x.is_cuda or mode == "0" or (mode != "1" and x.numel() < FUSE_MIN_ELEMENTS):
         return fn
-    if not torch.is_grad_enabled() and (kernel := _kernel(fn)) is not None:
+    if not torch.is_grad_enabled() and (kernel := _kernel(fn, head_dim)) is not None:
         return kernel
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
 
 
-def _kernel(fn):
-    """The forward-only Triton kernel doing what `fn` does, or None without Triton."""
+def _kernel(fn, head_dim):
+    """The forward-only Triton kernel doing what `fn` does, or None (no Triton, or a head dim that
+    is not a power of two)."""
+    if head_dim & (head_dim - 1):
+        return None
     try:
         from ..ops.ttt import layer_io
     except ImportError:
@@ -96,13 +99,14 @@ class TTT(nn.Module):
         """x `[B, L, D]`; cos/sin `[L, Dh]` (identity rows for text). reverse runs the scan back to front."""
         if reverse:  # the reversed scan is the forward scan of the reversed sequence
             x, cos, sin = x.flip(1), cos.flip(0), sin.flip(0)
-        q, k, v = _fused(_inner_inputs, x)(self.qkv(x), cos, sin, self.ln_weight, self.ln_bias, self.num_heads)
+        prepare = _fused(_inner_inputs, x, self.head_dim)
+        q, k, v = prepare(self.qkv(x), cos, sin, self.ln_weight, self.ln_bias, self.num_heads)
         eta = self.base_lr * torch.sigmoid(self.lr_gate(x)) / (self.head_dim * self.mini_batch_size)
         eta = eta.transpose(1, 2)  # [B, H, L]
         op = ttt_mlp if self.kind == "mlp" else ttt_linear
         o = op(q, k, v, eta, *self.inner_weights(), self.ln_weight, self.ln_bias,
                mini_batch_size=self.mini_batch_size, impl=self.impl)
-        o = self.out(_fused(_merge_heads, x)(o, self.post_norm.weight, self.post_norm.bias))
+        o = self.out(_fused(_merge_heads, x, self.head_dim)(o, self.post_norm.weight, self.post_norm.bias))
         return o.flip(1) if reverse else o
 
 
