@@ -177,7 +177,6 @@ def test_supports_and_errors():
         assert not triton_impl.supports(torch.zeros(1, 1, 8, 256, dtype=torch.bfloat16, device=DEVICE))
         assert not triton_impl.supports(torch.zeros(1, 1, 8, 64, device=DEVICE), mlp=True)  # float32 MLP
         assert triton_impl.supports(torch.zeros(1, 1, 8, 64, device=DEVICE), mlp=False)
-    if CUDA:
         assert not triton_impl.supports(torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16, device=DEVICE),
                                         mini_batch_size=24)
     args = _inputs("linear", 20, seed=0)
@@ -224,12 +223,14 @@ def test_layer_io_kernels_match_the_eager_layer_steps(dtype):
     heads, dh, L = 3, 16, 37  # L not a multiple of the token block; H * Dh not a power of two
     qkv = torch.randn(2, L, 3 * heads * dh, generator=g).to(DEVICE, dtype)
     cos, sin = (t[:L].to(DEVICE) for t in rope_3d(3, 4, 4, dh))
-    ln_w, ln_b = (1 + 0.1 * torch.randn(heads, dh, generator=g)).to(DEVICE), (0.1 * torch.randn(heads, dh)).to(DEVICE)
+    ln_w = (1 + 0.1 * torch.randn(heads, dh, generator=g)).to(DEVICE)
+    ln_b = (0.1 * torch.randn(heads, dh, generator=g)).to(DEVICE)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     for got, ref in zip(layer_io.inner_inputs(qkv, cos, sin, ln_w, ln_b, heads),
                         ttt_layer._inner_inputs(qkv, cos, sin, ln_w, ln_b, heads)):
         assert got.dtype == dtype and got.is_contiguous()
         torch.testing.assert_close(got, ref, **tol)
     o = torch.randn(2, heads, L, dh, generator=g).to(DEVICE, dtype)
-    w, b = (1 + 0.1 * torch.randn(heads * dh)).to(DEVICE, dtype), (0.1 * torch.randn(heads * dh)).to(DEVICE, dtype)
+    w, b = ((1 + 0.1 * torch.randn(heads * dh, generator=g)).to(DEVICE, dtype),
+            (0.1 * torch.randn(heads * dh, generator=g)).to(DEVICE, dtype))
     torch.testing.assert_close(layer_io.merge_heads(o, w, b), ttt_layer._merge_heads(o, w, b), **tol)
