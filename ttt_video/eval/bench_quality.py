@@ -155,7 +155,7 @@ def plot(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for mixer, r in results.items():
         lengths = sorted(r["runs"][0]["scores"], key=int)
         vals = [[run["scores"][n]["consistency"] for run in r["runs"]] for n in lengths]
@@ -164,7 +164,7 @@ def plot(results, path):
     ax.axhline(CHANCE["consistency"], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("scenes per video")
     ax.set_ylabel("cross-scene consistency")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes: lines cross the whole range
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
