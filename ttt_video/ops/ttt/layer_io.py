@@ -12,6 +12,8 @@ agree within that rounding.
 import triton
 import triton.language as tl
 
+from .triton import _ln
+
 
 @triton.jit
 def _rotated(x, BL: tl.constexpr, DH: tl.constexpr):
@@ -43,13 +45,10 @@ def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_
     kn = 1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, 1, keep_dims=True)), 1e-12)
     k = (k * cos + _rotated(k, BL, DH) * sin) * kn
 
-    d = tl.load(src + 2 * D + cols[None, :], mask=m, other=0.0).to(tl.float32) - k
-    mu = tl.sum(d, 1, keep_dims=True) / DH
-    dc = d - mu
-    rstd = 1.0 / tl.sqrt(tl.sum(dc * dc, 1, keep_dims=True) / DH + 1e-6)
+    d, _ = _ln(tl.load(src + 2 * D + cols[None, :], mask=m, other=0.0).to(tl.float32) - k, DH, 1e-6)
     lnw = tl.load(lnw_ptr + h * DH + cols).to(tl.float32)[None, :]
     lnb = tl.load(lnb_ptr + h * DH + cols).to(tl.float32)[None, :]
-    v = dc * rstd * lnw + lnb + k
+    v = d * lnw + lnb + k
 
     dst = (bh * L + rows[:, None]) * DH + cols[None, :]
     tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=m)
