@@ -149,7 +149,7 @@ def test_fusion_is_chosen_by_device_size_and_switch(monkeypatch):
     pytest.importorskip("triton")
     from ttt_video.ops.ttt import layer_io
 
-    with torch.no_grad():  # inference: the forward-only Triton kernel
+    with torch.no_grad():
         assert ttt_layer._fused(fn, Input(big), 64) is layer_io.merge_heads
         assert ttt_layer._fused(ttt_layer._inner_inputs, Input(big), 64) is layer_io.inner_inputs
         assert ttt_layer._fused(fn, Input(big), 48) is not layer_io.merge_heads  # compiled instead

@@ -4,10 +4,11 @@ Tokens `[B, L, D]` (text and video interleaved per segment); the op works on `[B
 
 Around the op the layer is memory-bound elementwise work over the whole video (normalising,
 rotating and re-targeting q, k, v; moving heads in and out): on CUDA, for inputs of at least
-`FUSE_MIN_ELEMENTS`, those steps are fused: without gradients (inference) into one Triton kernel
-each (`ttt_video.ops.ttt.layer_io`), with gradients as `torch.compile`d functions. Smaller inputs,
-where fusing would cost more than it saves, and other devices run them eagerly (same arithmetic).
-`TTT_VIDEO_COMPILE=0` never fuses, `=1` always does (on CUDA).
+`FUSE_MIN_ELEMENTS`, those steps are fused into one Triton kernel each, forward and backward
+(`ttt_video.ops.ttt.layer_io`); where Triton is missing or the head dim is not a power of two,
+into `torch.compile`d functions. Smaller inputs, where fusing would cost more than it saves, and
+other devices run them eagerly (same arithmetic). `TTT_VIDEO_COMPILE=0` never fuses, `=1` always
+does (on CUDA).
 """
 
 import os
@@ -50,7 +51,7 @@ def _fused(fn, x, head_dim):
     mode = os.environ.get("TTT_VIDEO_COMPILE", "auto")
     if not x.is_cuda or mode == "0" or (mode != "1" and x.numel() < FUSE_MIN_ELEMENTS):
         return fn
-    if not torch.is_grad_enabled() and (kernel := _kernel(fn, head_dim)) is not None:
+    if (kernel := _kernel(fn, head_dim)) is not None:
         return kernel
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
@@ -58,8 +59,8 @@ def _fused(fn, x, head_dim):
 
 
 def _kernel(fn, head_dim):
-    """The forward-only Triton kernel doing what `fn` does, or None (no Triton, or a head dim that
-    is not a power of two)."""
+    """The Triton kernels doing what `fn` does, or None (no Triton, or a head dim that is not a
+    power of two)."""
     if head_dim & (head_dim - 1):
         return None
     try:

@@ -1,19 +1,21 @@
-"""Triton kernels for the memory-bound work around the TTT op in a layer, forward only (inference).
+"""Triton kernels for the memory-bound work around the TTT op in a layer, forward and backward.
 
 `inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads)` and `merge_heads(o, weight, bias)`
 compute what `ttt_video.layers.ttt._inner_inputs` / `_merge_heads` compute, each in one pass over
-memory: one program per (batch x head, token block) reads that head's q, k, v columns of the
-projection, normalises, rotates and re-targets them in float32 and writes them head-major; one
-program per token block gathers every head of o and layer-norms the row. Intermediate values are
-not rounded to the activation dtype between steps as the eager functions round them, so results
-agree within that rounding.
+memory, and are differentiable: one program per (batch x head, token block) reads that head's q,
+k, v columns of the projection, normalises, rotates and re-targets them in float32 and writes them
+head-major; one program per token block gathers every head of o and layer-norms the row. Each
+backward kernel recomputes its forward from the saved input in the same pass (nothing else is
+saved) and writes per-program partial sums of the LayerNorm weight and bias gradients, summed on
+the host. Intermediate values are not rounded to the activation dtype between steps as the eager
+functions round them, so results agree within that rounding.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from .triton import _ln
-
+from .triton import _ln, _ln_bwd
 
 @triton.jit
 def _rotated(x, BL: tl.constexpr, DH: tl.constexpr):
@@ -23,78 +25,211 @@ def _rotated(x, BL: tl.constexpr, DH: tl.constexpr):
 
 
 @triton.jit
+def _unit_rope(x, cos, sin, BL: tl.constexpr, DH: tl.constexpr):
+    """RoPE of x / max(|x|, eps); also the unit vector and |x| for the backward."""
+    norm = tl.sqrt(tl.sum(x * x, 1, keep_dims=True))
+    unit = x / tl.maximum(norm, 1e-12)
+    return unit * cos + _rotated(unit, BL, DH) * sin, unit, norm
+
+
+@triton.jit
+def _unit_rope_bwd(g, unit, norm, cos, sin, BL: tl.constexpr, DH: tl.constexpr):
+    """Gradient at x from the gradient `g` at `_unit_rope(x)`: RoPE transposed, then the normalisation."""
+    gu = g * cos - _rotated(g * sin, BL, DH)
+    radial = tl.where(norm > 1e-12, tl.sum(gu * unit, 1, keep_dims=True), 0.0)
+    return (gu - unit * radial) / tl.maximum(norm, 1e-12)
+
+
+@triton.jit
+def _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H, DH: tl.constexpr, BL: tl.constexpr):
+    """One head's q, k, v for a block of tokens: rotated unit q and k (with their units and norms), the
+    normalised difference v - k and its rstd."""
+    D = H * DH
+    src = qkv_ptr + (b * L + rows[:, None]) * (3 * D) + h * DH + cols[None, :]
+    cos = tl.load(cos_ptr + rows[:, None] * DH + cols[None, :], mask=m, other=0.0)
+    sin = tl.load(sin_ptr + rows[:, None] * DH + cols[None, :], mask=m, other=0.0)
+    q, qu, qn = _unit_rope(tl.load(src, mask=m, other=0.0).to(tl.float32), cos, sin, BL, DH)
+    k, ku, kn = _unit_rope(tl.load(src + D, mask=m, other=0.0).to(tl.float32), cos, sin, BL, DH)
+    d, rstd = _ln(tl.load(src + 2 * D, mask=m, other=0.0).to(tl.float32) - k, DH, 1e-6)
+    return cos, sin, q, qu, qn, k, ku, kn, d, rstd
+
+
+@triton.jit
 def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_ptr, L, H,
                    DH: tl.constexpr, BL: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
-    lb = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = lb * BL + tl.arange(0, BL)
+    rows = tl.program_id(1) * BL + tl.arange(0, BL)
     cols = tl.arange(0, DH)
     m = (rows < L)[:, None]
-    D = H * DH
-    src = qkv_ptr + (b * L + rows[:, None]) * (3 * D) + h * DH
-    cos = tl.load(cos_ptr + rows[:, None] * DH + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + rows[:, None] * DH + cols[None, :], mask=m, other=0.0).to(tl.float32)
-
-    q = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    qn = 1.0 / tl.maximum(tl.sqrt(tl.sum(q * q, 1, keep_dims=True)), 1e-12)
-    q = (q * cos + _rotated(q, BL, DH) * sin) * qn
-
-    k = tl.load(src + D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    kn = 1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, 1, keep_dims=True)), 1e-12)
-    k = (k * cos + _rotated(k, BL, DH) * sin) * kn
-
-    d, _ = _ln(tl.load(src + 2 * D + cols[None, :], mask=m, other=0.0).to(tl.float32) - k, DH, 1e-6)
+    cos, sin, q, qu, qn, k, ku, kn, d, rstd = _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H,
+                                                         DH, BL)
     lnw = tl.load(lnw_ptr + h * DH + cols).to(tl.float32)[None, :]
     lnb = tl.load(lnb_ptr + h * DH + cols).to(tl.float32)[None, :]
-    v = d * lnw + lnb + k
-
     dst = (bh * L + rows[:, None]) * DH + cols[None, :]
     tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=m)
-    tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=m)
+    tl.store(v_ptr + dst, (d * lnw + lnb + k).to(v_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _inputs_bwd_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, gq_ptr, gk_ptr, gv_ptr, gqkv_ptr, dlnw_ptr, dlnb_ptr,
+                       L, H, DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr):
+    """Program (batch x head, p) takes R token blocks from p R on; writes `[B H, P, DH]` partial sums."""
+    bh = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    D = H * DH
+    cols = tl.arange(0, DH)
+    lnw = tl.load(lnw_ptr + h * DH + cols).to(tl.float32)[None, :]
+    dlnw = tl.zeros([DH], dtype=tl.float32)
+    dlnb = tl.zeros([DH], dtype=tl.float32)
+    for r in range(0, R):
+        rows = (p * R + r) * BL + tl.arange(0, BL)
+        m = (rows < L)[:, None]
+        cos, sin, q, qu, qn, k, ku, kn, d, rstd = _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H,
+                                                             DH, BL)
+        src = (bh * L + rows[:, None]) * DH + cols[None, :]
+        gv = tl.load(gv_ptr + src, mask=m, other=0.0).to(tl.float32)
+        dlnw += tl.sum(gv * d, 0)
+        dlnb += tl.sum(gv, 0)
+        gdiff = _ln_bwd(gv * lnw, d, rstd, DH)  # at v - k
+        gk = tl.load(gk_ptr + src, mask=m, other=0.0).to(tl.float32) + gv - gdiff
+        gq = tl.load(gq_ptr + src, mask=m, other=0.0).to(tl.float32)
+        dst = gqkv_ptr + (b * L + rows[:, None]) * (3 * D) + h * DH + cols[None, :]
+        ty = gqkv_ptr.dtype.element_ty
+        tl.store(dst, _unit_rope_bwd(gq, qu, qn, cos, sin, BL, DH).to(ty), mask=m)
+        tl.store(dst + D, _unit_rope_bwd(gk, ku, kn, cos, sin, BL, DH).to(ty), mask=m)
+        tl.store(dst + 2 * D, gdiff.to(ty), mask=m)
+    part = (bh * tl.num_programs(1) + p) * DH + cols
+    tl.store(dlnw_ptr + part, dlnw)
+    tl.store(dlnb_ptr + part, dlnb)
+
+
+@triton.jit
+def _merged_rows(o_ptr, b, rows, cols, m, L, H, DH: tl.constexpr):
+    """Rows of o `[B, H, L, DH]` gathered across heads `[BL, BD]` (zero-padded), normalised; and rstd."""
+    D = H * DH
+    head = cols // DH
+    src = ((b * H + head[None, :]) * L + rows[:, None]) * DH + (cols % DH)[None, :]
+    x = tl.load(o_ptr + src, mask=m, other=0.0).to(tl.float32)
+    xc = tl.where(m, x - tl.sum(x, 1, keep_dims=True) / D, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1, keep_dims=True) / D + 1e-6)
+    return xc * rstd, rstd, src
 
 
 @triton.jit
 def _merge_kernel(o_ptr, w_ptr, b_ptr, y_ptr, L, H, DH: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
-    lb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     D = H * DH
-    rows = lb * BL + tl.arange(0, BL)
+    rows = tl.program_id(0) * BL + tl.arange(0, BL)
     cols = tl.arange(0, BD)
     m = (rows < L)[:, None] & (cols < D)[None, :]
-    head = cols // DH
-    src = o_ptr + ((b * H + head[None, :]) * L + rows[:, None]) * DH + (cols % DH)[None, :]
-    x = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    mu = tl.sum(x, 1, keep_dims=True) / D
-    xc = tl.where(m, x - mu, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1, keep_dims=True) / D + 1e-6)
+    xh, rstd, src = _merged_rows(o_ptr, b, rows, cols, m, L, H, DH)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     bias = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    y = xc * rstd * w + bias
-    tl.store(y_ptr + (b * L + rows[:, None]) * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + (b * L + rows[:, None]) * D + cols[None, :], (xh * w + bias).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _merge_bwd_kernel(o_ptr, w_ptr, gy_ptr, go_ptr, dw_ptr, db_ptr, L, H, DH: tl.constexpr, BD: tl.constexpr,
+                      BL: tl.constexpr):
+    """Program (p, batch) takes the token blocks p, p + P, ...; writes `[B P, BD]` partial sums."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    D = H * DH
+    cols = tl.arange(0, BD)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BD], dtype=tl.float32)
+    db = tl.zeros([BD], dtype=tl.float32)
+    for lb in range(p, tl.cdiv(L, BL), P):
+        rows = lb * BL + tl.arange(0, BL)
+        m = (rows < L)[:, None] & (cols < D)[None, :]
+        xh, rstd, src = _merged_rows(o_ptr, b, rows, cols, m, L, H, DH)
+        gy = tl.load(gy_ptr + (b * L + rows[:, None]) * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dw += tl.sum(gy * xh, 0)
+        db += tl.sum(gy, 0)
+        gxh = gy * w
+        gx = rstd * (gxh - tl.sum(gxh, 1, keep_dims=True) / D - xh * (tl.sum(gxh * xh, 1, keep_dims=True) / D))
+        tl.store(go_ptr + src, gx.to(go_ptr.dtype.element_ty), mask=m)
+    part = (b * P + p) * BD + cols
+    tl.store(dw_ptr + part, dw)
+    tl.store(db_ptr + part, db)
+
+
+INPUTS_BLOCK = 32  # tokens per program block
+INPUTS_BWD_BLOCKS = 16  # token blocks per backward program
+MERGE_BLOCK = 4
+MERGE_BWD_PROGRAMS = 512  # per batch element
+
+
+class _InnerInputs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, ln_weight, ln_bias, num_heads):
+        B, L, D3 = qkv.shape
+        DH = D3 // 3 // num_heads
+        qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+        q, k, v = (qkv.new_empty(B, num_heads, L, DH) for _ in range(3))
+        _inputs_kernel[(B * num_heads, triton.cdiv(L, INPUTS_BLOCK))](
+            qkv, cos, sin, ln_weight.contiguous(), ln_bias.contiguous(), q, k, v, L, num_heads, DH=DH,
+            BL=INPUTS_BLOCK, num_warps=4)
+        ctx.save_for_backward(qkv, cos, sin, ln_weight)
+        ctx.num_heads = num_heads
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        qkv, cos, sin, ln_weight = ctx.saved_tensors
+        H = ctx.num_heads
+        B, L, D3 = qkv.shape
+        DH = D3 // 3 // H
+        grads = [torch.zeros(B, H, L, DH, device=qkv.device, dtype=qkv.dtype) if g is None else g.contiguous()
+                 for g in (gq, gk, gv)]
+        P = triton.cdiv(L, INPUTS_BLOCK * INPUTS_BWD_BLOCKS)
+        gqkv = torch.empty_like(qkv)
+        dlnw = qkv.new_empty(B * H, P, DH, dtype=torch.float32)
+        dlnb = torch.empty_like(dlnw)
+        _inputs_bwd_kernel[(B * H, P)](qkv, cos, sin, ln_weight.contiguous(), *grads, gqkv, dlnw, dlnb, L, H, DH=DH,
+                                       BL=INPUTS_BLOCK, R=INPUTS_BWD_BLOCKS, num_warps=4)
+        dlnw = dlnw.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
+        dlnb = dlnb.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
+        return gqkv, None, None, dlnw, dlnb, None
+
+
+class _MergeHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, weight, bias):
+        B, H, L, DH = o.shape
+        o = o.contiguous()
+        y = o.new_empty(B, L, H * DH)
+        BD = triton.next_power_of_2(H * DH)
+        _merge_kernel[(triton.cdiv(L, MERGE_BLOCK), B)](o, weight.contiguous(), bias.contiguous(), y, L, H, DH=DH,
+                                                        BD=BD, BL=MERGE_BLOCK, num_warps=8)
+        ctx.save_for_backward(o, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        o, weight = ctx.saved_tensors
+        B, H, L, DH = o.shape
+        D, BD = H * DH, triton.next_power_of_2(H * DH)
+        P = min(MERGE_BWD_PROGRAMS, triton.cdiv(L, MERGE_BLOCK))
+        go = torch.empty_like(o)
+        dw = o.new_empty(B * P, BD, dtype=torch.float32)
+        db = torch.empty_like(dw)
+        _merge_bwd_kernel[(P, B)](o, weight.contiguous(), gy.contiguous(), go, dw, db, L, H, DH=DH, BD=BD,
+                                  BL=MERGE_BLOCK, num_warps=8)
+        return go, dw[:, :D].sum(0).to(weight.dtype), db[:, :D].sum(0).to(weight.dtype)
 
 
 def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads):
     """qkv `[B, L, 3 D]` -> q, k, v `[B, H, L, Dh]` in qkv's dtype (see `layers.ttt._inner_inputs`)."""
-    B, L, D3 = qkv.shape
-    DH = D3 // 3 // num_heads
-    qkv = qkv.contiguous()
-    q, k, v = (qkv.new_empty(B, num_heads, L, DH) for _ in range(3))
-    BL = 32
-    _inputs_kernel[(B * num_heads, triton.cdiv(L, BL))](
-        qkv, cos.float().contiguous(), sin.float().contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
-        q, k, v, L, num_heads, DH=DH, BL=BL, num_warps=4)
-    return q, k, v
+    return _InnerInputs.apply(qkv, cos, sin, ln_weight, ln_bias, num_heads)
 
 
 def merge_heads(o, weight, bias):
     """o `[B, H, L, Dh]` -> layer-normed `[B, L, H * Dh]` (see `layers.ttt._merge_heads`)."""
-    B, H, L, DH = o.shape
-    o = o.contiguous()
-    y = o.new_empty(B, L, H * DH)
-    BL = 4
-    _merge_kernel[(triton.cdiv(L, BL), B)](o, weight.contiguous(), bias.contiguous(), y, L, H, DH=DH,
-                                          BD=triton.next_power_of_2(H * DH), BL=BL, num_warps=8)
-    return y
+    return _MergeHeads.apply(o, weight, bias)

@@ -304,14 +304,30 @@ def _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D: tl.constexpr, F: tl.co
 
 
 @triton.jit
+def _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D: tl.constexpr, F: tl.constexpr):
+    tl.store(w1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1)
+    tl.store(b1_ptr + c + fcols[None, :], b1)
+    tl.store(w2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2)
+
+
+@triton.jit
+def _mlp_chunk_update(q, k, a1, g2, w1, b1, w2, LP: tl.constexpr):
+    """One hidden chunk of a mini-batch once the inner gradient `g2` at Z2 is known: the chunk's parts
+    of Z_q2 (`x_q W2`) and of the dual form's scores (`x_q X2^T`), and its updated W1 columns, b1, W2 rows."""
+    x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
+    g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
+    xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
+    return (_dot(xq, w2, LP), _dot(xq, tl.trans(x2), LP), w1 - _dot(tl.trans(k), g1, LP),
+            b1 - tl.sum(g1, 0, keep_dims=True), w2 - _dot(tl.trans(x2), g2, LP))
+
+
+@triton.jit
 def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr, cols,
               D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
     fcols = tl.arange(0, FC)
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1)
-        tl.store(ob1_ptr + c + fcols[None, :], b1)
-        tl.store(ow2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2)
+        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1, b1, w2, cols, fcols, D, F)
     tl.store(ob2_ptr + cols, tl.load(b2_ptr + cols))
 
 
@@ -335,14 +351,10 @@ def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, o
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
-        g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-        xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
-        zq2 += _dot(xq, w2, LP)
-        s2 += _dot(xq, tl.trans(x2), LP)
-        tl.store(ow1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
-        tl.store(ob1_ptr + c + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
-        tl.store(ow2_ptr + (c + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
+        zp, sp, w1, b1, w2 = _mlp_chunk_update(q, k, a1, g2, w1, b1, w2, LP)
+        zq2 += zp
+        s2 += sp
+        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1, b1, w2, cols, fcols, D, F)
     s2 += 1.0
     if CAUSAL:
         s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
@@ -404,9 +416,8 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 c = chain * NG + n // G
                 for cc in range(c0, c0 + F // S, FC):
                     w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
-                    tl.store(cw1_ptr + c * D * F + cols[:, None] * F + (cc + fcols)[None, :], w1)
-                    tl.store(cb1_ptr + c * F + cc + fcols[None, :], b1)
-                    tl.store(cw2_ptr + c * F * D + (cc + fcols)[:, None] * D + cols[None, :], w2)
+                    _mlp_store_chunk(cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D, cc, w1, b1, w2,
+                                     cols, fcols, D, F)
                 if s == 0:
                     tl.store(cb2_ptr + c * D + cols[None, :], b2)
         t0 = n * BS
@@ -433,14 +444,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         part = tl.zeros([BS, D], dtype=tl.float32)
         for cc in range(c0, c0 + F // S, FC):
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
-            x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
-            g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-            xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
-            part += _dot(xq, w2, LP)
-            s2 += _dot(xq, tl.trans(x2), LP)
-            tl.store(w1_ptr + cols[:, None] * F + (cc + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
-            tl.store(b1_ptr + cc + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
-            tl.store(w2_ptr + (cc + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
+            zp, sp, w1, b1, w2 = _mlp_chunk_update(q, k, a1, g2, w1, b1, w2, LP)
+            part += zp
+            s2 += sp
+            _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, cc, w1, b1, w2, cols, fcols, D, F)
         if CAUSAL:
             s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
         tl.store(part_ptr + S * BS * D + tile, part - _dot(s2, g2, LP))
@@ -526,10 +533,9 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
         dp = dg1 * gp
         dg2 += _dot(dp, w2, LP)
         tl.store(scr_ptr + fofs + c, dg1 * p * gpp + dx2 * gp)
-        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + _dot(tl.trans(q), dzq1, LP))
-        tl.store(db1_ptr + c + fcols[None, :], db1 + tl.sum(dzq1, 0, keep_dims=True))
-        tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :],
-                 dw2 + _dot(tl.trans(xq), dzq2, LP) + _dot(tl.trans(dp), g2, LP))
+        _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + _dot(tl.trans(q), dzq1, LP),
+                         db1 + tl.sum(dzq1, 0, keep_dims=True),
+                         dw2 + _dot(tl.trans(xq), dzq2, LP) + _dot(tl.trans(dp), g2, LP), cols, fcols, D, F)
     if CAUSAL:
         ds1 = tl.where(causal, ds1, 0.0)
     dq += _dot(ds1, k, LP)
@@ -545,9 +551,8 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
         dz1 = tl.load(scr_ptr + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
         dk += _dot(dz1, tl.trans(w1), LP)
-        tl.store(dw1_ptr + cols[:, None] * F + (c + fcols)[None, :], dw1 + _dot(tl.trans(k), dz1, LP))
-        tl.store(db1_ptr + c + fcols[None, :], db1 + tl.sum(dz1, 0, keep_dims=True))
-        tl.store(dw2_ptr + (c + fcols)[:, None] * D + cols[None, :], dw2 + _dot(tl.trans(x2), dz2, LP))
+        _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + _dot(tl.trans(k), dz1, LP),
+                         db1 + tl.sum(dz1, 0, keep_dims=True), dw2 + _dot(tl.trans(x2), dz2, LP), cols, fcols, D, F)
     tl.store(db2_ptr + cols[None, :], db2 + tl.sum(dzq2 + dz2, 0, keep_dims=True))
     return dq, dk, -d_dy, deta, dlnw + dlnw2, dlnb + dlnb2
 
