@@ -97,10 +97,10 @@ def _ln_bwd(dxh, xh, rstd, D: tl.constexpr):
 
 
 @triton.jit
-def _inner_grad(z, k, v, lnw, lnb, D: tl.constexpr, eps):
-    """Gradient of 0.5 |LN(z) - (v - k)|^2 at z, with the pieces its own backward needs."""
+def _inner_grad(z, target, lnw, lnb, D: tl.constexpr, eps):
+    """Gradient of 0.5 |LN(z) - target|^2 at z (the target is v - k), with the pieces its own backward needs."""
     xh, rstd = _ln(z, D, eps)
-    dy = xh * lnw + lnb - v + k
+    dy = xh * lnw + lnb - target
     dxh = dy * lnw
     return xh, rstd, dy, dxh, _ln_bwd(dxh, xh, rstd, D)
 
@@ -121,11 +121,17 @@ def _inner_grad_bwd(dgr, xh, rstd, dy, dxh, lnw, D: tl.constexpr):
 
 
 @triton.jit
+def _operand(x, LP: tl.constexpr):
+    """x rounded as `_dot` rounds its operands: kept in that form, a float32 copy need not stay live."""
+    if LP:
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def _dot(a, b, LP: tl.constexpr):
     """a @ b with float32 accumulation; LP rounds the operands to bfloat16 (else tf32 on GPU)."""
-    if LP:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    return tl.dot(a, b)
+    return tl.dot(_operand(a, LP), _operand(b, LP))
 
 
 @triton.jit
@@ -157,7 +163,7 @@ def _load_eta(ptr, t0, T, rows):
 @triton.jit
 def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
     z = _dot(k, w, LP) + b  # [BS, D]
-    xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
+    xh, rstd, dy, dxh, gr = _inner_grad(z, v - k, lnw, lnb, D, eps)
     g = eta[:, None] * gr
     zq = _dot(q, w, LP) + b - _dot(_scores(q, k, rows, CAUSAL, LP), g, LP)
     xhq, rstdq = _ln(zq, D, eps)
@@ -261,7 +267,7 @@ def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, c
             eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
             # recompute the mini-batch
             z = _dot(k, w, LP) + b
-            xh, rstd, dy, dxh, gr = _inner_grad(z, k, v, lnw, lnb, D, eps)
+            xh, rstd, dy, dxh, gr = _inner_grad(z, v - k, lnw, lnb, D, eps)
             g = eta * gr
             a1 = _scores(q, k, rows, CAUSAL, LP)
             zq = _dot(q, w, LP) + b - _dot(a1, g, LP)
@@ -311,17 +317,6 @@ def _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D: tl.c
 
 
 @triton.jit
-def _mlp_chunk_update(q, k, a1, g2, w1, b1, w2, LP: tl.constexpr):
-    """One hidden chunk of a mini-batch once the inner gradient `g2` at Z2 is known: the chunk's parts
-    of Z_q2 (`x_q W2`) and of the dual form's scores (`x_q X2^T`), and its updated W1 columns, b1, W2 rows."""
-    x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
-    g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-    xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP))
-    return (_dot(xq, w2, LP), _dot(xq, tl.trans(x2), LP), w1 - _dot(tl.trans(k), g1, LP),
-            b1 - tl.sum(g1, 0, keep_dims=True), w2 - _dot(tl.trans(x2), g2, LP))
-
-
-@triton.jit
 def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr, cols,
               D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
     fcols = tl.arange(0, FC)
@@ -332,36 +327,29 @@ def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr
 
 
 @triton.jit
-def _mlp_step(q, k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr,
-              rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-              CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
-    """One mini-batch from the state at w*_ptr to the state at ow*_ptr (may be the same); returns out."""
+def _mlp_step(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr, cols,
+              D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr, eps):
+    """The state after one mini-batch, from the state at w*_ptr to ow*_ptr: the update needs only the
+    keys' path (the queries' output is not formed)."""
     fcols = tl.arange(0, FC)
+    target = v - k
+    k = _operand(k, LP)
     b2 = tl.load(b2_ptr + cols)[None, :]
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2 = _gelu(_dot(k, w1, LP) + b1)
-        z2 += _dot(x2, w2, LP)
-    xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
+        z2 += _dot(_gelu(_dot(k, w1, LP) + b1), w2, LP)
+    xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
     g2 = eta[:, None] * gr  # [BS, D]
-    a1 = _scores(q, k, rows, CAUSAL, LP)
-    s2 = tl.zeros([BS, BS], dtype=tl.float32)
-    zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+    tl.store(ob2_ptr + cols[None, :], b2 - tl.sum(g2, 0, keep_dims=True))
+    g2 = _operand(g2, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        zp, sp, w1, b1, w2 = _mlp_chunk_update(q, k, a1, g2, w1, b1, w2, LP)
-        zq2 += zp
-        s2 += sp
-        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1, b1, w2, cols, fcols, D, F)
-    s2 += 1.0
-    if CAUSAL:
-        s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
-    zq2 -= _dot(s2, g2, LP)
-    tl.store(ob2_ptr + cols[None, :], b2 - tl.sum(g2, 0, keep_dims=True))
-    xhq, rstdq = _ln(zq2, D, eps)
-    return q + xhq * lnw + lnb
+        x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
+        g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
+        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1 - _dot(tl.trans(k), g1, LP),
+                         b1 - tl.sum(g1, 0, keep_dims=True), w2 - _dot(tl.trans(x2), g2, LP), cols, fcols, D, F)
 
 
 @triton.jit
@@ -425,6 +413,9 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         k = _load_rows(k_ptr, t0, T, rows, cols, D)
         v = _load_rows(v_ptr, t0, T, rows, cols, D)
         eta = _load_eta(eta_ptr, t0, T, rows)
+        target = v - k
+        k = _operand(k, LP)
+        q = _operand(q, LP)
         part = tl.zeros([BS, D], dtype=tl.float32)
         for cc in range(c0, c0 + F // S, FC):
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
@@ -437,14 +428,15 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
         for j in range(0, S):
             z2 += tl.load(xch_ptr + (chain * 2 * S + j) * BS * D + tile, cache_modifier=".cg")
-        xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
+        xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
         g2 = eta[:, None] * gr  # [BS, D]
-        a1 = _scores(q, k, rows, CAUSAL, LP)
+        b2_old = b2
+        b2 -= tl.sum(g2, 0, keep_dims=True)
+        g2 = _operand(g2, LP)
+        a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
         s2 = tl.zeros([BS, BS], dtype=tl.float32)
         part = tl.zeros([BS, D], dtype=tl.float32)
         for cc in range(c0, c0 + F // S, FC):
-            # `_mlp_chunk_update` written out: storing each part as soon as it is computed measured 7 %
-            # faster here at two programs per chain (NOTES.md)
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
             x2, gp = _gelu_d(_dot(k, w1, LP) + b1)
             g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
@@ -465,12 +457,11 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             ones = tl.full([BS, BS], 1.0, tl.float32)
             if CAUSAL:
                 ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
-            zq2 = b2 - _dot(ones, g2, LP)
+            zq2 = b2_old - _dot(ones, g2, LP)
             for j in range(0, S):
                 zq2 += tl.load(xch_ptr + ((chain * 2 + 1) * S + j) * BS * D + tile, cache_modifier=".cg")
             xhq, rstdq = _ln(zq2, D, eps)
-            _store_rows(o_ptr, q + xhq * lnw + lnb, t0, T, rows, cols, D)
-        b2 -= tl.sum(g2, 0, keep_dims=True)
+            _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
     if s == 0:
         tl.store(b2_ptr + chain * D + cols[None, :], b2)
     tl.store(ok_ptr + pid, patience)
@@ -481,10 +472,17 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
                   scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
                   CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
     """Reverse mode through one mini-batch from the state at w*_ptr; the adjoint at dw*_ptr moves
-    from the state after it to the state before it. `scr_ptr` holds a `[BS, F]` partial dZ1."""
+    from the state after it to the state before it. `scr_ptr` holds a `[BS, F]` partial dZ1, then Z2
+    and the target `[BS, D]`, parked there so that the inner gradient's pieces are recomputed after
+    the query path instead of held in registers through it. Matrix-product operands are kept in
+    the form `_dot` rounds them to (`_operand`)."""
     fcols = tl.arange(0, FC)
     fofs = rows[:, None] * F + fcols[None, :]
+    tile = rows[:, None] * D + cols[None, :]
     causal = rows[:, None] >= rows[None, :]
+    tl.store(scr_ptr + BS * F + BS * D + tile, v - k)
+    k = _operand(k, LP)
+    q = _operand(q, LP)
     # recompute the mini-batch
     b2 = tl.load(b2_ptr + cols)[None, :]
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
@@ -492,9 +490,10 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
         x2 = _gelu(_dot(k, w1, LP) + b1)
         z2 += _dot(x2, w2, LP)
-    xh, rstd, dy, dxh, gr = _inner_grad(z2, k, v, lnw, lnb, D, eps)
-    g2 = eta * gr  # [BS, D]
-    a1 = _scores(q, k, rows, CAUSAL, LP)
+    tl.store(scr_ptr + BS * F + tile, z2)
+    xh, rstd, dy, dxh, gr = _inner_grad(z2, v - k, lnw, lnb, D, eps)
+    g2 = _operand(eta * gr, LP)  # [BS, D]
+    a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
     zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
@@ -516,8 +515,11 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     ds2 = -_dot(dzq2, tl.trans(g2), LP)
     if CAUSAL:
         ds2 = tl.where(causal, ds2, 0.0)
+    ds2 = _operand(ds2, LP)
     db2 = tl.load(db2_ptr + cols)[None, :]
     dg2 = -_dot(tl.trans(s2), dzq2, LP) - db2
+    db2 += tl.sum(dzq2, 0, keep_dims=True)
+    dzq2 = _operand(dzq2, LP)
     dq = do
     dk = tl.zeros([BS, D], dtype=tl.float32)
     ds1 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -547,9 +549,14 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     dq += _dot(ds1, k, LP)
     dk += _dot(tl.trans(ds1), q, LP)
     # reverse mode of the inner gradient, then the key path
+    tl.debug_barrier()
+    xh, rstd, dy, dxh, gr = _inner_grad(tl.load(scr_ptr + BS * F + tile), tl.load(scr_ptr + BS * F + BS * D + tile),
+                                        lnw, lnb, D, eps)
     deta = tl.sum(dg2 * gr, 1)
     dz2, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
     dk += d_dy
+    tl.store(db2_ptr + cols[None, :], db2 + tl.sum(dz2, 0, keep_dims=True))
+    dz2 = _operand(dz2, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
@@ -559,7 +566,6 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
         dk += _dot(dz1, tl.trans(w1), LP)
         _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + _dot(tl.trans(k), dz1, LP),
                          db1 + tl.sum(dz1, 0, keep_dims=True), dw2 + _dot(tl.trans(x2), dz2, LP), cols, fcols, D, F)
-    tl.store(db2_ptr + cols[None, :], db2 + tl.sum(dzq2 + dz2, 0, keep_dims=True))
     return dq, dk, -d_dy, deta, dlnw + dlnw2, dlnb + dlnb2
 
 
@@ -585,7 +591,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     sb1_ptr += pid * G * F
     sw2_ptr += pid * G * F * D
     sb2_ptr += pid * G * D
-    scr_ptr += pid * BS * F
+    scr_ptr += pid * BS * (F + 2 * D)
     q_ptr += pid * T * D
     k_ptr += pid * T * D
     v_ptr += pid * T * D
@@ -606,14 +612,13 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                   sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
         for j in range(0, L - 1):
             t0 = (n0 + j) * BS
-            q = _load_rows(q_ptr, t0, T, rows, cols, D)
             k = _load_rows(k_ptr, t0, T, rows, cols, D)
             v = _load_rows(v_ptr, t0, T, rows, cols, D)
             eta = _load_eta(eta_ptr, t0, T, rows)
             tl.debug_barrier()
-            _mlp_step(q, k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
+            _mlp_step(k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
                       sb2_ptr + j * D, sw1_ptr + (j + 1) * D * F, sb1_ptr + (j + 1) * F,
-                      sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
+                      sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, cols, D, F, FC, BS, LP, eps)
         for jj in range(0, L):
             j = L - 1 - jj
             t0 = (n0 + j) * BS
@@ -730,7 +735,7 @@ class _TTT(torch.autograd.Function):
         dlnb = torch.empty_like(dlnw)
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
         if mlp:
-            scr = q.new_empty((N, bs, 4 * D), dtype=torch.float32)
+            scr = q.new_empty((N, bs, 6 * D), dtype=torch.float32)
             _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
                                   dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D), **common)
         else:
