@@ -480,7 +480,8 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
     causal = rows[:, None] >= rows[None, :]
-    tl.store(scr_ptr + BS * F + BS * D + tile, v - k)
+    target = v - k
+    tl.store(scr_ptr + BS * F + BS * D + tile, target)
     k = _operand(k, LP)
     q = _operand(q, LP)
     # recompute the mini-batch
@@ -491,7 +492,7 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
         x2 = _gelu(_dot(k, w1, LP) + b1)
         z2 += _dot(x2, w2, LP)
     tl.store(scr_ptr + BS * F + tile, z2)
-    xh, rstd, dy, dxh, gr = _inner_grad(z2, v - k, lnw, lnb, D, eps)
+    xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
     g2 = _operand(eta * gr, LP)  # [BS, D]
     a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
