@@ -369,12 +369,13 @@ def _chain_barrier(cnt_ptr, target, patience):
 
 @triton.jit
 def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, S, eps, D: tl.constexpr,
-                    F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
-                    SAVE: tl.constexpr, LP: tl.constexpr):
+                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, eps, S: tl.constexpr,
+                    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
+                    CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr):
     """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
     of Z2 and Z_q2 go through `xch` `[N, 2, S, BS, D]`, with a barrier among the chain's S programs, which
-    must all be resident at once; `ok_ptr` `[N * S]` gets 0 where a barrier timed out."""
+    must all be resident at once; `ok_ptr` `[N * S]` gets 0 where a barrier timed out. At S = 1 the sums
+    stay in registers."""
     pid = tl.program_id(0).to(tl.int64)
     chain = pid // S
     s = pid % S
@@ -420,14 +421,14 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         for cc in range(c0, c0 + F // S, FC):
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
             part += _dot(_gelu(_dot(k, w1, LP) + b1), w2, LP)
-        tl.store(part_ptr + tile, part)
         if S > 1:
+            tl.store(part_ptr + tile, part)
             patience = _chain_barrier(cnt_ptr, S * (2 * n + 1), patience)
+            z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+            for j in range(0, S):
+                z2 += tl.load(xch_ptr + (chain * 2 * S + j) * BS * D + tile, cache_modifier=".cg")
         else:
-            tl.debug_barrier()
-        z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
-        for j in range(0, S):
-            z2 += tl.load(xch_ptr + (chain * 2 * S + j) * BS * D + tile, cache_modifier=".cg")
+            z2 = part + b2
         xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
         g2 = eta[:, None] * gr  # [BS, D]
         b2_old = b2
@@ -448,18 +449,22 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             tl.store(w2_ptr + (cc + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
         if CAUSAL:
             s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
-        tl.store(part_ptr + S * BS * D + tile, part - _dot(s2, g2, LP))
+        part -= _dot(s2, g2, LP)
         if S > 1:
+            tl.store(part_ptr + S * BS * D + tile, part)
             patience = _chain_barrier(cnt_ptr, S * (2 * n + 2), patience)
         else:
-            tl.debug_barrier()
+            tl.debug_barrier()  # this step's state writes before the next step's reads
         if s == 0:
             ones = tl.full([BS, BS], 1.0, tl.float32)
             if CAUSAL:
                 ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
             zq2 = b2_old - _dot(ones, g2, LP)
-            for j in range(0, S):
-                zq2 += tl.load(xch_ptr + ((chain * 2 + 1) * S + j) * BS * D + tile, cache_modifier=".cg")
+            if S > 1:
+                for j in range(0, S):
+                    zq2 += tl.load(xch_ptr + ((chain * 2 + 1) * S + j) * BS * D + tile, cache_modifier=".cg")
+            else:
+                zq2 += part
             xhq, rstdq = _ln(zq2, D, eps)
             _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
     if s == 0:
@@ -642,9 +647,11 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     tl.store(dlnb_ptr + pid * D + cols, dlnb)
 
 
-def _mlp_chunk_size(D):
-    """Hidden units per chunk of the MLP loops (F / 4 = D; the only width run on GPU so far)."""
-    return D
+def _mlp_chunk_size(D, backward):
+    """Hidden units per chunk of the MLP loops (F = 4 D). The forward takes D / 2: at head dim 64 it
+    spills 168 bytes a thread against 660 at D (NOTES.md). The backward takes D: at D / 2 its build
+    hit an illegal address on an H100."""
+    return D if backward else max(D // 2, 16)
 
 
 def _launch_options(mlp, D, bs):
@@ -703,15 +710,15 @@ class _TTT(torch.autograd.Function):
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
                       **_launch_options(mlp, D, bs))
         if mlp:
-            F, FC = 4 * D, _mlp_chunk_size(D)
+            F, FC = 4 * D, _mlp_chunk_size(D, backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             key = (D, FC, tuple(sorted(common.items())))
             S = _mlp_slices(N, F // FC, q, key, lambda xch, cnt, ok: _mlp_fwd_kernel.warmup(
-                *args, xch, cnt, ok, T, H, NG, 2, eps, F=F, FC=FC, grid=(1,), **common), common["num_warps"])
+                *args, xch, cnt, ok, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **common), common["num_warps"])
             xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            _mlp_fwd_kernel[(N * S,)](*args, xch, cnt, ok, T, H, NG, S, eps, F=F, FC=FC, **common)
+            _mlp_fwd_kernel[(N * S,)](*args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
@@ -738,7 +745,7 @@ class _TTT(torch.autograd.Function):
         if mlp:
             scr = q.new_empty((N, bs, 6 * D), dtype=torch.float32)
             _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
-                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D), **common)
+                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D, backward=True), **common)
         else:
             _linear_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv, deta,
                                      dlnw, dlnb, T, H, NG, eps, **common)
