@@ -68,13 +68,15 @@ def _gelu_parts(z, LP: tl.constexpr):
     """gelu (tanh approximation) and its first and second derivatives; LP (bfloat16 products) takes
     the fast tanh."""
     c = 0.7978845608028654
-    a = 0.044715
-    du = c * (1.0 + 3.0 * a * z * z)
-    t = _tanh(c * (z + a * z * z * z), LP)
+    ca = c * 0.044715
+    z2 = z * z
+    t = _tanh(z * (c + ca * z2), LP)
+    hz = 0.5 * z
+    g0 = hz * t + hz
     s = 1.0 - t * t
-    g0 = 0.5 * z * (1.0 + t)
-    g1 = 0.5 * (1.0 + t) + 0.5 * z * s * du
-    g2 = s * (du - z * t * du * du + 3.0 * a * c * z * z)
+    du = c + (3.0 * ca) * z2  # d/dz of the tanh argument
+    g1 = 0.5 * t + 0.5 + hz * s * du
+    g2 = s * (du - (z * t) * (du * du) + (3.0 * ca) * z2)
     return g0, g1, g2
 
 
