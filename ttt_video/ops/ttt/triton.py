@@ -12,7 +12,8 @@ first, carrying the adjoint of the state. TTT-Linear keeps its state and the adj
 TTT-MLP keeps them in global memory (per chain, so it stays in L2) and streams the hidden dim in
 chunks of `FC` columns of W1 / rows of W2; its forward splits the hidden dim over several programs
 per chain where the GPU has room for them all. State, LayerNorm and gelu math are float32; matrix
-products accumulate in float32 from bf16-rounded operands for 16-bit inputs (tf32 for float32).
+products accumulate in float32 from bf16-rounded operands for 16-bit inputs (tf32 for float32),
+and with those the gelu's tanh is the GPU's approximate instruction.
 """
 
 import torch
