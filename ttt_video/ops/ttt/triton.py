@@ -27,9 +27,9 @@ MINI_BATCH_SIZES = (16, 32, 64, 128)
 
 
 def supports(q, mlp=True, mini_batch_size=64):
-    """True where these kernels run: CUDA (sm80+), float16, bfloat16 or float32 with head dim 16,
-    32, 64 or 128 and mini-batch 16, 32, 64 or 128, where the tiles fit (`_over_shared_memory`)."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    """True where these kernels run: NVIDIA CUDA (sm80+), float16, bfloat16 or float32 with head dim
+    16, 32, 64 or 128 and mini-batch 16, 32, 64 or 128, where the tiles fit (`_over_shared_memory`)."""
+    if not q.is_cuda or torch.version.hip or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     if mini_batch_size not in MINI_BATCH_SIZES or _over_shared_memory(q, mlp, mini_batch_size):
         return False
@@ -768,6 +768,8 @@ class _TTT(torch.autograd.Function):
 def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, causal, eps, initial_state,
                return_state, checkpoint_group=16):
     B, H, T, D = q.shape
+    if q.is_cuda and torch.version.hip:
+        raise ValueError("triton TTT runs on NVIDIA GPUs (it uses their tanh instruction); use impl='torch'")
     if D not in HEAD_DIMS or mini_batch_size not in MINI_BATCH_SIZES:
         raise ValueError(f"triton TTT supports head dim {HEAD_DIMS} and mini-batch {MINI_BATCH_SIZES}, "
                          f"got {D} and {mini_batch_size}")
