@@ -185,6 +185,28 @@ def test_supports_and_errors():
         triton_impl.ttt_linear(*args, mini_batch_size=24)
 
 
+
+@pytest.mark.parametrize("fast", [False, True] if CUDA else [False])
+def test_gelu_parts_are_the_tanh_gelu_and_its_derivatives(fast):
+    """The kernels' GELU value, first and second derivative against autograd of PyTorch's tanh GELU;
+    `fast` is the GPU's tanh instruction, taken when the products are bf16."""
+    _module()
+    from .gelu_probe import gelu_parts_kernel
+
+    z = torch.linspace(-6.0, 6.0, 1024, dtype=torch.float64, requires_grad=True)
+    g0 = torch.nn.functional.gelu(z, approximate="tanh")
+    (g1,) = torch.autograd.grad(g0.sum(), z, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), z)
+    out = torch.empty(3 * z.numel(), device=DEVICE)
+    gelu_parts_kernel[(1,)](z.detach().float().to(DEVICE), out, N=z.numel(), FAST=fast)
+    # float32 arithmetic; with the fast tanh (relative error 2^-11) the worst case over this range is
+    # 1.5e-3, 1.3e-2 and 0.12 (the derivatives scale the error of 1 - t^2 by factors up to ~100)
+    tols = (2e-3, 2e-2, 0.15) if fast else (2e-5,) * 3
+    for name, got, ref, tol in zip(("value", "first derivative", "second derivative"), out.view(3, -1).cpu(),
+                                   (g0, g1, g2), tols):
+        err = (got.double() - ref.detach()).abs().max().item()
+        assert err < tol, f"{name}: max abs error {err:.1e}"
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 @pytest.mark.parametrize("causal", [False, True])
