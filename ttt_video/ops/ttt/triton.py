@@ -16,6 +16,8 @@ products accumulate in float32 from bf16-rounded operands for 16-bit inputs (tf3
 and with those the gelu's tanh is the GPU's approximate instruction.
 """
 
+import ctypes
+
 import torch
 import triton
 import triton.language as tl
@@ -689,13 +691,7 @@ def _mlp_slices(N, chunks, q, key, warmup, num_warps):
     if key not in _SLICES:
         dummy = q.new_empty(1, dtype=torch.int32)
         kernel = warmup(q.new_empty(1, dtype=torch.float32), dummy, dummy)
-        kernel._init_handles()
-        props = torch.cuda.get_device_properties(q.device)
-        smem = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
-        regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * num_warps
-        per_sm = min(65536 // regs, props.max_threads_per_multi_processor // (32 * num_warps),
-                     smem // (kernel.metadata.shared + 1024))
-        resident = per_sm * props.multi_processor_count
+        resident = _programs_per_sm(kernel, q.device) * torch.cuda.get_device_properties(q.device).multi_processor_count
         s = chunks
         while s > 1 and N * s > resident:
             s //= 2
@@ -703,6 +699,44 @@ def _mlp_slices(N, chunks, q, key, warmup, num_warps):
     return _SLICES[key]
 
 
+def _programs_per_sm(kernel, device):
+    """How many programs of a compiled kernel one SM holds at once (registers, threads, shared memory)."""
+    kernel._init_handles()
+    warps = kernel.metadata.num_warps
+    regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * warps
+    smem = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+    return min(65536 // regs, threads // (32 * warps), smem // (kernel.metadata.shared + 1024))
+
+
+def _launch(fn, grid, *args, **kwargs):
+    """`fn[grid](*args, **kwargs)`. On a GPU a build above 48 KB of shared memory first gets the smallest
+    shared-memory carveout that still holds the programs an SM keeps: Triton asks for the largest for
+    such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md)."""
+    if args[0].is_cuda:
+        kernel = fn.warmup(*args, grid=grid, **kwargs)
+        kernel._init_handles()
+        if kernel.function not in _CARVEOUT:
+            _CARVEOUT[kernel.function] = _set_carveout(kernel, args[0].device)
+    fn[grid](*args, **kwargs)
+
+
+def _set_carveout(kernel, device):
+    """Percent of the SM's shared memory (rest L1) asked for; None where left to Triton and the driver."""
+    if kernel.metadata.shared <= 49152:
+        return None
+    need = _programs_per_sm(kernel, device) * (kernel.metadata.shared + 1024)
+    per_sm = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"] + 1024
+    percent = min(100, -(-100 * need // per_sm))
+    cuda = ctypes.CDLL("libcuda.so.1")
+    if cuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function), _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                               ctypes.c_int(percent)) != 0:
+        return None
+    return percent
+
+
+_CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
+_CARVEOUT = {}
 _SLICES = {}
 
 
@@ -729,11 +763,11 @@ class _TTT(torch.autograd.Function):
             xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            _mlp_fwd_kernel[(N * S,)](*args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
+            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
-            _linear_fwd_kernel[(N,)](q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps, **common)
+            _launch(_linear_fwd_kernel, (N,), q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps, **common)
         ctx.save_for_backward(q, k, v, eta, ln_w, ln_b, *ckpt)
         ctx.cfg = (mlp, bs, causal, eps, group, NG)
         return (out, *state)
@@ -755,11 +789,11 @@ class _TTT(torch.autograd.Function):
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
         if mlp:
             scr = q.new_empty((N, bs, 6 * D), dtype=torch.float32)
-            _mlp_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv, deta,
-                                  dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D, backward=True), **common)
+            _launch(_mlp_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv,
+                    deta, dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D, backward=True), **common)
         else:
-            _linear_bwd_kernel[(N,)](q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv, deta,
-                                     dlnw, dlnb, T, H, NG, eps, **common)
+            _launch(_linear_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv,
+                    deta, dlnw, dlnb, T, H, NG, eps, **common)
         dlnw = dlnw.view(-1, H, D).sum(0)
         dlnb = dlnb.view(-1, H, D).sum(0)
         return (None,) * 5 + (dq, dk, dv, deta.to(eta.dtype), dlnw, dlnb, *carry)
