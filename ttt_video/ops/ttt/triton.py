@@ -712,7 +712,7 @@ def _programs_per_sm(kernel, device):
 def _launch(fn, grid, *args, **kwargs):
     """`fn[grid](*args, **kwargs)`. On a GPU a build above 48 KB of shared memory first gets the smallest
     shared-memory carveout that still holds the programs an SM keeps: Triton asks for the largest for
-    such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md)."""
+    such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md, v11)."""
     if args[0].is_cuda:
         kernel = fn.warmup(*args, grid=grid, **kwargs)
         kernel._init_handles()
