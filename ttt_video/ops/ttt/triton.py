@@ -682,12 +682,12 @@ def _bf16_products(q):
     return q.is_cuda and q.dtype != torch.float32
 
 
-def _mlp_slices(N, chunks, q, key, warmup, num_warps):
+def _mlp_slices(N, chunks, q, key, warmup):
     """Programs per chain in the MLP forward: the most (dividing the hidden chunks) that keep all
     N * S programs resident at once. One where programs run one after another (the interpreter)."""
     if not q.is_cuda or chunks == 1:
         return 1
-    key = (q.device, N, chunks, num_warps, key)
+    key = (q.device, N, chunks, key)
     if key not in _SLICES:
         dummy = q.new_empty(1, dtype=torch.int32)
         kernel = warmup(q.new_empty(1, dtype=torch.float32), dummy, dummy)
@@ -759,7 +759,7 @@ class _TTT(torch.autograd.Function):
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             key = (D, FC, tuple(sorted(common.items())))
             S = _mlp_slices(N, F // FC, q, key, lambda xch, cnt, ok: _mlp_fwd_kernel.warmup(
-                *args, xch, cnt, ok, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **common), common["num_warps"])
+                *args, xch, cnt, ok, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **common))
             xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
