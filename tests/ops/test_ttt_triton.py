@@ -250,6 +250,27 @@ def test_cuda_mlp_backward_gets_a_small_carveout_and_the_same_results():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_mlp_backward_split_matches_one_program(monkeypatch, causal):
+    """With few chains the MLP backward runs each chain's queries' half on a program of its own (S = 2),
+    ahead of the program that carries the adjoint; it gives the one-program (S = 1) results. Eight
+    checkpoint groups, so the two groups' buffers in flight are each reused."""
+    triton_impl = _module()
+    monkeypatch.setattr(triton_impl, "_SLICES", {})
+    args = [a.to(torch.bfloat16) if i < 4 else a.float()
+            for i, a in enumerate(_inputs("mlp", 2000, seed=5, batch=1, dim=64, device="cuda", eta_scale=0.02))]
+    split = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=causal, checkpoint_group=4)
+    assert [s for k, s in triton_impl._SLICES.items() if k[3][0] == "backward"] == [2]
+    most = triton_impl._mlp_slices
+    monkeypatch.setattr(triton_impl, "_mlp_slices", lambda N, m, q, key, warmup: 1 if key[0] == "backward"
+                        else most(N, m, q, key, warmup))
+    one = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=causal, checkpoint_group=4)
+    assert torch.equal(split[0], one[0])
+    for name, a, b in zip(_names("mlp"), split[2], one[2]):
+        _check(f"grad {name}", a, b, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
 def test_layer_io_kernels_match_the_eager_layer_steps(dtype):
     """Outputs and the gradients of every input against the eager steps (and their autograd)."""

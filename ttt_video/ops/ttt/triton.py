@@ -314,11 +314,12 @@ def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, c
 
 
 @triton.jit
-def _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D: tl.constexpr, F: tl.constexpr):
-    """Columns c:c+FC of W1 `[D, FC]` and b1 `[1, FC]`, rows c:c+FC of W2 `[FC, D]`."""
-    w1 = tl.load(w1_ptr + cols[:, None] * F + (c + fcols)[None, :])
-    b1 = tl.load(b1_ptr + c + fcols)[None, :]
-    w2 = tl.load(w2_ptr + (c + fcols)[:, None] * D + cols[None, :])
+def _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D: tl.constexpr, F: tl.constexpr, CM: tl.constexpr):
+    """Columns c:c+FC of W1 `[D, FC]` and b1 `[1, FC]`, rows c:c+FC of W2 `[FC, D]`; CM is the loads'
+    cache modifier (".cg", past L1, for what another program wrote)."""
+    w1 = tl.load(w1_ptr + cols[:, None] * F + (c + fcols)[None, :], cache_modifier=CM)
+    b1 = tl.load(b1_ptr + c + fcols, cache_modifier=CM)[None, :]
+    w2 = tl.load(w2_ptr + (c + fcols)[:, None] * D + cols[None, :], cache_modifier=CM)
     return w1, b1, w2
 
 
@@ -334,7 +335,7 @@ def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr
               D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
     fcols = tl.arange(0, FC)
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1, b1, w2, cols, fcols, D, F)
     tl.store(ob2_ptr + cols, tl.load(b2_ptr + cols))
 
@@ -350,7 +351,7 @@ def _mlp_step(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_
     b2 = tl.load(b2_ptr + cols)[None, :]
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         z2 += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
     xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
     g2 = eta[:, None] * gr  # [BS, D]
@@ -358,7 +359,7 @@ def _mlp_step(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_
     g2 = _operand(g2, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
         _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1 - _dot(tl.trans(k), g1, LP),
@@ -366,11 +367,16 @@ def _mlp_step(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_
 
 
 @triton.jit
-def _chain_barrier(cnt_ptr, target, patience):
-    """Wait until the counter of this chain reaches `target`, spinning at most `patience` times;
-    returns the patience left for later barriers (0 once a wait timed out)."""
+def _signal(cnt_ptr):
+    """Count this program's writes so far as done, for programs that `_wait` on the counter."""
     tl.debug_barrier()
     tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(cnt_ptr, target, patience):
+    """Wait until the counter reaches `target`, spinning at most `patience` times; returns the
+    patience left for later waits (0 once a wait timed out)."""
     spins = 0
     seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
     while (seen < target) & (spins < patience):
@@ -378,6 +384,13 @@ def _chain_barrier(cnt_ptr, target, patience):
         spins += 1
     tl.debug_barrier()
     return tl.where(seen < target, 0, patience)
+
+
+@triton.jit
+def _chain_barrier(cnt_ptr, target, patience):
+    """Wait until all the programs of this chain have counted themselves at the counter (`target`)."""
+    _signal(cnt_ptr)
+    return _wait(cnt_ptr, target, patience)
 
 
 @triton.jit
@@ -417,7 +430,7 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             if n % G == 0:
                 c = chain * NG + n // G
                 for cc in range(c0, c0 + F // S, FC):
-                    w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+                    w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
                     _mlp_store_chunk(cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D, cc, w1, b1, w2,
                                      cols, fcols, D, F)
                 if s == 0:
@@ -432,7 +445,7 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         q = _operand(q, LP)
         part = tl.zeros([BS, D], dtype=tl.float32)
         for cc in range(c0, c0 + F // S, FC):
-            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
             part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
         if S > 1:
             tl.store(part_ptr + tile, part)
@@ -451,7 +464,7 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         s2 = tl.zeros([BS, BS], dtype=tl.float32)
         part = tl.zeros([BS, D], dtype=tl.float32)
         for cc in range(c0, c0 + F // S, FC):
-            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
             x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
             g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
             xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
@@ -486,37 +499,52 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
 
 
 @triton.jit
-def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
-                  scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                  CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
-    """Reverse mode through one mini-batch from the state at w*_ptr; the adjoint at dw*_ptr moves
-    from the state after it to the state before it. `scr_ptr` holds a `[BS, F]` partial dZ1, then Z2
-    and the target `[BS, D]`, parked there so that the inner gradient's pieces are recomputed after
-    the query path instead of held in registers through it. Matrix-product operands are kept in
-    the form `_dot` rounds them to (`_operand`)."""
+def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr):
+    """Layout of what the queries' half leaves for the keys' half (float32): gradient parts at G1
+    `[BS, F]` (offset 0) and X2 `[BS, F]`, adjoint parts W1 `[D, F]`, b1 `[F]`, W2 `[F, D]`, b2 `[D]`,
+    gradient part at G2 `[BS, D]`, Z2 `[BS, D]`, dk part `[BS, D]`; the last value is the size."""
+    P_X2: tl.constexpr = BS * F
+    P_W1: tl.constexpr = 2 * BS * F
+    P_B1: tl.constexpr = P_W1 + D * F
+    P_W2: tl.constexpr = P_B1 + F
+    P_B2: tl.constexpr = P_W2 + F * D
+    P_G2: tl.constexpr = P_B2 + D
+    P_Z2: tl.constexpr = P_G2 + BS * D
+    P_DK: tl.constexpr = P_Z2 + BS * D
+    return P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_DK + BS * D
+
+
+@triton.jit
+def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, rows, cols,
+                     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
+                     LP: tl.constexpr, CM: tl.constexpr, eps):
+    """The queries' half of reverse mode through one mini-batch, from the state at w*_ptr (loaded with
+    cache modifier CM): it needs no adjoint of the state, so it can run ahead of the keys' half
+    (`_mlp_bwd_keys`). Returns dq and the output LayerNorm's weight and bias gradients; leaves in
+    `par_ptr` (`_par_offsets`) what the keys' half takes: Z2, this half's parts of the gradients at
+    G1, X2, G2 and k, and its part of the state's adjoint."""
     fcols = tl.arange(0, FC)
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
     causal = rows[:, None] >= rows[None, :]
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
     target = v - k
-    tl.store(scr_ptr + BS * F + BS * D + tile, target)
     k = _operand(k, LP)
     q = _operand(q, LP)
     # recompute the mini-batch
-    b2 = tl.load(b2_ptr + cols)[None, :]
+    b2 = tl.load(b2_ptr + cols, cache_modifier=CM)[None, :]
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        x2 = _gelu(_dot(k, w1, LP) + b1, LP)
-        z2 += _dot(x2, w2, LP)
-    tl.store(scr_ptr + BS * F + tile, z2)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
+        z2 += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
+    tl.store(par_ptr + P_Z2 + tile, z2)
     xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
     g2 = _operand(eta * gr, LP)  # [BS, D]
     a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
     zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         g1 = _dot(g2, tl.trans(w2), LP) * gp
         xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
@@ -535,129 +563,220 @@ def _mlp_bwd_step(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw
     if CAUSAL:
         ds2 = tl.where(causal, ds2, 0.0)
     ds2 = _operand(ds2, LP)
-    db2 = tl.load(db2_ptr + cols)[None, :]
-    dg2 = -_dot(tl.trans(s2), dzq2, LP) - db2
-    db2 += tl.sum(dzq2, 0, keep_dims=True)
+    tl.store(par_ptr + P_G2 + tile, -_dot(tl.trans(s2), dzq2, LP))
+    tl.store(par_ptr + P_B2 + cols[None, :], tl.sum(dzq2, 0, keep_dims=True))
     dzq2 = _operand(dzq2, LP)
     dq = do
-    dk = tl.zeros([BS, D], dtype=tl.float32)
     ds1 = tl.zeros([BS, BS], dtype=tl.float32)
-    tl.debug_barrier()
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
-        x2, gp, gpp = _gelu_parts(_dot(k, w1, LP) + b1, LP)
-        p = _dot(g2, tl.trans(w2), LP)
-        g1 = p * gp
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
+        x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
+        g1 = _dot(g2, tl.trans(w2), LP) * gp
         xq, gpq = _gelu_d(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
         dzq1 = (_dot(dzq2, tl.trans(w2), LP) + _dot(ds2, x2, LP)) * gpq  # [BS, FC]
         dq += _dot(dzq1, tl.trans(w1), LP)
         ds1 -= _dot(dzq1, tl.trans(g1), LP)
-        dg1 = -_dot(tl.trans(a1), dzq1, LP) - _dot(k, dw1, LP) - db1
+        tl.store(par_ptr + fofs + c, -_dot(tl.trans(a1), dzq1, LP))
+        tl.store(par_ptr + P_X2 + fofs + c, _dot(tl.trans(ds2), xq, LP))
+        _mlp_store_chunk(par_ptr + P_W1, par_ptr + P_B1, par_ptr + P_W2, c, _dot(tl.trans(q), dzq1, LP),
+                         tl.sum(dzq1, 0, keep_dims=True), _dot(tl.trans(xq), dzq2, LP), cols, fcols, D, F)
+    if CAUSAL:
+        ds1 = tl.where(causal, ds1, 0.0)
+    tl.store(par_ptr + P_DK + tile, _dot(tl.trans(ds1), q, LP))
+    return dq + _dot(ds1, k, LP), dlnw, dlnb
+
+
+@triton.jit
+def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr,
+                  scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
+                  LP: tl.constexpr, eps):
+    """The keys' half of reverse mode through one mini-batch, with the queries' half's results at
+    `par_ptr`: the adjoint at dw*_ptr moves from the state after the mini-batch to the state before
+    it (at w*_ptr). Returns dk, dv, deta and the inner LayerNorm's weight and bias gradients.
+    `scr_ptr` holds a `[BS, F]` partial dZ1 between the two passes over the hidden dim, then the
+    target `[BS, D]`, parked there instead of held in registers through the first pass."""
+    fcols = tl.arange(0, FC)
+    fofs = rows[:, None] * F + fcols[None, :]
+    tile = rows[:, None] * D + cols[None, :]
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
+    target = v - k
+    tl.store(scr_ptr + BS * F + tile, target)
+    k = _operand(k, LP)
+    xh, rstd, dy, dxh, gr = _inner_grad(tl.load(par_ptr + P_Z2 + tile, cache_modifier=".cg"), target, lnw, lnb,
+                                        D, eps)
+    g2 = _operand(eta * gr, LP)  # [BS, D]
+    db2 = tl.load(db2_ptr + cols)[None, :]
+    dg2 = tl.load(par_ptr + P_G2 + tile, cache_modifier=".cg") - db2
+    dk = tl.load(par_ptr + P_DK + tile, cache_modifier=".cg")
+    tl.debug_barrier()
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
+        dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
+        x2, gp, gpp = _gelu_parts(_dot(k, w1, LP) + b1, LP)
+        p = _dot(g2, tl.trans(w2), LP)
+        g1 = p * gp
+        dg1 = tl.load(par_ptr + fofs + c, cache_modifier=".cg") - _dot(k, dw1, LP) - db1
         dk -= _dot(g1, tl.trans(dw1), LP)
-        dx2 = _dot(tl.trans(ds2), xq, LP) - _dot(g2, tl.trans(dw2), LP)
+        dx2 = tl.load(par_ptr + P_X2 + fofs + c, cache_modifier=".cg") - _dot(g2, tl.trans(dw2), LP)
         dg2 -= _dot(x2, dw2, LP)
         dp = dg1 * gp
         dg2 += _dot(dp, w2, LP)
         tl.store(scr_ptr + fofs + c, dg1 * p * gpp + dx2 * gp)
-        _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + _dot(tl.trans(q), dzq1, LP),
-                         db1 + tl.sum(dzq1, 0, keep_dims=True),
-                         dw2 + _dot(tl.trans(xq), dzq2, LP) + _dot(tl.trans(dp), g2, LP), cols, fcols, D, F)
-    if CAUSAL:
-        ds1 = tl.where(causal, ds1, 0.0)
-    dq += _dot(ds1, k, LP)
-    dk += _dot(tl.trans(ds1), q, LP)
+        qw1, qb1, qw2 = _mlp_chunk(par_ptr + P_W1, par_ptr + P_B1, par_ptr + P_W2, c, cols, fcols, D, F, ".cg")
+        _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + qw1, db1 + qb1, dw2 + qw2 + _dot(tl.trans(dp), g2, LP),
+                         cols, fcols, D, F)
     # reverse mode of the inner gradient, then the key path
     tl.debug_barrier()
-    xh, rstd, dy, dxh, gr = _inner_grad(tl.load(scr_ptr + BS * F + tile), tl.load(scr_ptr + BS * F + BS * D + tile),
-                                        lnw, lnb, D, eps)
+    xh, rstd, dy, dxh, gr = _inner_grad(tl.load(par_ptr + P_Z2 + tile, cache_modifier=".cg"),
+                                        tl.load(scr_ptr + BS * F + tile), lnw, lnb, D, eps)
     deta = tl.sum(dg2 * gr, 1)
-    dz2, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
-    dk += d_dy
-    tl.store(db2_ptr + cols[None, :], db2 + tl.sum(dz2, 0, keep_dims=True))
+    dz2, d_dy, dlnw, dlnb = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
+    db2 += tl.load(par_ptr + P_B2 + cols[None, :], cache_modifier=".cg") + tl.sum(dz2, 0, keep_dims=True)
+    tl.store(db2_ptr + cols[None, :], db2)
     dz2 = _operand(dz2, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F)
-        dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
+        dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         dz1 = tl.load(scr_ptr + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
         dk += _dot(dz1, tl.trans(w1), LP)
         _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + _dot(tl.trans(k), dz1, LP),
                          db1 + tl.sum(dz1, 0, keep_dims=True), dw2 + _dot(tl.trans(x2), dz2, LP), cols, fcols, D, F)
-    return dq, dk, -d_dy, deta, dlnw + dlnw2, dlnb + dlnb2
+    return dk + d_dy, -d_dy, deta, dlnw, dlnb
+
+
+@triton.jit
+def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,
+                      n0, L, T, lnw, lnb, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
+                      BS: tl.constexpr, LP: tl.constexpr, eps):
+    """The states before each of a checkpoint group's L mini-batches (from mini-batch n0), from its
+    checkpoint at cw*_ptr into the scratch at sw*_ptr."""
+    tl.debug_barrier()
+    _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
+    for j in range(0, L - 1):
+        t0 = (n0 + j) * BS
+        k = _load_rows(k_ptr, t0, T, rows, cols, D)
+        v = _load_rows(v_ptr, t0, T, rows, cols, D)
+        eta = _load_eta(eta_ptr, t0, T, rows)
+        tl.debug_barrier()
+        _mlp_step(k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D, sb2_ptr + j * D,
+                  sw1_ptr + (j + 1) * D * F, sb1_ptr + (j + 1) * F, sw2_ptr + (j + 1) * F * D,
+                  sb2_ptr + (j + 1) * D, cols, D, F, FC, BS, LP, eps)
 
 
 @triton.jit
 def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
-                    sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr,
-                    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, T, H, NG, eps, D: tl.constexpr,
-                    F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
-                    LP: tl.constexpr):
+                    sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr,
+                    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, cnt_ptr, ok_ptr, T, H, NG, eps,
+                    S: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
+                    G: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr):
+    """Reverse mode through the groups, newest first: the group's states are recomputed into the
+    scratch at sw*_ptr, then each mini-batch, newest first, runs its queries' half (`_mlp_bwd_queries`)
+    and its keys' half (`_mlp_bwd_keys`). At S = 1 one program per chain does all of it. At S = 2
+    program (chain, 1) runs the queries' halves, ahead of program (chain, 0), which runs the rest:
+    they keep two groups of states and of the queries' results in flight (scratch `[N, S * G, ...]`),
+    ordered by two counters a chain (`cnt_ptr` `[N, 2]`: groups recomputed, mini-batches done by the
+    queries' half); both programs must be resident at once, and `ok_ptr` `[N * S]` gets 0 where a
+    wait timed out."""
     pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
+    chain = pid // S
+    role = pid % S
+    h = chain % H
     rows = tl.arange(0, BS)
     cols = tl.arange(0, D)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
     lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
     lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
     dlnw = tl.zeros([D], dtype=tl.float32)
     dlnb = tl.zeros([D], dtype=tl.float32)
-    dw1_ptr += pid * D * F
-    db1_ptr += pid * F
-    dw2_ptr += pid * F * D
-    db2_ptr += pid * D
-    sw1_ptr += pid * G * D * F
-    sb1_ptr += pid * G * F
-    sw2_ptr += pid * G * F * D
-    sb2_ptr += pid * G * D
-    scr_ptr += pid * BS * (F + 2 * D)
-    q_ptr += pid * T * D
-    k_ptr += pid * T * D
-    v_ptr += pid * T * D
-    do_ptr += pid * T * D
-    dq_ptr += pid * T * D
-    dk_ptr += pid * T * D
-    dv_ptr += pid * T * D
-    eta_ptr += pid * T
-    deta_ptr += pid * T
+    dw1_ptr += chain * D * F
+    db1_ptr += chain * F
+    dw2_ptr += chain * F * D
+    db2_ptr += chain * D
+    sw1_ptr += chain * S * G * D * F
+    sb1_ptr += chain * S * G * F
+    sw2_ptr += chain * S * G * F * D
+    sb2_ptr += chain * S * G * D
+    par_ptr += chain * (S * G if S > 1 else 1) * P_END
+    scr_ptr += chain * BS * (F + D)
+    q_ptr += chain * T * D
+    k_ptr += chain * T * D
+    v_ptr += chain * T * D
+    do_ptr += chain * T * D
+    dq_ptr += chain * T * D
+    dk_ptr += chain * T * D
+    dv_ptr += chain * T * D
+    eta_ptr += chain * T
+    deta_ptr += chain * T
+    ready_ptr = cnt_ptr + chain * 2
+    done_ptr = ready_ptr + 1
+    patience = pid.to(tl.int32) * 0 + (1 << 22)
     NM = tl.cdiv(T, BS)
+    done = 0
     for gi in range(0, NG):
-        grp = NG - 1 - gi
-        n0 = grp * G
+        n0 = (NG - 1 - gi) * G
         L = tl.minimum(G, NM - n0)
-        c = pid * NG + grp
-        tl.debug_barrier()
-        _mlp_copy(cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D, cb2_ptr + c * D,
-                  sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
-        for j in range(0, L - 1):
-            t0 = (n0 + j) * BS
-            k = _load_rows(k_ptr, t0, T, rows, cols, D)
-            v = _load_rows(v_ptr, t0, T, rows, cols, D)
-            eta = _load_eta(eta_ptr, t0, T, rows)
-            tl.debug_barrier()
-            _mlp_step(k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
-                      sb2_ptr + j * D, sw1_ptr + (j + 1) * D * F, sb1_ptr + (j + 1) * F,
-                      sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, cols, D, F, FC, BS, LP, eps)
+        slot = (gi % S) * G
+        if role == 0:
+            if S > 1:  # this group's states were recomputed ahead, but for the first group
+                first = (gi > 0).to(tl.int32)
+                last = tl.minimum(2, NG - gi)
+            else:
+                first = 0
+                last = 1
+            for ahead in range(first, last):
+                grp = NG - 1 - gi - ahead
+                c = chain * NG + grp
+                at = ((gi + ahead) % S) * G
+                _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F,
+                                  cw2_ptr + c * F * D, cb2_ptr + c * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
+                                  sw2_ptr + at * F * D, sb2_ptr + at * D, grp * G, tl.minimum(G, NM - grp * G),
+                                  T, lnw, lnb, rows, cols, D, F, FC, BS, LP, eps)
+                if S > 1:
+                    _signal(ready_ptr)
+        elif S > 1:
+            patience = _wait(ready_ptr, gi + 1, patience)
         for jj in range(0, L):
             j = L - 1 - jj
             t0 = (n0 + j) * BS
-            q = _load_rows(q_ptr, t0, T, rows, cols, D)
-            k = _load_rows(k_ptr, t0, T, rows, cols, D)
-            v = _load_rows(v_ptr, t0, T, rows, cols, D)
-            do = _load_rows(do_ptr, t0, T, rows, cols, D)
-            eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
-            tl.debug_barrier()
-            dq, dk, dv, deta, dlnw_j, dlnb_j = _mlp_bwd_step(
-                q, k, v, eta, do, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D,
-                sb2_ptr + j * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, scr_ptr, rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
-            dlnw += dlnw_j
-            dlnb += dlnb_j
-            _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
-            _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
-            _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
-            tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+            at = slot + j
+            par_j = par_ptr + (at if S > 1 else 0) * P_END
+            if role == S - 1:
+                q = _load_rows(q_ptr, t0, T, rows, cols, D)
+                k = _load_rows(k_ptr, t0, T, rows, cols, D)
+                v = _load_rows(v_ptr, t0, T, rows, cols, D)
+                do = _load_rows(do_ptr, t0, T, rows, cols, D)
+                eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+                tl.debug_barrier()
+                dq, dlnw_j, dlnb_j = _mlp_bwd_queries(
+                    q, k, v, eta, do, lnw, lnb, sw1_ptr + at * D * F, sb1_ptr + at * F, sw2_ptr + at * F * D,
+                    sb2_ptr + at * D, par_j, rows, cols, D, F, FC, BS, CAUSAL, LP, ".cg" if S > 1 else "", eps)
+                dlnw += dlnw_j
+                dlnb += dlnb_j
+                _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
+                if S > 1:
+                    _signal(done_ptr)
+            if role == 0:
+                if S > 1:
+                    patience = _wait(done_ptr, done + jj + 1, patience)
+                k = _load_rows(k_ptr, t0, T, rows, cols, D)
+                v = _load_rows(v_ptr, t0, T, rows, cols, D)
+                eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+                tl.debug_barrier()
+                dk, dv, deta, dlnw_j, dlnb_j = _mlp_bwd_keys(
+                    k, v, eta, lnw, lnb, sw1_ptr + at * D * F, sb1_ptr + at * F, sw2_ptr + at * F * D,
+                    sb2_ptr + at * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_j, scr_ptr, rows, cols, D, F, FC, BS,
+                    LP, eps)
+                dlnw += dlnw_j
+                dlnb += dlnb_j
+                _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
+                _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
+                tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+        done += L
     tl.store(dlnw_ptr + pid * D + cols, dlnw)
     tl.store(dlnb_ptr + pid * D + cols, dlnb)
+    tl.store(ok_ptr + pid, patience)
 
 
 def _mlp_chunk_size(D, backward):
@@ -682,17 +801,17 @@ def _bf16_products(q):
     return q.is_cuda and q.dtype != torch.float32
 
 
-def _mlp_slices(N, chunks, q, key, warmup):
-    """Programs per chain in the MLP forward: the most (dividing the hidden chunks) that keep all
-    N * S programs resident at once. One where programs run one after another (the interpreter)."""
-    if not q.is_cuda or chunks == 1:
+def _mlp_slices(N, most, q, key, warmup):
+    """Programs per chain of an MLP kernel: the most, up to `most` (a power of two), that keep all N * S
+    programs resident at once, judged on the S = 2 build that `warmup(float32 tensor, int32 tensor)`
+    compiles. One where programs run one after another (the interpreter)."""
+    if not q.is_cuda or most == 1:
         return 1
-    key = (q.device, N, chunks, key)
+    key = (q.device, N, most, key)
     if key not in _SLICES:
-        dummy = q.new_empty(1, dtype=torch.int32)
-        kernel = warmup(q.new_empty(1, dtype=torch.float32), dummy, dummy)
+        kernel = warmup(q.new_empty(1, dtype=torch.float32), q.new_empty(1, dtype=torch.int32))
         resident = _programs_per_sm(kernel, q.device) * torch.cuda.get_device_properties(q.device).multi_processor_count
-        s = chunks
+        s = most
         while s > 1 and N * s > resident:
             s //= 2
         _SLICES[key] = s
@@ -758,8 +877,8 @@ class _TTT(torch.autograd.Function):
             F, FC = 4 * D, _mlp_chunk_size(D, backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             key = (D, FC, tuple(sorted(common.items())))
-            S = _mlp_slices(N, F // FC, q, key, lambda xch, cnt, ok: _mlp_fwd_kernel.warmup(
-                *args, xch, cnt, ok, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **common))
+            S = _mlp_slices(N, F // FC, q, key, lambda f, i: _mlp_fwd_kernel.warmup(
+                *args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **common))
             xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
@@ -781,21 +900,37 @@ class _TTT(torch.autograd.Function):
         dout = dout.contiguous()
         carry = [torch.zeros_like(c[:, 0]) if d is None else d.float().contiguous().clone()
                  for c, d in zip(ckpt, dstate)]
-        scratch = [c.new_empty((N, group, *c.shape[2:])) for c in ckpt]
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         deta = _empty_like(eta.float())
-        dlnw = q.new_empty((N, D), dtype=torch.float32)
-        dlnb = torch.empty_like(dlnw)
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
         if mlp:
-            scr = q.new_empty((N, bs, 6 * D), dtype=torch.float32)
-            _launch(_mlp_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, scr, dq, dk, dv,
-                    deta, dlnw, dlnb, T, H, NG, eps, F=4 * D, FC=_mlp_chunk_size(D, backward=True), **common)
+            F, FC = 4 * D, _mlp_chunk_size(D, backward=True)
+            head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
+            scr = q.new_empty((N, bs * (F + D)), dtype=torch.float32)
+            key = ("backward", D, FC, tuple(sorted(common.items())))
+            S = _mlp_slices(N, 2, q, key, lambda f, i: _mlp_bwd_kernel.warmup(
+                *head, f, f, f, f, *carry, f, scr, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC,
+                grid=(1,), **common))
+            scratch = [c.new_empty((N, S * group, *c.shape[2:])) for c in ckpt]
+            par = q.new_empty((N, S * group if S > 1 else 1, 2 * bs * F + 2 * D * F + F + D + 3 * bs * D),
+                              dtype=torch.float32)
+            dlnw = q.new_empty((N * S, D), dtype=torch.float32)
+            dlnb = torch.empty_like(dlnw)
+            cnt = torch.zeros((N, 2), dtype=torch.int32, device=q.device)
+            ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
+            _launch(_mlp_bwd_kernel, (N * S,), *head, *scratch, *carry, par, scr, dq, dk, dv, deta, dlnw, dlnb, cnt,
+                    ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
+            if S > 1 and not bool((ok > 0).all()):
+                raise RuntimeError("TTT-MLP backward: the 2 programs of a chain were not resident together")
         else:
+            S = 1
+            scratch = [c.new_empty((N, group, *c.shape[2:])) for c in ckpt]
+            dlnw = q.new_empty((N, D), dtype=torch.float32)
+            dlnb = torch.empty_like(dlnw)
             _launch(_linear_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv,
                     deta, dlnw, dlnb, T, H, NG, eps, **common)
-        dlnw = dlnw.view(-1, H, D).sum(0)
-        dlnb = dlnb.view(-1, H, D).sum(0)
+        dlnw = dlnw.view(-1, H, S, D).sum((0, 2))
+        dlnb = dlnb.view(-1, H, S, D).sum((0, 2))
         return (None,) * 5 + (dq, dk, dv, deta.to(eta.dtype), dlnw, dlnb, *carry)
 
 
