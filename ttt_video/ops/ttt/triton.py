@@ -10,8 +10,9 @@ mini-batch border. Backward walks the groups in reverse: it recomputes the state
 from its checkpoint into a scratch buffer, then runs reverse mode through each mini-batch, newest
 first, carrying the adjoint of the state. TTT-Linear keeps its state and the adjoint in registers;
 TTT-MLP keeps them in global memory (per chain, so it stays in L2) and streams the hidden dim in
-chunks of `FC` columns of W1 / rows of W2; its forward splits the hidden dim over several programs
-per chain where the GPU has room for them all. State, LayerNorm and gelu math are float32; matrix
+chunks of `FC` columns of W1 / rows of W2. Where the GPU has room for them all, its forward splits
+the hidden dim over several programs per chain, and its backward runs each mini-batch's queries'
+half (which needs no adjoint) on a second program per chain, ahead of the one carrying the adjoint. State, LayerNorm and gelu math are float32; matrix
 products accumulate in float32 from bf16-rounded operands for 16-bit inputs (tf32 for float32),
 and with those the gelu's tanh is the GPU's approximate instruction.
 """
