@@ -152,8 +152,7 @@ def _merge_bwd_kernel(o_ptr, w_ptr, gy_ptr, go_ptr, dw_ptr, db_ptr, L, H, DH: tl
         gy = tl.load(gy_ptr + (b * L + rows[:, None]) * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dw += tl.sum(gy * xh, 0)
         db += tl.sum(gy, 0)
-        gxh = gy * w
-        gx = rstd * (gxh - tl.sum(gxh, 1, keep_dims=True) / D - xh * (tl.sum(gxh * xh, 1, keep_dims=True) / D))
+        gx = _ln_bwd(gy * w, xh, rstd, D)
         tl.store(go_ptr + src, gx.to(go_ptr.dtype.element_ty), mask=m)
     part = (b * P + p) * BD + cols
     tl.store(dw_ptr + part, dw)

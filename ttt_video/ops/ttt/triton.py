@@ -105,8 +105,9 @@ def _ln(z, D: tl.constexpr, eps):
 
 
 @triton.jit
-def _ln_bwd(dxh, xh, rstd, D: tl.constexpr):
-    """Gradient at the LayerNorm input from the gradient `dxh` at its normalised output."""
+def _ln_bwd(dxh, xh, rstd, D):
+    """Gradient at the LayerNorm input from the gradient `dxh` at its normalised output; rows of
+    length D (zero-padded columns, where `dxh` and `xh` are 0, add nothing)."""
     return rstd * (dxh - tl.sum(dxh, 1, keep_dims=True) / D - xh * (tl.sum(dxh * xh, 1, keep_dims=True) / D))
 
 
