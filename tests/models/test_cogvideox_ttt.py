@@ -215,9 +215,13 @@ def test_later_stages_train_ttt_and_attention_only(pretrained):
         for p in g["params"]:
             name = names[id(p)]
             assert g["lr"] == (1e-4 if ".ttt." in name else 1e-5), name
-            if name.endswith("bias") or "norm" in name or "gate_" in name:
-                assert g["weight_decay"] == 0.0, name
-    assert any(g["weight_decay"] == 1e-4 for g in groups)
+            owner = name.split(".")[-2]
+            exempt = (name.endswith(("bias", ".b1", ".b2", ".ln_weight", ".ln_bias", "gate_fwd", "gate_bwd"))
+                      or "norm" in owner)  # norm_q, post_norm, norm_fwd, ExpertNorm's norm ...; not its linear
+            assert g["weight_decay"] == (0.0 if exempt else 1e-4), name
+    decays = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    assert "transformer_blocks.0.norm1.linear.weight" in decays and "transformer_blocks.0.ttt.ttt.w1" in decays
+    assert "transformer_blocks.0.ttt.ttt.b1" not in decays
 
 
 @pytest.mark.parametrize("seconds", [3, 9, 18, 30, 63])

@@ -64,6 +64,7 @@ def test_param_groups_by_name():
     assert groups["base_no_decay"]["weight_decay"] == 0.0 and groups["base"]["weight_decay"] == 0.1
     no = {names[id(p)] for p in groups["ttt_no_decay"]["params"] + groups["base_no_decay"]["params"]}
     assert any(n.endswith("gate_fwd") for n in no) and any(n.endswith(".bias") for n in no)
+    assert any(n.endswith(".ttt.b1") for n in no) and not any(n.endswith(".ttt.w1") for n in no)
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 

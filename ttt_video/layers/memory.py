@@ -16,6 +16,8 @@ class NeuralMemory(nn.Module):
     from x, per-token learning rate, momentum and forgetting gates); `read(state)` returns
     `num_tokens` tokens `[B, num_tokens, D]` answered by the memory to learned queries."""
 
+    no_weight_decay = ("b1", "b2")  # the memory's initial biases
+
     def __init__(self, dim, num_heads, num_tokens, chunk_size=64, base_lr=1.0, impl=None):
         super().__init__()
         self.num_heads, self.chunk_size, self.base_lr, self.impl = num_heads, chunk_size, base_lr, impl

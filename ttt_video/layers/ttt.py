@@ -73,6 +73,8 @@ def _kernel(fn, head_dim):
 class TTT(nn.Module):
     """One TTT pass: projections, per-head normalisation, RoPE, the TTT op, post-norm, output projection."""
 
+    no_weight_decay = ("b1", "b2", "ln_weight", "ln_bias")  # inner biases, per-head LayerNorm
+
     def __init__(self, dim, num_heads, kind="mlp", mini_batch_size=64, base_lr=1.0, impl=None):
         super().__init__()
         if kind not in KINDS:

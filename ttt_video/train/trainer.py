@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .adapters import apply_adapter, cast_frozen
 from .metrics import MetricSinks
 
-NO_DECAY = ("bias", "norm", "ln_")  # and every 1-D parameter (gates, norm weights)
+NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
 ITEM_SEED_STRIDE = 1_000_003
 
 
@@ -114,17 +114,22 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def param_groups(model, weight_decay, lr, ttt_lr=0.0):
-    """AdamW groups by name: no weight decay on biases, norms, gates and embeddings; TTT
-    parameters at their own learning rate when `ttt_lr` is set. Only trainable parameters."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2 and not any(k in name for k in NO_DECAY)
-        ttt = bool(ttt_lr) and ".ttt." in f".{name}"
-        key = ("ttt" if ttt else "base") + ("" if decay else "_no_decay")
-        groups.setdefault(key, {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0,
-                                "lr": ttt_lr if ttt else lr})["params"].append(p)
+    """AdamW groups: weight decay on weight matrices only, not on biases, normalisation layers, 1-D
+    parameters (gates) or what a module names in `no_weight_decay` (a TTT layer's inner biases and
+    LayerNorm); TTT parameters at their own learning rate when `ttt_lr` is set. Only trainable
+    parameters."""
+    groups, seen = {}, set()
+    for prefix, module in model.named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            decay = (p.dim() >= 2 and leaf != "bias" and not isinstance(module, NORMS)
+                     and leaf not in getattr(module, "no_weight_decay", ()))
+            ttt = bool(ttt_lr) and ".ttt." in f".{prefix}.{leaf}"
+            key = ("ttt" if ttt else "base") + ("" if decay else "_no_decay")
+            groups.setdefault(key, {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0,
+                                    "lr": ttt_lr if ttt else lr})["params"].append(p)
     return list(groups.values())
 
 
