@@ -52,3 +52,23 @@ def temp_dir_beside(path):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     os.chmod(tmp, _mode(0o777))
     return tmp
+
+
+def safetensors_files(folder, name):
+    """The weight files of a model folder: `name` (e.g. model.safetensors), or the shards that
+    `name`.index.json lists; a missing file raises `UserError` naming it."""
+    folder = Path(folder)
+    if (folder / name).is_file():
+        return [folder / name]
+    index = name + ".index.json"
+    if not (folder / index).is_file():
+        raise UserError(f"model folder {folder} is missing {name} (or {index})")
+    try:
+        weight_map = json.loads((folder / index).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{folder / index} is not a safetensors index (no weight_map)") from None
+    files = [folder / shard for shard in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"model folder {folder} is missing {file.name} (listed in {index})")
+    return files

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -80,6 +81,10 @@ def test_storyboard_rules(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"text": "a", "speed": 2}]))
     with pytest.raises(UserError, match="unknown key 'speed'"):
         cogvideox.read_storyboard(tmp_path / "bad.json")
+    for entry, what in (({"text": "a", "transition": "no"}, "transition"), ({"text": "a", "neg_text": 5}, "neg_text")):
+        (tmp_path / "bad.json").write_text(json.dumps([entry]))
+        with pytest.raises(UserError, match=f"segment 1 has a \"{what}\" that is not"):
+            cogvideox.read_storyboard(tmp_path / "bad.json")
 
 
 def test_dynamic_guidance_is_indexed_by_step():
@@ -103,3 +108,30 @@ def test_cli_generate_with_model(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(model_dir / "missing"), "--storyboard", str(board),
                  "--out", str(out)]) == 2
     assert "vae/config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["text_encoder/model.safetensors", "tokenizer/tokenizer.json",
+                                     "vae/diffusion_pytorch_model.safetensors", "transformer/config.json"])
+def test_cli_generate_names_a_missing_file(model_dir, tmp_path, capsys, missing):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / missing).unlink()
+    board = _storyboard(tmp_path / "s.json", 1)
+    assert main(["generate", "--model", str(folder), "--storyboard", str(board), "--steps", "1",
+                 "--out", str(tmp_path / "v.mp4"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing.split("/")[0] in err and missing.split("/")[1] in err, err
+
+
+def test_cli_generate_checks_the_size_before_loading(model_dir, tmp_path, capsys, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the transformer before checking the size")
+
+    monkeypatch.setattr(cogvideox, "load_transformer", load)
+    board = _storyboard(tmp_path / "s.json", 1)
+    for flags, message in ((["--height", "36"], "height 36 must be a positive multiple of 8"),
+                           (["--width", "0"], "width 0 must be a positive multiple of 8")):
+        assert main(["generate", "--model", str(model_dir), "--storyboard", str(board), *flags,
+                     "--out", str(tmp_path / "v.mp4")]) == 2
+        assert message in capsys.readouterr().err
+

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..fileio import safetensors_files
 from .text import CachingEncoder
 
 MAX_LENGTH = 226
+VOCABULARY = ("spiece.model", "tokenizer.json")  # sentencepiece model, or the fast tokenizer's file
 
 
 def _find(folder, sub, marker):
@@ -35,7 +37,11 @@ class T5TextEncoder(CachingEncoder):
         if not folder.is_dir():
             raise UserError(f"T5 folder not found: {folder}")
         tokenizer_dir = _find(folder, "tokenizer", "tokenizer_config.json")
+        if not any((tokenizer_dir / name).is_file() for name in VOCABULARY):
+            raise UserError(f"T5 files missing: {tokenizer_dir / VOCABULARY[0]} (or {VOCABULARY[1]}), the "
+                            "tokenizer's vocabulary")
         model_dir = _find(folder, "text_encoder", "config.json")
+        safetensors_files(model_dir, "model.safetensors")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         except (ImportError, ValueError) as e:

@@ -30,14 +30,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..fileio import atomic_file, read_json, write_text_atomic
+from ..fileio import atomic_file, read_json, safetensors_files, write_text_atomic
 from ..layers.rope import apply_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
 from ..layers.ttt import BidirectionalTTT
 
 CONFIG_FILE = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 WEIGHTS = "model.safetensors"
 
 # diffusers' parameter names that differ from ours (module lists of ours hold no dropout slots)
@@ -532,27 +531,16 @@ def ttt_settings(model_cfg):
 
 
 def transformer_folder(path):
-    """The transformer folder of a diffusers CogVideoX pipeline folder, or `path` itself."""
+    """The transformer folder of a diffusers CogVideoX pipeline folder (one holding transformer/ or
+    vae/), else `path` itself."""
     folder = Path(path)
-    return folder / "transformer" if (folder / "transformer" / CONFIG_FILE).is_file() else folder
+    pipeline = (folder / "transformer").is_dir() or (folder / "vae").is_dir()
+    return folder / "transformer" if pipeline else folder
 
 
 def diffusers_weight_files(folder):
     """The safetensors files of a diffusers model folder: one file, or the shards its index names."""
-    folder = Path(folder)
-    if (folder / DIFFUSERS_WEIGHTS).is_file():
-        return [folder / DIFFUSERS_WEIGHTS]
-    if not (folder / DIFFUSERS_INDEX).is_file():
-        raise UserError(f"model folder {folder} is missing {DIFFUSERS_WEIGHTS} (or {DIFFUSERS_INDEX})")
-    try:
-        weight_map = json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError):
-        raise UserError(f"{folder / DIFFUSERS_INDEX} is not a safetensors index (no weight_map)") from None
-    files = [folder / name for name in sorted(set(weight_map.values()))]
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"model folder {folder} is missing {file.name} (listed in {DIFFUSERS_INDEX})")
-    return files
+    return safetensors_files(folder, DIFFUSERS_WEIGHTS)
 
 
 def _rename(key):

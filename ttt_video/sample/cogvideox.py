@@ -21,7 +21,8 @@ from .. import config as config_lib
 from ..encoders.t5 import T5TextEncoder
 from ..errors import UserError
 from ..fileio import read_json
-from ..models.cogvideox_ttt import CONFIG_FILE, CogVideoXTTT, load_config, transformer_folder, ttt_settings
+from ..models.cogvideox_ttt import (CONFIG_FILE, CogVideoXTTT, diffusers_weight_files, load_config, transformer_folder,
+                                    ttt_settings)
 from ..train import checkpoint as ckpt
 from .export import contact_sheet, video_to_uint8, write_video
 
@@ -50,7 +51,12 @@ def read_storyboard(path):
         unknown = sorted(set(entry) - {"text", "neg_text", "transition"})
         if unknown:
             raise UserError(f"storyboard {path}: segment {i} has an unknown key {unknown[0]!r}")
-        segments.append(Segment(entry["text"], str(entry.get("neg_text", "")), bool(entry.get("transition", False))))
+        neg_text, transition = entry.get("neg_text", ""), entry.get("transition", False)
+        if not isinstance(neg_text, str):
+            raise UserError(f"storyboard {path}: segment {i} has a \"neg_text\" that is not a string")
+        if not isinstance(transition, bool):
+            raise UserError(f"storyboard {path}: segment {i} has a \"transition\" that is not true or false")
+        segments.append(Segment(entry["text"], neg_text, transition))
     return segments
 
 
@@ -82,6 +88,23 @@ def check_resolution(height, width, factor):
             low = max(factor, value // factor * factor)
             raise UserError(f"{name} {value} must be a positive multiple of {factor} (VAE x patch size); "
                             f"nearest allowed: {low} or {low + factor}")
+
+
+def check_pipeline_folder(folder):
+    """The files a CogVideoX diffusers folder needs besides the transformer's (checked when it loads)
+    and T5's (checked by `T5TextEncoder`), before anything loads."""
+    for sub, marker in (("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        if not (folder / sub / marker).is_file():
+            raise UserError(f"model folder {folder} is missing {sub}/{marker}")
+    diffusers_weight_files(folder / "vae")
+
+
+def resolution_factor(folder):
+    """What height and width must divide by: the VAE's spatial compression times the patch size, from
+    the configs of the folder's VAE and transformer."""
+    vae = read_json(folder / "vae" / "config.json", "VAE config")
+    patch = read_json(transformer_folder(folder) / CONFIG_FILE, "transformer config").get("patch_size", 2)
+    return 2 ** (len(vae.get("block_out_channels", (0,))) - 1) * patch
 
 
 def dynamic_guidance(scale, step, num_steps):
@@ -130,9 +153,7 @@ class CogVideoXGenerator:
         import diffusers
 
         folder = Path(model_dir)
-        for sub, marker in (("vae", "config.json"), ("scheduler", "scheduler_config.json")):
-            if not (folder / sub / marker).is_file():
-                raise UserError(f"model folder {folder} is missing {sub}/{marker}")
+        check_pipeline_folder(folder)
         self.model = load_transformer(folder, ttt_checkpoint, ttt)
         self.model.to(device, dtype).eval().requires_grad_(False)
         self.encoder = T5TextEncoder(folder, device=device, dtype=dtype)
@@ -163,7 +184,7 @@ class CogVideoXGenerator:
         cfg = self.model.cfg
         S = len(segments)
         default_h, default_w = self.default_size()
-        height, width = height or default_h, width or default_w
+        height, width = default_h if height is None else height, default_w if width is None else width
         check_resolution(height, width, self.spatial * cfg.patch_size)
         frames = S * (cfg.frames_per_segment - 1) + 1
         cond = self._text(scene_captions(segments), S)
@@ -228,6 +249,10 @@ def generate(model_dir, storyboard, seconds=None, out="outputs/video.mp4", ttt_c
     """Sample a storyboard (a list of `Segment`, or a JSON file) and write the mp4 and contact sheet."""
     segments = read_storyboard(storyboard) if isinstance(storyboard, (str, Path)) else list(storyboard)
     segment_count(segments, seconds)
+    if height is not None or width is not None:  # before minutes of loading; `sample` checks the model's own
+        check_pipeline_folder(Path(model_dir))
+        factor = resolution_factor(Path(model_dir))
+        check_resolution(factor if height is None else height, factor if width is None else width, factor)
     gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device)
     latents = gen.sample(segments, height, width, steps, guidance_scale, dynamic_cfg, seed, progress)
     frames = gen.decode(latents)
