@@ -16,9 +16,11 @@ from ttt_video.cli import main
 from ttt_video.config import apply_overrides
 from ttt_video.diffusion.vpred import VPrediction
 from ttt_video.encoders.t5 import T5TextEncoder
+from ttt_video.errors import UserError
 from ttt_video.models import FrameworkCogVideoXTTT, cogvideox_ttt
 from ttt_video.presets import get_preset
 from ttt_video.sample.cogvideox import load_transformer
+from ttt_video.train import trainer
 from ttt_video.train.trainer import train
 
 from ..data.videos import write_video
@@ -113,6 +115,17 @@ def test_trains_cogvideox_ttt_with_v_prediction(pipeline, trained):
     start = FrameworkCogVideoXTTT.from_model_config(cfg.model).state_dict()
     ttt = [k for k in after if ".ttt." in k]
     assert ttt and all(not torch.equal(after[k], start[k]) for k in ttt if "gate" in k or k.endswith("w1"))
+
+
+def test_video_sizes_are_checked_before_loading(pipeline, manifest, tmp_path, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("built the model before checking the sizes")
+
+    monkeypatch.setattr(trainer, "build_model", load)
+    with pytest.raises(UserError, match="data.height 36 must be a positive multiple of 8.*32 or 40"):
+        train(stage(pipeline, manifest, 3, 2, "data.height=36"), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match="data.buckets entry width 20 must be a positive multiple of 8"):
+        train(stage(pipeline, manifest, 3, 2, "data.buckets=32x32,32x20"), tmp_path / "b", progress=False)
 
 
 def test_caption_dropout_reaches_the_t5_encoder(pipeline, manifest, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import read_json
 
 
 def pipeline_root(pretrained):
@@ -47,3 +48,22 @@ def fill_from_pipeline(cfg):
         if (root / "scheduler" / "scheduler_config.json").is_file():
             diffusion.scheduler = str(root / "scheduler")
     return cfg
+
+
+def resolution_factor(vae_folder, transformer_folder):
+    """What a CogVideoX video's height and width must divide by: the VAE's spatial compression times
+    the transformer's patch size, read from their config.json files."""
+    vae = read_json(Path(vae_folder) / "config.json", "VAE config")
+    patch = read_json(Path(transformer_folder) / "config.json", "transformer config").get("patch_size", 2)
+    return 2 ** (len(vae.get("block_out_channels", (0,))) - 1) * patch
+
+
+def check_resolution(height, width, factor, prefix=""):
+    """Height and width must be positive multiples of `factor`; the error names the nearest allowed
+    values (`prefix` names the settings, e.g. "data.")."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % factor:
+            low = max(factor, value // factor * factor)
+            raise UserError(f"{prefix}{name} {value} must be a positive multiple of {factor} (VAE x patch size); "
+                            f"nearest allowed: {low} or {low + factor}")
+

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import config as config_lib
 from ..encoders.t5 import T5TextEncoder
+from ..encoders.pipeline import check_resolution, resolution_factor
 from ..errors import UserError
 from ..fileio import read_json
 from ..models.cogvideox_ttt import (CONFIG_FILE, CogVideoXTTT, diffusers_weight_files, load_config, transformer_folder,
@@ -82,14 +83,6 @@ def scene_captions(segments):
             for s, a, b in zip(segments, starts, ends)]
 
 
-def check_resolution(height, width, factor):
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % factor:
-            low = max(factor, value // factor * factor)
-            raise UserError(f"{name} {value} must be a positive multiple of {factor} (VAE x patch size); "
-                            f"nearest allowed: {low} or {low + factor}")
-
-
 def check_pipeline_folder(folder):
     """The files a CogVideoX diffusers folder needs besides the transformer's (checked when it loads)
     and T5's (checked by `T5TextEncoder`), before anything loads."""
@@ -97,14 +90,6 @@ def check_pipeline_folder(folder):
         if not (folder / sub / marker).is_file():
             raise UserError(f"model folder {folder} is missing {sub}/{marker}")
     diffusers_weight_files(folder / "vae")
-
-
-def resolution_factor(folder):
-    """What height and width must divide by: the VAE's spatial compression times the patch size, from
-    the configs of the folder's VAE and transformer."""
-    vae = read_json(folder / "vae" / "config.json", "VAE config")
-    patch = read_json(transformer_folder(folder) / CONFIG_FILE, "transformer config").get("patch_size", 2)
-    return 2 ** (len(vae.get("block_out_channels", (0,))) - 1) * patch
 
 
 def dynamic_guidance(scale, step, num_steps):
@@ -251,7 +236,7 @@ def generate(model_dir, storyboard, seconds=None, out="outputs/video.mp4", ttt_c
     segment_count(segments, seconds)
     if height is not None or width is not None:  # before minutes of loading; `sample` checks the model's own
         check_pipeline_folder(Path(model_dir))
-        factor = resolution_factor(Path(model_dir))
+        factor = resolution_factor(Path(model_dir) / "vae", transformer_folder(model_dir))
         check_resolution(factor if height is None else height, factor if width is None else width, factor)
     gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device)
     latents = gen.sample(segments, height, width, steps, guidance_scale, dynamic_cfg, seed, progress)

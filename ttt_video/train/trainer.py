@@ -17,11 +17,12 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm.auto import tqdm
 
+from ..data.buckets import parse_resolutions
 from ..data.cache import cached_text
 from ..data.dataset import EpochReport, collate, task_for
 from ..data.synthetic import SyntheticStoryboards
 from ..diffusion import build_objective
-from ..encoders.pipeline import fill_from_pipeline
+from ..encoders.pipeline import check_resolution, fill_from_pipeline, resolution_factor
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
@@ -66,6 +67,19 @@ def stored_dtypes(cfg):
         with safe_open(file, "pt") as f:
             found[str(file)] = {f.get_slice(k).get_dtype() for k in f.keys()}
     return found
+
+
+def check_video_sizes(cfg):
+    """A CogVideoX run's sizes (data.height x data.width, or each of data.buckets) must divide by the
+    VAE's spatial compression times the patch size; checked from the configs before anything loads."""
+    if cfg.model.arch != "cogvideox-ttt" or not cfg.model.pretrained or cfg.data.vae in ("identity", "external"):
+        return
+    from ..models.cogvideox_ttt import transformer_folder
+
+    factor = resolution_factor(cfg.data.vae, transformer_folder(cfg.model.pretrained))
+    prefix = "data.buckets entry " if cfg.data.buckets.strip() else "data."
+    for height, width in parse_resolutions(cfg.data.buckets, (cfg.data.height, cfg.data.width)):
+        check_resolution(height, width, factor, prefix)
 
 
 def warn_fp16_on_bf16(cfg):
@@ -290,6 +304,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     from accelerate.utils import DistributedType
 
     cfg = fill_from_pipeline(cfg)
+    check_video_sizes(cfg)
     tc = cfg.train
     if tc.validate_every and cfg.diffusion.objective == "v-prediction":
         raise UserError("train.validate_every has no v-prediction sampler; set it to 0 and sample checkpoints "
