@@ -68,6 +68,7 @@ class DataConfig:
     buckets: str = ""  # resolution buckets "HxW,HxW,..."; empty: height x width only
     i2v_ratio: float = 0.0  # share of items whose first frame (or cond_image) is a condition
     strict: bool = False  # bad data is an error instead of skipped and counted
+    scene_markers: bool = False  # <start_scene> / <end_scene> around each item's scenes (manifest "transitions")
     cache_dir: str = ""  # read latents and text embeddings from `ttt-video prepare` output
     vae: str = "identity"  # identity | a local diffusers VAE folder | external
     vae_module: str = ""  # vae "external": import path of the adapter module (docs/vae.md)

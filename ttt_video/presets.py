@@ -49,6 +49,7 @@ def _cogvideox_ttt(segments, frames_per_segment, fps, height, width):
     d.source, d.num_scenes, d.fps, d.height, d.width = "manifest", segments, fps, height, width
     d.frames_per_scene, d.segment_overlap = frames_per_segment + 1, 1  # neighbouring segments share a frame
     d.text_encoder, d.text_max_length, d.vae = "t5", 226, ""  # T5 and VAE: the pipeline's
+    d.scene_markers = True  # captions as `ttt-video generate --model` writes them
     diff.objective, diff.steps, diff.guidance_scale = "v-prediction", 50, 6.0
     t.weight_decay, t.grad_clip, t.warmup_steps, t.caption_dropout = 1e-4, 0.1, 100, 0.1
     t.batch_size, t.mixed_precision, t.grad_checkpointing = 1, "bf16", True

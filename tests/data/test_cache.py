@@ -177,3 +177,11 @@ def test_diffusers_cogvideox_vae_compresses_time(tmp_path):
     mean, std = vae.encode(video)
     assert mean.shape == std.shape == (1, 4, 5, 8, 12) and (std > 0).all()
     assert vae.decode(mean).shape == video.shape
+
+
+def test_cache_settings_record_scene_markers_only_when_on():
+    from ttt_video.config import DataConfig
+
+    assert "scene_markers" not in cache.cache_settings(DataConfig())  # caches made before the setting match
+    assert cache.cache_settings(DataConfig(scene_markers=True))["scene_markers"] is True
+

@@ -135,3 +135,27 @@ def test_segments_sharing_a_frame(tmp_path):
         np.testing.assert_allclose(level(frames), 8 * np.arange(first, first + video.shape[1]), atol=4)
     with pytest.raises(UserError, match="segment_overlap must be at least 0 and below data.frames_per_scene"):
         ManifestDataset(data_cfg(tmp_path / "m.jsonl", frames_per_scene=5, segment_overlap=5))
+
+
+def test_scene_markers_delimit_each_window(tmp_path):
+    """Five segments in windows of 2, 2 and 1, a new scene at segment 3: every window opens a scene
+    (as a sampled video does), a transition closes the one before it, and the window's end closes
+    the last; markers off, the captions stay as they are."""
+    write_video(tmp_path / "a.mp4", ramp_frames(24), 8)  # (24 - 1) // 4 = 5 segments of 5 frames sharing one
+    line = {"video": "a.mp4", "captions": list("abcde"), "transitions": [False, False, False, True, False]}
+    bad = [{"video": "a.mp4", "caption": "x", "transitions": [True]},
+           {"video": "a.mp4", "captions": ["x", "y"], "transitions": [True]},
+           {"video": "a.mp4", "captions": ["x"], "transitions": ["yes"]}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in [line, *bad]) + "\n")
+    cfg = dict(frames_per_scene=5, segment_overlap=1, buckets="")
+    ds = ManifestDataset(data_cfg(tmp_path / "m.jsonl", scene_markers=True, **cfg))
+    assert [ds.captions(i) for i in range(3)] == [["<start_scene> a", "b <end_scene>"],
+                                                  ["<start_scene> c <end_scene>", "<start_scene> d <end_scene>"],
+                                                  ["<start_scene> e <end_scene>"]]
+    assert sorted(str(s).split(": ")[-1] for s in ds.report.skips.values()) == [
+        '"transitions" must be a list of true/false, one per caption',
+        '"transitions" needs "captions" and one entry per caption',
+        '"transitions" needs "captions" and one entry per caption']
+    plain = ManifestDataset(data_cfg(tmp_path / "m.jsonl", **cfg))
+    assert [plain.captions(i) for i in range(3)] == [["a", "b"], ["c", "d"], ["e"]]
+    assert [w.key for w in plain.items] == [w.key for w in ds.items]  # the cache separates them by its settings

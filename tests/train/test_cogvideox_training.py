@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ttt_video import config as config_lib
 from ttt_video.cli import main
 from ttt_video.config import apply_overrides
+from ttt_video.data.manifest import mark_scenes
 from ttt_video.diffusion.vpred import VPrediction
 from ttt_video.encoders.t5 import T5TextEncoder
 from ttt_video.errors import UserError
@@ -141,7 +142,8 @@ def test_caption_dropout_reaches_the_t5_encoder(pipeline, manifest, tmp_path, mo
           progress=False)
     dropped = seen.count("")
     assert len(seen) == 12 and 0 < dropped < 12  # 6 items of 2 segments, each caption dropped or kept
-    assert set(seen) - {""} <= {c for row in CAPTIONS for c in row}
+    marked = {c for row in CAPTIONS for c in mark_scenes(row, [False] * len(row))}  # the presets' scene markers
+    assert set(seen) - {""} <= marked and marked & set(seen)
     seen.clear()
     train(stage(pipeline, manifest, 3, 2, "train.caption_dropout=0", "train.max_steps=2"), tmp_path / "b",
           progress=False)

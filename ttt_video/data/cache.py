@@ -39,8 +39,9 @@ TEXT_BATCH = 256
 
 
 def cache_settings(data_cfg):
-    """What a cache depends on; a cache is read only by a config with the same settings."""
-    return {
+    """What a cache depends on; a cache is read only by a config with the same settings (scene
+    markers recorded only when on, so that caches made before the setting existed still match)."""
+    return {**({"scene_markers": True} if data_cfg.scene_markers else {}),
         "fps": data_cfg.fps,
         "frames_per_scene": data_cfg.frames_per_scene,
         "segment_overlap": data_cfg.segment_overlap,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .buckets import Bucket, BucketBatchSampler, nearest_resolution, parse_resolutions
-from .manifest import read_manifest
+from .manifest import mark_scenes, read_manifest
 from .report import DataError, Skip, SkipReport
 from .video import EPS, VideoError, decode, probe, read_image, to_tensor
 
@@ -95,6 +95,7 @@ class ManifestDataset(Dataset):
         self.fps, self.frames_per_scene = data_cfg.fps, data_cfg.frames_per_scene
         self.overlap = checked_overlap(data_cfg)
         self.max_segments = data_cfg.num_scenes
+        self.scene_markers = data_cfg.scene_markers
         self.resolutions = parse_resolutions(data_cfg.buckets, (data_cfg.height, data_cfg.width))
         self.i2v_ratio, self.seed = checked_i2v_ratio(data_cfg.i2v_ratio), data_cfg.seed
         self.report = report if report is not None else SkipReport(data_cfg.strict)
@@ -118,7 +119,8 @@ class ManifestDataset(Dataset):
             for first in range(0, segments, self.max_segments):
                 bucket = Bucket(height, width, min(self.max_segments, segments - first))
                 key = hashlib.sha1(json.dumps([record.video, stamp, record.captions, record.per_segment,
-                                               record.task, record.cond_image, first, str(bucket)])
+                                               record.task, record.cond_image, first, str(bucket),
+                                               *([record.transitions] if record.transitions else [])])
                                    .encode()).hexdigest()[:20]
                 self.items.append(Window(clip, first, bucket, key))
         self.buckets = [w.bucket for w in self.items]
@@ -175,8 +177,12 @@ class ManifestDataset(Dataset):
         return video, cond, self.captions(i)
 
     def captions(self, i):
-        w = self.items[i]
-        return [self.records[w.clip].caption(w.first + s) for s in range(w.bucket.segments)]
+        """One per segment; with `data.scene_markers` the window's scenes are delimited (`mark_scenes`),
+        the window's first segment opening one as a sampled video's does."""
+        w, record = self.items[i], self.records[self.items[i].clip]
+        segments = range(w.first, w.first + w.bucket.segments)
+        captions = [record.caption(s) for s in segments]
+        return mark_scenes(captions, [record.starts_scene(s) for s in segments]) if self.scene_markers else captions
 
     def task(self, i, draw):
         return task_for(self.records[self.items[i].clip].task, self.i2v_ratio, self.seed, draw)

@@ -3,12 +3,15 @@
 JSONL, one object a line:
     {"video": "clips/a.mp4", "caption": "one caption for every segment"}
     {"video": "clips/b.mp4", "captions": ["segment 1", "segment 2", ...], "task": "i2v", "cond_image": "b.png"}
+    {"video": "clips/c.mp4", "captions": ["segment 1", "segment 2", ...], "transitions": [false, true, ...]}
 metadata.json, a list of objects:
     [{"video_path": "clips/a.mp4", "caption": "..."}, ...]
 Either key ("video" or "video_path") and either caption form are accepted in both formats.
 `task` ("t2v" or "i2v") fixes an item's task instead of drawing it with the i2v ratio;
-`cond_image` is the condition of an i2v item (default: the clip's first frame). Paths are
-relative to the data root. A malformed line is reported with its line number and skipped.
+`cond_image` is the condition of an i2v item (default: the clip's first frame); `transitions`
+(with `captions`, one each) marks the segments where a new scene starts, for `data.scene_markers`
+(`mark_scenes`). Paths are relative to the data root. A malformed line is reported with its line
+number and skipped.
 """
 
 import json
@@ -19,6 +22,17 @@ from ..errors import UserError
 from .report import Skip
 
 TASKS = ("t2v", "i2v")
+SCENE_START, SCENE_END = "<start_scene>", "<end_scene>"
+
+
+def mark_scenes(captions, starts):
+    """Captions with scene delimiters, as TTT-Video writes storyboards: `<start_scene>` opens the
+    first caption of every scene (the first caption, and each where `starts` is true) and
+    `<end_scene>` closes the last."""
+    starts = [i == 0 or bool(start) for i, start in enumerate(starts)]
+    ends = starts[1:] + [True]
+    return [f"{SCENE_START + ' ' if a else ''}{c}{' ' + SCENE_END if b else ''}"
+            for c, a, b in zip(captions, starts, ends)]
 
 
 @dataclass(frozen=True)
@@ -29,9 +43,13 @@ class Record:
     task: str | None
     cond_image: str | None
     where: str  # "manifest.jsonl:12", for messages
+    transitions: tuple = ()  # per segment (with `per_segment`): a new scene starts there
 
     def caption(self, segment):
         return self.captions[segment] if self.per_segment else self.captions[0]
+
+    def starts_scene(self, segment):
+        return bool(self.transitions) and self.transitions[segment]
 
 
 def parse_entry(obj, where):
@@ -58,7 +76,12 @@ def parse_entry(obj, where):
     cond = obj.get("cond_image")
     if cond is not None and (not isinstance(cond, str) or not cond):
         raise ValueError('"cond_image" must be a path string')
-    return Record(video, captions, per_segment, task, cond, where)
+    transitions = obj.get("transitions", [])
+    if not isinstance(transitions, list) or not all(isinstance(t, bool) for t in transitions):
+        raise ValueError('"transitions" must be a list of true/false, one per caption')
+    if transitions and (not per_segment or len(transitions) != len(captions)):
+        raise ValueError('"transitions" needs "captions" and one entry per caption')
+    return Record(video, captions, per_segment, task, cond, where, tuple(transitions))
 
 
 def read_manifest(path, report):

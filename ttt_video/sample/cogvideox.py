@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import config as config_lib
 from ..encoders.t5 import T5TextEncoder
+from ..data.manifest import mark_scenes
 from ..encoders.pipeline import check_resolution, resolution_factor
 from ..errors import UserError
 from ..fileio import read_json
@@ -29,7 +30,6 @@ from .export import contact_sheet, video_to_uint8, write_video
 
 SECONDS_PER_SEGMENT = 3
 SAMPLERS = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}
-SCENE_START, SCENE_END = "<start_scene>", "<end_scene>"
 
 
 @dataclass
@@ -75,12 +75,8 @@ def segment_count(segments, seconds):
 
 
 def scene_captions(segments):
-    """Captions with scene delimiters: the first segment of a scene starts with <start_scene>, the
-    last ends with <end_scene>; a segment with "transition" starts a new scene."""
-    starts = [i == 0 or s.transition for i, s in enumerate(segments)]
-    ends = starts[1:] + [True]
-    return [f"{SCENE_START + ' ' if a else ''}{s.text}{' ' + SCENE_END if b else ''}"
-            for s, a, b in zip(segments, starts, ends)]
+    """Captions with scene delimiters (`mark_scenes`): a segment with "transition" starts a new scene."""
+    return mark_scenes([s.text for s in segments], [s.transition for s in segments])
 
 
 def check_pipeline_folder(folder):
