@@ -184,4 +184,10 @@ def test_cache_settings_record_scene_markers_only_when_on():
 
     assert "scene_markers" not in cache.cache_settings(DataConfig())  # caches made before the setting match
     assert cache.cache_settings(DataConfig(scene_markers=True))["scene_markers"] is True
+    made_with = {"settings": cache.cache_settings(DataConfig(scene_markers=True))}
+    cache._check_settings(made_with, DataConfig(scene_markers=True), "c")
+    with pytest.raises(UserError, match="made with scene_markers=True, the config has None"):
+        cache._check_settings(made_with, DataConfig(), "c")
+    with pytest.raises(UserError, match="made with scene_markers=None, the config has True"):
+        cache._check_settings({"settings": cache.cache_settings(DataConfig())}, DataConfig(scene_markers=True), "c")
 

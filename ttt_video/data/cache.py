@@ -38,6 +38,9 @@ EMPTY_TEXT = "empty_text.safetensors"
 TEXT_BATCH = 256
 
 
+OPTIONAL_SETTINGS = ("scene_markers",)  # recorded only when on
+
+
 def cache_settings(data_cfg):
     """What a cache depends on; a cache is read only by a config with the same settings (scene
     markers recorded only when on, so that caches made before the setting existed still match)."""
@@ -59,7 +62,8 @@ def cache_settings(data_cfg):
 
 def _check_settings(index, data_cfg, where):
     have, want = index.get("settings", {}), cache_settings(data_cfg)
-    for key, value in want.items():
+    for key in [*want, *(k for k in OPTIONAL_SETTINGS if k in have and k not in want)]:
+        value = want.get(key)
         if have.get(key) != value:
             raise UserError(f"cache {where} was made with {key}={have.get(key)!r}, the config has {value!r}; "
                             f"prepare a new cache or use the same settings")
