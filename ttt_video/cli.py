@@ -112,7 +112,8 @@ def cmd_generate_cogvideox(args):
                       sampler=args.sampler, steps=args.steps or 50,
                       guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
                       dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
-                      seed=args.seed, device=resolve_device(args.device), progress=not args.no_progress)
+                      seed=args.seed, device=resolve_device(args.device), progress=not args.no_progress,
+                      vae_tiling=args.vae_tiling)
     _report(result)
 
 
@@ -325,6 +326,8 @@ def build_parser():
     g.add_argument("--height", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--width", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--dynamic-cfg", action="store_true", help="with --model: guidance rising over the steps")
+    g.add_argument("--vae-tiling", action="store_true", help="with --model: decode in spatial tiles (diffusers' "
+                   "VAE tiling and slicing): less decoder memory at large sizes, the whole video in memory once")
     g.add_argument("--image", help="an image the video starts from (a model trained with image conditioning, "
                                    "or Stable Video Diffusion: then no captions)")
     _sampling_args(g)

@@ -66,6 +66,15 @@ def test_generator_loads_the_folder_components(model_dir):
     assert np.array_equal(frames, video_to_uint8(whole[0].clamp(-1, 1)))
     with pytest.raises(UserError, match="height 36 must be a positive multiple of 8.*32 or 40"):
         gen.sample([Segment("a red cat")], height=36, steps=1, progress=False)
+    tiled = cogvideox.CogVideoXGenerator(model_dir, ttt=None, vae_tiling=True)
+    # 32 x 32 frames in 2 x 2 tiles; diffusers' tiles must line up with its overlaps, as its defaults do
+    tiled.vae.enable_tiling(tile_sample_min_height=24, tile_sample_min_width=20)
+    calls = []
+    real = tiled.vae.tiled_decode
+    tiled.vae.tiled_decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    by_tiles = tiled.decode(latents)
+    assert calls and by_tiles.shape == frames.shape
+    assert np.abs(by_tiles.astype(int) - frames.astype(int)).mean() < 8  # tiles blended at their overlaps
 
 
 def test_storyboard_rules(tmp_path):

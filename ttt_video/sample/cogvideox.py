@@ -129,7 +129,8 @@ def load_transformer(model_dir, ttt_checkpoint=None, ttt="mlp"):
 
 
 class CogVideoXGenerator:
-    def __init__(self, model_dir, ttt_checkpoint=None, ttt="mlp", sampler=None, device="cpu", dtype=torch.float32):
+    def __init__(self, model_dir, ttt_checkpoint=None, ttt="mlp", sampler=None, device="cpu", dtype=torch.float32,
+                 vae_tiling=False):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import diffusers
 
@@ -141,6 +142,9 @@ class CogVideoXGenerator:
         self.vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(folder / "vae", local_files_only=True,
                                                                     torch_dtype=dtype)
         self.vae.to(device).eval().requires_grad_(False)
+        if vae_tiling:
+            self.vae.enable_tiling()
+            self.vae.enable_slicing()
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         name = SAMPLERS[sampler] if sampler else sched_cfg.get("_class_name", SAMPLERS["ddim"])
         if name not in SAMPLERS.values():
@@ -201,8 +205,12 @@ class CogVideoXGenerator:
         """Latents `[1, F, C, h, w]` -> frames uint8 `[(F-1)*4+1, H, W, 3]`, a few latent frames at a
         time: the batches of diffusers' `AutoencoderKLCogVideoX._decode`, with its causal convolution
         cache carried across, so the output equals `vae.decode` while only one batch is ever held
-        in floating point. (Spatial tiling would need every frame before blending; it is not used.)"""
+        in floating point. With `vae_tiling`, diffusers' tiled decoding instead: spatial tiles, each
+        over every frame, blended once all are decoded (less decoder memory per step at large
+        sizes, the whole video in floating point at the end)."""
         z = latents.permute(0, 2, 1, 3, 4).to(self.dtype) / self.vae.config.scaling_factor  # [1, C, F, h, w]
+        if self.vae.use_tiling:
+            return video_to_uint8(self.vae.decode(z).sample[0].float().cpu().clamp(-1, 1))
         num_frames, size = z.shape[2], self.vae.num_latent_frames_batch_size
         rest = num_frames % size
         cuts = [0] + [size * (i + 1) + rest for i in range(max(num_frames // size, 1))]
@@ -226,7 +234,7 @@ class Result:
 
 def generate(model_dir, storyboard, seconds=None, out="outputs/video.mp4", ttt_checkpoint=None, ttt="mlp",
              sampler=None, steps=50, guidance_scale=6.0, dynamic_cfg=False, height=None, width=None, fps=16,
-             seed=0, device="cpu", progress=True):
+             seed=0, device="cpu", progress=True, vae_tiling=False):
     """Sample a storyboard (a list of `Segment`, or a JSON file) and write the mp4 and contact sheet."""
     segments = read_storyboard(storyboard) if isinstance(storyboard, (str, Path)) else list(storyboard)
     segment_count(segments, seconds)
@@ -234,7 +242,7 @@ def generate(model_dir, storyboard, seconds=None, out="outputs/video.mp4", ttt_c
         check_pipeline_folder(Path(model_dir))
         factor = resolution_factor(Path(model_dir) / "vae", transformer_folder(model_dir))
         check_resolution(factor if height is None else height, factor if width is None else width, factor)
-    gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device)
+    gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device, vae_tiling=vae_tiling)
     latents = gen.sample(segments, height, width, steps, guidance_scale, dynamic_cfg, seed, progress)
     frames = gen.decode(latents)
     out = Path(out)
