@@ -44,7 +44,7 @@ OPTIONAL_SETTINGS = ("scene_markers",)  # recorded only when on
 def cache_settings(data_cfg):
     """What a cache depends on; a cache is read only by a config with the same settings (scene
     markers recorded only when on, so that caches made before the setting existed still match)."""
-    return {**({"scene_markers": True} if data_cfg.scene_markers else {}),
+    settings = {
         "fps": data_cfg.fps,
         "frames_per_scene": data_cfg.frames_per_scene,
         "segment_overlap": data_cfg.segment_overlap,
@@ -58,6 +58,9 @@ def cache_settings(data_cfg):
         "vae": data_cfg.vae if data_cfg.vae != "external" else [data_cfg.vae_module, data_cfg.vae_class,
                                                                 data_cfg.vae_init_json],
     }
+    if data_cfg.scene_markers:
+        settings["scene_markers"] = True
+    return settings
 
 
 def _check_settings(index, data_cfg, where):

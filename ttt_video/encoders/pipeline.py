@@ -66,4 +66,3 @@ def check_resolution(height, width, factor, prefix=""):
             low = max(factor, value // factor * factor)
             raise UserError(f"{prefix}{name} {value} must be a positive multiple of {factor} (VAE x patch size); "
                             f"nearest allowed: {low} or {low + factor}")
-

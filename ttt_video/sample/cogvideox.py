@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
-from ..encoders.t5 import T5TextEncoder
 from ..data.manifest import mark_scenes
 from ..encoders.pipeline import check_resolution, resolution_factor
+from ..encoders.t5 import T5TextEncoder
 from ..errors import UserError
 from ..fileio import read_json
 from ..models.cogvideox_ttt import (CONFIG_FILE, CogVideoXTTT, diffusers_weight_files, load_config, transformer_folder,
