@@ -190,4 +190,3 @@ def test_cache_settings_record_scene_markers_only_when_on():
         cache._check_settings(made_with, DataConfig(), "c")
     with pytest.raises(UserError, match="made with scene_markers=None, the config has True"):
         cache._check_settings({"settings": cache.cache_settings(DataConfig())}, DataConfig(scene_markers=True), "c")
-

@@ -143,4 +143,3 @@ def test_cli_generate_checks_the_size_before_loading(model_dir, tmp_path, capsys
         assert main(["generate", "--model", str(model_dir), "--storyboard", str(board), *flags,
                      "--out", str(tmp_path / "v.mp4")]) == 2
         assert message in capsys.readouterr().err
-
