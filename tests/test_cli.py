@@ -92,3 +92,9 @@ def test_train_image_to_video_then_generate_from_an_image(tmp_path, capsys, arch
     assert code == 2 and "not trained with image conditioning" in err and err.count("\n") == 1
     code, _, err = run_cli(["generate", "a", "--image", str(tmp_path / "none.png"), "--no-progress"], capsys)
     assert code == 2 and "image not found" in err
+
+
+def test_bench_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "ttt", "--help"])
+    assert e.value.code == 0 and "--seconds" in capsys.readouterr().out

@@ -373,7 +373,11 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHMARKS:  # its options, --help too, are the benchmark's
+        args, rest = parser.parse_args(argv[:2]), argv[2:]
+    else:
+        args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
