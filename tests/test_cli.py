@@ -52,11 +52,20 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "a", "--out", "/proc/forbidden/v.mp4"], "cannot write to /proc/forbidden/v.mp4"),
     (["generate", "--storyboard", "STORY"], "is not valid JSON"),
     (["generate", "a", "b", "c", "--num-frames", "8"], "3 captions need at least 3 segments"),
+    (["train", "--set", "train.lr=nan"], "train.lr must be at least 0, got nan"),
+    (["train", "--set", "train.max_steps=0"], "train.max_steps must be at least 1, got 0"),
+    (["train", "--set", "train.save_every=0"], "train.save_every must be at least 1"),
+    (["train", "--set", "train.caption_dropout=1.5"], "train.caption_dropout must be between 0 and 1"),
+    (["train", "--set", "train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16"),
+    (["train", "--set", "train.device=tpu"], "train.device must be auto, cpu, cuda or cuda:N"),
+    (["train", "--set", "model.num_heads=3"], "model.num_heads must divide model.dim (128)"),
+    (["plan", "--gpu-memory", "24GB", "--set", "train.batch_size=0"], "train.batch_size must be at least 1"),
+    (["train", "--set", "model.arch=bogus", "--output-dir", "RUN"], "unknown model arch 'bogus'"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     story = tmp_path / "bad.json"
     story.write_text("[{'text': 1}")
-    args = [str(story) if a == "STORY" else a for a in args]
+    args = [str(story) if a == "STORY" else str(tmp_path / "run") if a == "RUN" else a for a in args]
     code, _, err = run_cli(args, capsys)
     assert code == 2
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err

@@ -35,7 +35,7 @@ def _load_config(args, shortcuts=()):
     from .presets import get_preset
 
     cfg = config_lib.load(args.config) if getattr(args, "config", None) else get_preset(args.preset)
-    return config_lib.apply_overrides(cfg, [*shortcuts, *args.set])
+    return config_lib.validate(config_lib.apply_overrides(cfg, [*shortcuts, *args.set]))
 
 
 def _check_positive(args, *names):

@@ -5,6 +5,7 @@ The resolved config is saved beside every checkpoint, so a checkpoint alone rebu
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -195,6 +196,42 @@ def apply_overrides(cfg, overrides):
         if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
             raise ConfigError(f"unknown config key {key}")
         setattr(node, last, _convert(value.strip(), typing.get_type_hints(type(node))[last], key))
+    return cfg
+
+
+CHOICES = {"train.mixed_precision": ("no", "bf16", "fp16"), "train.lr_schedule": ("cosine", "constant"),
+           "data.source": ("synthetic", "manifest"), "data.text_encoder": ("minilm", "t5", "llm", "t5+llm")}
+
+
+def validate(cfg):
+    """Refuse values no run can use, before anything loads (`ConfigError` naming the key); the
+    model-, objective- and adapter-specific names are checked where they are built."""
+    t, d, m = cfg.train, cfg.data, cfg.model
+    ranges = [("train.max_steps", t.max_steps, 1, None), ("train.batch_size", t.batch_size, 1, None),
+              ("train.grad_accum_steps", t.grad_accum_steps, 1, None), ("train.log_every", t.log_every, 1, None),
+              ("train.save_every", t.save_every, 1, None), ("train.validation_videos", t.validation_videos, 1, None),
+              ("train.warmup_steps", t.warmup_steps, 0, None), ("train.lr", t.lr, 0, None),
+              ("train.ttt_lr", t.ttt_lr, 0, None), ("train.weight_decay", t.weight_decay, 0, None),
+              ("train.grad_clip", t.grad_clip, 0, None), ("train.min_lr_ratio", t.min_lr_ratio, 0, 1),
+              ("train.caption_dropout", t.caption_dropout, 0, 1), ("data.i2v_ratio", d.i2v_ratio, 0, 1),
+              ("data.height", d.height, 1, None), ("data.width", d.width, 1, None), ("data.fps", d.fps, 1, None),
+              ("data.num_scenes", d.num_scenes, 1, None), ("data.frames_per_scene", d.frames_per_scene, 1, None),
+              ("data.text_max_length", d.text_max_length, 1, None), ("model.num_heads", m.num_heads, 1, None)]
+    for key, value, low, high in ranges:
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{key} must be {span}, got {value}")
+    if t.lr == 0:
+        raise ConfigError("train.lr must be above 0, got 0")
+    if m.dim % m.num_heads:
+        raise ConfigError(f"model.num_heads must divide model.dim ({m.dim}), got {m.num_heads}")
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     return cfg
 
 

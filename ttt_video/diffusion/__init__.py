@@ -6,6 +6,7 @@ An objective turns clean latents into one training example and scores the predic
 model is called with; `loss(prediction, target, t)` -> scalar.
 """
 
+from ..errors import UserError
 from .edm import EDM
 from .flow import FlowMatching
 from .vpred import VPrediction
@@ -17,6 +18,6 @@ def build_objective(diffusion_cfg):
     try:
         cls = OBJECTIVES[diffusion_cfg.objective]
     except KeyError:
-        raise ValueError(f"unknown diffusion objective {diffusion_cfg.objective!r}; "
+        raise UserError(f"unknown diffusion objective {diffusion_cfg.objective!r}; "
                          f"available: {', '.join(OBJECTIVES)}") from None
     return cls.from_config(diffusion_cfg)

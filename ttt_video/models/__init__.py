@@ -1,5 +1,6 @@
 """Model architectures, one file each; `build_model(cfg)` picks by `cfg.arch`."""
 
+from ..errors import UserError
 from .cogvideox_ttt import CogVideoXTTT, FrameworkCogVideoXTTT
 from .sora_dit import SoraDiT
 from .svd import SVD
@@ -16,7 +17,7 @@ def build_model(cfg):
     try:
         cls = ARCHS[cfg.arch]
     except KeyError:
-        raise ValueError(f"unknown model arch {cfg.arch!r}; available: {', '.join(sorted(ARCHS))}") from None
+        raise UserError(f"unknown model arch {cfg.arch!r}; available: {', '.join(sorted(ARCHS))}") from None
     if cfg.condition_frames and cfg.arch == "cogvideox-ttt":
         raise ValueError("model.condition_frames (image-to-video) is not implemented for cogvideox-ttt")
     return cls(cfg)

@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..errors import UserError
 from ..layers.attention import SegmentAttention, SlidingWindowAttention
 from ..layers.dit import VideoDiT, modulate
 from ..layers.rope import rope_3d, with_text
@@ -53,7 +54,7 @@ class Block(nn.Module):
 class TinyDiT(VideoDiT):
     def __init__(self, cfg):
         if cfg.seq_mixer not in SEQ_MIXERS:
-            raise ValueError(f"unknown seq_mixer {cfg.seq_mixer!r}; choose one of {SEQ_MIXERS}")
+            raise UserError(f"unknown seq_mixer {cfg.seq_mixer!r}; choose one of {SEQ_MIXERS}")
         super().__init__(cfg)
         self.type_embed = nn.Parameter(torch.zeros(2, cfg.dim))  # text, video
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))

@@ -42,7 +42,7 @@ def apply_adapter(model, name, lora_rank=8, lora_alpha=8.0):
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=True,
                             target_modules=[m for m in ATTENTION_MODULES])
         return inject_adapter_in_model(config, model)
-    raise ValueError(f"unknown adapter {name!r}; choose one of {ADAPTERS}")
+    raise ConfigError(f"unknown adapter {name!r}; choose one of {ADAPTERS}")
 
 
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")

@@ -17,6 +17,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm.auto import tqdm
 
+from .. import config as config_lib
 from ..data.buckets import parse_resolutions
 from ..data.cache import cached_text
 from ..data.dataset import EpochReport, collate, task_for
@@ -102,7 +103,7 @@ def build_dataset(data_cfg):
 
         return CachedDataset(data_cfg) if data_cfg.cache_dir else ManifestDataset(data_cfg)
     if data_cfg.source != "synthetic":
-        raise ValueError(f"unknown data source {data_cfg.source!r}; available: synthetic, manifest")
+        raise UserError(f"unknown data source {data_cfg.source!r}; available: synthetic, manifest")
     if data_cfg.segment_overlap:
         raise UserError("data.segment_overlap needs data.source=manifest (synthetic storyboards do not overlap)")
     return SyntheticStoryboards(data_cfg.num_scenes, data_cfg.frames_per_scene, data_cfg.height, data_cfg.width,
@@ -303,7 +304,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    cfg = fill_from_pipeline(cfg)
+    cfg = fill_from_pipeline(config_lib.validate(cfg))
     check_video_sizes(cfg)
     tc = cfg.train
     if tc.validate_every and cfg.diffusion.objective == "v-prediction":
