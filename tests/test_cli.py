@@ -61,11 +61,16 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["train", "--set", "model.num_heads=3"], "model.num_heads must divide model.dim (128)"),
     (["plan", "--gpu-memory", "24GB", "--set", "train.batch_size=0"], "train.batch_size must be at least 1"),
     (["train", "--set", "model.arch=bogus", "--output-dir", "RUN"], "unknown model arch 'bogus'"),
+    (["generate", "a", "--out", "DIR"], "is a directory"),
+    (["generate", "a", "--out", "notes.txt"], "must end in .mp4 or .mkv or .mov"),
+    (["train", "--output-dir", "STORY"], "is a file"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     story = tmp_path / "bad.json"
     story.write_text("[{'text': 1}")
-    args = [str(story) if a == "STORY" else str(tmp_path / "run") if a == "RUN" else a for a in args]
+    (tmp_path / "adir").mkdir()
+    named = {"STORY": story, "RUN": tmp_path / "run", "DIR": tmp_path / "adir"}
+    args = [str(named.get(a, a)) for a in args]
     code, _, err = run_cli(args, capsys)
     assert code == 2
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err

@@ -15,18 +15,26 @@ EXIT_USAGE = 2
 TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
 
 
-def _check_writable(path):
-    """Fail now, not after an hour of work, if `path` cannot be written."""
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
+
+
+def _check_writable(path, folder=False, suffixes=()):
+    """Fail now, not after an hour of work, if `path` (a file, or with `folder` a folder) cannot be
+    written; a file's name must end in one of `suffixes` where given."""
     path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"output folder {path} is a file")
+    if not folder and path.is_dir():
+        raise UsageError(f"output path {path} is a directory")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UsageError(f"output path {path} must end in {' or '.join(suffixes)}")
+    where = path if folder else path.parent
     try:
-        path.mkdir(parents=True, exist_ok=True) if not path.suffix else path.parent.mkdir(parents=True, exist_ok=True)
-        folder = path if not path.suffix else path.parent
-        with tempfile.TemporaryFile(dir=folder):
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as e:
         raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
-    if path.is_dir() and path.suffix:
-        raise UsageError(f"output path {path} is a directory")
 
 
 def _load_config(args, shortcuts=()):
@@ -58,7 +66,7 @@ def cmd_train(args):
         resume = out if (out / "last").is_file() else None
     elif args.resume:
         resume = resolve(args.resume)
-    _check_writable(out)
+    _check_writable(out, folder=True)
     last = train(cfg, out, resume=resume, progress=not args.no_progress, text_cache=args.text_cache)
     if last is not None:  # the main process of a distributed run
         print(f"checkpoint: {last}")
@@ -91,7 +99,7 @@ def cmd_plan(args):
 def cmd_export_lora(args):
     from .train.lora_export import export_lora
 
-    _check_writable(args.out)
+    _check_writable(args.out, folder=True)
     print(f"LoRA weights: {export_lora(args.checkpoint, args.out)}")
 
 
@@ -106,7 +114,7 @@ def cmd_generate_cogvideox(args):
     if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
     _check_sampling(args)
-    _check_writable(args.out)
+    _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(args.model, args.storyboard, seconds=args.seconds, out=args.out,
                       ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt,
                       sampler=args.sampler, steps=args.steps or 50,
@@ -136,7 +144,7 @@ def cmd_generate(args):
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"image not found: {args.image}")
     _check_sampling(args)
-    _check_writable(args.out)
+    _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                       out=args.out, device=args.device, progress=not args.no_progress,
@@ -158,7 +166,7 @@ def cmd_extend(args):
         raise UsageError("no prompts: give one caption per new scene")
     _check_positive(args, "seconds", "num_frames")
     _check_sampling(args)
-    _check_writable(args.out)
+    _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
                    seconds=args.seconds, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                    out=args.out, window=args.window, overlap=args.overlap, device=args.device,
@@ -172,7 +180,7 @@ def cmd_cache_text(args):
     cfg = _load_config(args)
     if cfg.data.source != "synthetic":
         raise UsageError("cache-text enumerates captions of the synthetic source only")
-    _check_writable(args.out)
+    _check_writable(args.out, suffixes=(".safetensors",))
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, data_cfg=cfg.data)
     path = save_text_cache(encoder, all_captions(), args.out)
     print(f"text cache: {path}")
@@ -194,7 +202,7 @@ def cmd_prepare(args):
     data = fill_from_pipeline(cfg).data  # the T5 and VAE of model.pretrained's pipeline, as `train` takes them
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    _check_writable(args.out)
+    _check_writable(args.out, folder=True)
     result = prepare(data, args.out, workers=args.workers, device=resolve_device(args.device),
                      progress=not args.no_progress)
     print(result.report.summary())
