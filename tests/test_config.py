@@ -31,3 +31,23 @@ def test_save_load_round_trip(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'x'; available: .*shapes-tiny"):
         get_preset("x")
+
+
+@pytest.mark.parametrize("data,msg", [([5, None], "config file must be a JSON object of keys, got list"),
+                                      ({"model": 5}, "config model must be a JSON object of keys, got int")])
+def test_config_files_of_the_wrong_shape(tmp_path, data, msg):
+    import json
+
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=msg):
+        config_lib.load(tmp_path / "c.json")
+
+
+def test_validate_refuses_values_no_run_can_use():
+    assert config_lib.validate(get_preset("shapes-tiny")) is not None
+    for bad, msg in (("train.lr=inf", "train.lr must be at least 0, got inf"), ("train.lr=0", "train.lr must be above 0"),
+                     ("data.i2v_ratio=-1", "data.i2v_ratio must be between 0 and 1"),
+                     ("train.grad_accum_steps=0", "train.grad_accum_steps must be at least 1"),
+                     ("data.text_encoder=bert", "data.text_encoder must be one of minilm, t5, llm, t5\\+llm")):
+        with pytest.raises(ConfigError, match=msg):
+            config_lib.validate(apply_overrides(get_preset("shapes-tiny"), [bad]))

@@ -166,6 +166,9 @@ def _convert(value, tp, name):
 
 def from_dict(cls, data, prefix=""):
     """Build dataclass `cls` from a nested dict; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {prefix.rstrip('.') or 'file'} must be a JSON object of keys, got "
+                          f"{type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
