@@ -45,7 +45,8 @@ def test_config_files_of_the_wrong_shape(tmp_path, data, msg):
 
 def test_validate_refuses_values_no_run_can_use():
     assert config_lib.validate(get_preset("shapes-tiny")) is not None
-    for bad, msg in (("train.lr=inf", "train.lr must be at least 0, got inf"), ("train.lr=0", "train.lr must be above 0"),
+    for bad, msg in (("train.lr=inf", "train.lr must be at least 0, got inf"),
+                     ("train.lr=0", "train.lr must be above 0"),
                      ("data.i2v_ratio=-1", "data.i2v_ratio must be between 0 and 1"),
                      ("train.grad_accum_steps=0", "train.grad_accum_steps must be at least 1"),
                      ("data.text_encoder=bert", "data.text_encoder must be one of minilm, t5, llm, t5\\+llm")):
