@@ -62,6 +62,8 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["plan", "--gpu-memory", "24GB", "--set", "train.batch_size=0"], "train.batch_size must be at least 1"),
     (["train", "--set", "model.arch=bogus", "--output-dir", "RUN"], "unknown model arch 'bogus'"),
     (["generate", "a", "--out", "DIR"], "is a directory"),
+    (["generate", "a", "  "], "caption 2 is empty"),
+    (["generate", "a", "--seconds", "nan"], "--seconds must be positive, got nan"),
     (["generate", "a", "--out", "notes.txt"], "must end in .mp4 or .mkv or .mov"),
     (["train", "--output-dir", "STORY"], "is a file"),
 ])

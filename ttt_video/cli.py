@@ -4,6 +4,7 @@ A user's mistake ends with one line on stderr and exit status 2, never a traceba
 """
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -49,8 +50,14 @@ def _load_config(args, shortcuts=()):
 def _check_positive(args, *names):
     for name in names:
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not (0 < value < math.inf):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _check_captions(captions):
+    for i, caption in enumerate(captions, 1):
+        if not caption.strip():
+            raise UsageError(f"caption {i} is empty")
 
 
 def cmd_train(args):
@@ -131,6 +138,7 @@ def cmd_generate(args):
     if args.model:
         return cmd_generate_cogvideox(args)
     captions = list(args.prompts)
+    _check_captions(captions)
     if args.storyboard:
         if captions:
             raise UsageError("give prompts or --storyboard, not both")
@@ -164,6 +172,7 @@ def cmd_extend(args):
         raise UsageError(f"video not found: {args.video}")
     if not args.prompts:
         raise UsageError("no prompts: give one caption per new scene")
+    _check_captions(args.prompts)
     _check_positive(args, "seconds", "num_frames")
     _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
