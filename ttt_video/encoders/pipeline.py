@@ -50,12 +50,17 @@ def fill_from_pipeline(cfg):
     return cfg
 
 
+def spatial_compression(block_out_channels):
+    """How much a diffusers VAE shrinks height and width: by 2 in every encoder block but the last."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def resolution_factor(vae_folder, transformer_folder):
     """What a CogVideoX video's height and width must divide by: the VAE's spatial compression times
     the transformer's patch size, read from their config.json files."""
     vae = read_json(Path(vae_folder) / "config.json", "VAE config")
     patch = read_json(Path(transformer_folder) / "config.json", "transformer config").get("patch_size", 2)
-    return 2 ** (len(vae.get("block_out_channels", (0,))) - 1) * patch
+    return spatial_compression(vae.get("block_out_channels", (0,))) * patch
 
 
 def check_resolution(height, width, factor, prefix=""):

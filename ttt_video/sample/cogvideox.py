@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import config as config_lib
 from ..data.manifest import mark_scenes
-from ..encoders.pipeline import check_resolution, resolution_factor
+from ..encoders.pipeline import check_resolution, resolution_factor, spatial_compression
 from ..encoders.t5 import T5TextEncoder
 from ..errors import UserError
 from ..fileio import read_json
@@ -150,7 +150,7 @@ class CogVideoXGenerator:
         if name not in SAMPLERS.values():
             raise UserError(f"unsupported scheduler {name!r}; samplers: {', '.join(SAMPLERS)}")
         self.scheduler = getattr(diffusers, name).from_config(sched_cfg)
-        self.spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.spatial = spatial_compression(self.vae.config.block_out_channels)
         self.temporal = self.vae.config.temporal_compression_ratio
         self.device, self.dtype = device, dtype
 
