@@ -253,8 +253,9 @@ def test_cuda_mlp_backward_gets_a_small_carveout_and_the_same_results():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_mlp_backward_split_matches_one_program(monkeypatch, causal):
-    """With few chains the MLP backward runs each chain's queries' half on a program of its own (S = 2),
-    ahead of the program that carries the adjoint; it gives the one-program (S = 1) results. Eight
+    """With few chains the MLP backward runs each chain's state recompute and queries' halves on a
+    program of its own (S = 2), ahead of the program that carries the adjoint; it gives the
+    one-program (S = 1) results. Eight
     checkpoint groups, so the two groups' buffers in flight are each reused."""
     triton_impl = _module()
     monkeypatch.setattr(triton_impl, "_SLICES", {})

@@ -519,9 +519,9 @@ def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr):
 @triton.jit
 def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, rows, cols,
                      D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
-                     LP: tl.constexpr, CM: tl.constexpr, eps):
-    """The queries' half of reverse mode through one mini-batch, from the state at w*_ptr (loaded with
-    cache modifier CM): it needs no adjoint of the state, so it can run ahead of the keys' half
+                     LP: tl.constexpr, eps):
+    """The queries' half of reverse mode through one mini-batch, from the state at w*_ptr: it needs
+    no adjoint of the state, so it can run ahead of the keys' half
     (`_mlp_bwd_keys`). Returns dq and the output LayerNorm's weight and bias gradients; leaves in
     `par_ptr` (`_par_offsets`) what the keys' half takes: Z2, this half's parts of the gradients at
     G1, X2, G2 and k, and its part of the state's adjoint."""
@@ -534,10 +534,10 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     k = _operand(k, LP)
     q = _operand(q, LP)
     # recompute the mini-batch
-    b2 = tl.load(b2_ptr + cols, cache_modifier=CM)[None, :]
+    b2 = tl.load(b2_ptr + cols)[None, :]
     z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         z2 += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
     tl.store(par_ptr + P_Z2 + tile, z2)
     xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
@@ -546,7 +546,7 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     s2 = tl.zeros([BS, BS], dtype=tl.float32)
     zq2 = tl.zeros([BS, D], dtype=tl.float32) + b2
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         g1 = _dot(g2, tl.trans(w2), LP) * gp
         xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
@@ -571,7 +571,7 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     dq = do
     ds1 = tl.zeros([BS, BS], dtype=tl.float32)
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         g1 = _dot(g2, tl.trans(w2), LP) * gp
         xq, gpq = _gelu_d(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
@@ -591,10 +591,11 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 @triton.jit
 def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr,
                   scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                  LP: tl.constexpr, eps):
+                  LP: tl.constexpr, CM: tl.constexpr, eps):
     """The keys' half of reverse mode through one mini-batch, with the queries' half's results at
     `par_ptr`: the adjoint at dw*_ptr moves from the state after the mini-batch to the state before
-    it (at w*_ptr). Returns dk, dv, deta and the inner LayerNorm's weight and bias gradients.
+    it (at w*_ptr, loaded with cache modifier CM). Returns dk, dv, deta and the inner LayerNorm's
+    weight and bias gradients.
     `scr_ptr` holds a `[BS, F]` partial dZ1 between the two passes over the hidden dim, then the
     target `[BS, D]`, parked there instead of held in registers through the first pass."""
     fcols = tl.arange(0, FC)
@@ -612,7 +613,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     dk = tl.load(par_ptr + P_DK + tile, cache_modifier=".cg")
     tl.debug_barrier()
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
         x2, gp, gpp = _gelu_parts(_dot(k, w1, LP) + b1, LP)
         p = _dot(g2, tl.trans(w2), LP)
@@ -638,7 +639,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     dz2 = _operand(dz2, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
-        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         dz1 = tl.load(scr_ptr + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
@@ -676,11 +677,11 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     """Reverse mode through the groups, newest first: the group's states are recomputed into the
     scratch at sw*_ptr, then each mini-batch, newest first, runs its queries' half (`_mlp_bwd_queries`)
     and its keys' half (`_mlp_bwd_keys`). At S = 1 one program per chain does all of it. At S = 2
-    program (chain, 1) runs the queries' halves, ahead of program (chain, 0), which runs the rest:
-    they keep two groups of states and of the queries' results in flight (scratch `[N, S * G, ...]`),
-    ordered by two counters a chain (`cnt_ptr` `[N, 2]`: groups recomputed, mini-batches done by the
-    queries' half); both programs must be resident at once, and `ok_ptr` `[N * S]` gets 0 where a
-    wait timed out."""
+    program (chain, 1) recomputes the states and runs the queries' halves, ahead of program
+    (chain, 0), which runs the keys' halves: they keep two groups of states and of the queries'
+    results in flight (scratch `[N, S * G, ...]`), ordered by two counters a chain (`cnt_ptr`
+    `[N, 2]`: groups freed by the keys' half, mini-batches done by the queries' half); both programs
+    must be resident at once, and `ok_ptr` `[N * S]` gets 0 where a wait timed out."""
     pid = tl.program_id(0).to(tl.int64)
     chain = pid // S
     role = pid % S
@@ -711,8 +712,8 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     dv_ptr += chain * T * D
     eta_ptr += chain * T
     deta_ptr += chain * T
-    ready_ptr = cnt_ptr + chain * 2
-    done_ptr = ready_ptr + 1
+    freed_ptr = cnt_ptr + chain * 2
+    done_ptr = freed_ptr + 1
     patience = pid.to(tl.int32) * 0 + (1 << 22)
     NM = tl.cdiv(T, BS)
     done = 0
@@ -720,25 +721,14 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
         n0 = (NG - 1 - gi) * G
         L = tl.minimum(G, NM - n0)
         slot = (gi % S) * G
-        if role == 0:
-            if S > 1:  # this group's states were recomputed ahead, but for the first group
-                first = (gi > 0).to(tl.int32)
-                last = tl.minimum(2, NG - gi)
-            else:
-                first = 0
-                last = 1
-            for ahead in range(first, last):
-                grp = NG - 1 - gi - ahead
-                c = chain * NG + grp
-                at = ((gi + ahead) % S) * G
-                _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F,
-                                  cw2_ptr + c * F * D, cb2_ptr + c * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
-                                  sw2_ptr + at * F * D, sb2_ptr + at * D, grp * G, tl.minimum(G, NM - grp * G),
-                                  T, lnw, lnb, rows, cols, D, F, FC, BS, LP, eps)
-                if S > 1:
-                    _signal(ready_ptr)
-        elif S > 1:
-            patience = _wait(ready_ptr, gi + 1, patience)
+        if role == S - 1:
+            if S > 1:
+                if gi >= S:  # the keys' half is done with the group that last used this slot
+                    patience = _wait(freed_ptr, gi - S + 1, patience)
+            c = chain * NG + NG - 1 - gi
+            _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D,
+                              cb2_ptr + c * D, sw1_ptr + slot * D * F, sb1_ptr + slot * F, sw2_ptr + slot * F * D,
+                              sb2_ptr + slot * D, n0, L, T, lnw, lnb, rows, cols, D, F, FC, BS, LP, eps)
         for jj in range(0, L):
             j = L - 1 - jj
             t0 = (n0 + j) * BS
@@ -753,7 +743,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                 tl.debug_barrier()
                 dq, dlnw_j, dlnb_j = _mlp_bwd_queries(
                     q, k, v, eta, do, lnw, lnb, sw1_ptr + at * D * F, sb1_ptr + at * F, sw2_ptr + at * F * D,
-                    sb2_ptr + at * D, par_j, rows, cols, D, F, FC, BS, CAUSAL, LP, ".cg" if S > 1 else "", eps)
+                    sb2_ptr + at * D, par_j, rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
                 dlnw += dlnw_j
                 dlnb += dlnb_j
                 _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
@@ -769,12 +759,15 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                 dk, dv, deta, dlnw_j, dlnb_j = _mlp_bwd_keys(
                     k, v, eta, lnw, lnb, sw1_ptr + at * D * F, sb1_ptr + at * F, sw2_ptr + at * F * D,
                     sb2_ptr + at * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_j, scr_ptr, rows, cols, D, F, FC, BS,
-                    LP, eps)
+                    LP, ".cg" if S > 1 else "", eps)
                 dlnw += dlnw_j
                 dlnb += dlnb_j
                 _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
                 _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
                 tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+        if S > 1:
+            if role == 0:
+                _signal(freed_ptr)
         done += L
     tl.store(dlnw_ptr + pid * D + cols, dlnw)
     tl.store(dlnb_ptr + pid * D + cols, dlnb)
