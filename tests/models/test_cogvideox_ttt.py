@@ -9,6 +9,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 from ttt_video.config import apply_overrides
 from ttt_video.errors import UserError
 from ttt_video.models import CogVideoXTTT, FrameworkCogVideoXTTT, build_model
+from ttt_video.models.cogvideox_ttt import Segments
 from ttt_video.presets import get_preset
 from ttt_video.train.adapters import apply_adapter
 from ttt_video.train.trainer import param_groups
@@ -159,6 +160,37 @@ def test_first_caption_reaches_third_segment_only_through_ttt(pretrained, ttt, g
     assert (change[25:].max() > 1e-3) == global_context
     if not global_context:
         assert change[25:].max() == 0
+
+
+@pytest.mark.parametrize("num_segments", [1, 2, 4])
+def test_segments_join_and_merge(num_segments):
+    """Against gathering each segment's frames by index and averaging the shared frames by counting
+    (outputs and gradients): join writes caption then frames per segment, merge takes the mean where
+    two segments share a frame."""
+    n, N, L, D = 4, 3, 2, 5
+    F = num_segments * (n - 1) + 1 if num_segments > 1 else 7
+    seg = Segments(F, num_segments, n)
+    index = (torch.arange(num_segments)[:, None] * (n - 1) + torch.arange(n)[None] if num_segments > 1
+             else torch.arange(F)[None])
+    count = torch.bincount(index.flatten(), minlength=F).double()
+    g = torch.Generator().manual_seed(0)
+    text, video = torch.randn(2, num_segments, L, D, generator=g), torch.randn(2, F, N, D, generator=g)
+    x = torch.randn(2, num_segments, index.shape[1], N, D, generator=g)
+
+    def reference(text, video, x):
+        joined = torch.cat([text, video[:, index].flatten(2, 3)], 2)
+        merged = torch.zeros(2, F, N, D, dtype=x.dtype).index_add(1, index.flatten(), x.flatten(1, 2))
+        return joined, merged / count.view(-1, 1, 1), video[:, index]
+
+    got, ref = ([t.double().requires_grad_() for t in (text, video, x)] for _ in range(2))
+    outs = (seg.join(*got[:2]), seg.merge(got[2]), seg.split(got[1]))
+    refs = reference(*ref)
+    for a, r in zip(outs, refs):
+        torch.testing.assert_close(a, r)
+    probes = [torch.randn(r.shape, generator=g, dtype=torch.double) for r in refs]
+    grads = torch.autograd.grad(sum((a * p).sum() for a, p in zip(outs, probes)), got)
+    for a, r in zip(grads, torch.autograd.grad(sum((r * p).sum() for r, p in zip(refs, probes)), ref)):
+        torch.testing.assert_close(a, r)
 
 
 def test_segment_frame_count_is_checked(pretrained):

@@ -272,9 +272,11 @@ def test_cuda_mlp_backward_split_matches_one_program(monkeypatch, causal):
         _check(f"grad {name}", a, b, 1e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
-def test_layer_io_kernels_match_the_eager_layer_steps(dtype):
-    """Outputs and the gradients of every input against the eager steps (and their autograd)."""
+def test_layer_io_kernels_match_the_eager_layer_steps(dtype, reverse):
+    """Outputs and the gradients of every input against the eager steps (and their autograd), with the
+    head-major side in token order and mirrored (a reversed scan's order)."""
     _module()
     from ttt_video.layers import ttt as ttt_layer
     from ttt_video.layers.rope import rope_3d
@@ -309,9 +311,9 @@ def test_layer_io_kernels_match_the_eager_layer_steps(dtype):
               (1 + 0.1 * torch.randn(heads * dh, generator=g)).to(DEVICE, dtype),
               (0.1 * torch.randn(heads * dh, generator=g)).to(DEVICE, dtype)))):
         if fused is layer_io.inner_inputs:
-            call = [lambda x, w, b, f=f: f(x, cos, sin, w, b, heads) for f in (fused, eager)]
+            call = [lambda x, w, b, f=f: f(x, cos, sin, w, b, heads, reverse) for f in (fused, eager)]
         else:
-            call = [fused, eager]
+            call = [lambda o, w, b, f=f: f(o, w, b, reverse) for f in (fused, eager)]
         g.set_state(state)
         got = outputs_and_grads(call[0], *args)
         g.set_state(state)

@@ -23,9 +23,10 @@ from .rope import apply_rope
 KINDS = ("linear", "mlp")
 
 
-def _inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads):
+def _inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False):
     """qkv `[B, L, 3 D]` -> contiguous q, k, v `[B, H, L, Dh]` in qkv's dtype: q and k unit-norm
-    per head and rotated; the reconstruction target v' = LN_h(v - k) + k."""
+    per head and rotated; the reconstruction target v' = LN_h(v - k) + k. With `reverse` the tokens
+    come out last to first (cos/sin stay in qkv's order)."""
     B, L, _ = qkv.shape
     q, k, v = qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q = apply_rope(F.normalize(q, dim=-1), cos, sin)
@@ -34,12 +35,12 @@ def _inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads):
     d = F.layer_norm(d.float(), (d.shape[-1],), eps=1e-6).to(d.dtype)
     v = d * ln_weight[:, None] + ln_bias[:, None] + k
     # under autocast the norms above return float32; the op gets the projection's dtype
-    return tuple(t.to(qkv.dtype).contiguous() for t in (q, k, v))
+    return tuple((t.flip(2) if reverse else t).to(qkv.dtype).contiguous() for t in (q, k, v))
 
 
-def _merge_heads(o, weight, bias):
-    """o `[B, H, L, Dh]` -> post-normed `[B, L, H * Dh]`."""
-    o = o.transpose(1, 2).flatten(2)
+def _merge_heads(o, weight, bias, reverse=False):
+    """o `[B, H, L, Dh]` -> post-normed `[B, L, H * Dh]`; with `reverse` o holds the tokens last to first."""
+    o = (o.flip(2) if reverse else o).transpose(1, 2).flatten(2)
     return F.layer_norm(o, o.shape[-1:], weight, bias, eps=1e-6)
 
 
@@ -99,18 +100,17 @@ class TTT(nn.Module):
         return (self.w1, self.b1, self.w2, self.b2) if self.kind == "mlp" else (self.w1, self.b1)
 
     def forward(self, x, cos, sin, reverse=False):
-        """x `[B, L, D]`; cos/sin `[L, Dh]` (identity rows for text). reverse runs the scan back to front."""
-        if reverse:  # the reversed scan is the forward scan of the reversed sequence
-            x, cos, sin = x.flip(1), cos.flip(0), sin.flip(0)
+        """x `[B, L, D]`; cos/sin `[L, Dh]` (identity rows for text). reverse runs the scan back to front:
+        the op gets the tokens last to first, from the head split on; the rest works per token."""
         prepare = _fused(_inner_inputs, x, self.head_dim)
-        q, k, v = prepare(self.qkv(x), cos, sin, self.ln_weight, self.ln_bias, self.num_heads)
+        q, k, v = prepare(self.qkv(x), cos, sin, self.ln_weight, self.ln_bias, self.num_heads, reverse)
         eta = self.base_lr * torch.sigmoid(self.lr_gate(x)) / (self.head_dim * self.mini_batch_size)
         eta = eta.transpose(1, 2)  # [B, H, L]
         op = ttt_mlp if self.kind == "mlp" else ttt_linear
-        o = op(q, k, v, eta, *self.inner_weights(), self.ln_weight, self.ln_bias,
+        o = op(q, k, v, eta.flip(2) if reverse else eta, *self.inner_weights(), self.ln_weight, self.ln_bias,
                mini_batch_size=self.mini_batch_size, impl=self.impl)
-        o = self.out(_fused(_merge_heads, x, self.head_dim)(o, self.post_norm.weight, self.post_norm.bias))
-        return o.flip(1) if reverse else o
+        merge = _fused(_merge_heads, x, self.head_dim)
+        return self.out(merge(o, self.post_norm.weight, self.post_norm.bias, reverse))
 
 
 class BidirectionalTTT(nn.Module):
@@ -126,6 +126,6 @@ class BidirectionalTTT(nn.Module):
         self.gate_bwd = nn.Parameter(torch.full((dim,), float(gate_init)))
 
     def forward(self, x, cos, sin):
-        x = x + torch.tanh(self.gate_fwd) * self.ttt(self.norm_fwd(x), cos, sin)
-        return x + torch.tanh(self.gate_bwd) * self.ttt(self.norm_bwd(x), cos, sin, reverse=True)
+        x = torch.addcmul(x, torch.tanh(self.gate_fwd), self.ttt(self.norm_fwd(x), cos, sin))
+        return torch.addcmul(x, torch.tanh(self.gate_bwd), self.ttt(self.norm_bwd(x), cos, sin, reverse=True))
 

@@ -191,33 +191,47 @@ def cogvideox_rope(cfg, frames, grid_h, grid_w, theta=10000.0):
 
 
 class Segments:
-    """Maps video tokens `[B, F, ...]` to S overlapping segments `[B, S, n, ...]` and back; frames
-    that two segments share get the mean of their two outputs."""
+    """Maps video tokens `[B, F, ...]` to S segments of n frames `[B, S, n, ...]` and back. Neighbouring
+    segments share a frame (segment s holds frames s (n - 1) ... s (n - 1) + n - 1); a shared frame
+    gets the mean of its two outputs. One segment is the whole video."""
 
-    def __init__(self, num_frames, num_segments, frames_per_segment, device):
-        self.num_frames, self.num_segments = num_frames, num_segments
-        if num_segments == 1:
-            return
+    def __init__(self, num_frames, num_segments, frames_per_segment):
+        self.num_frames, self.num_segments, self.n = num_frames, num_segments, frames_per_segment
         n = frames_per_segment
-        if num_frames != num_segments * (n - 1) + 1:
+        if num_segments > 1 and num_frames != num_segments * (n - 1) + 1:
             raise UserError(f"{num_segments} segments of {n} latent frames sharing one frame need "
                             f"{num_segments * (n - 1) + 1} latent frames, got {num_frames}")
-        index = torch.arange(num_segments)[:, None] * (n - 1) + torch.arange(n)[None]  # [S, n]
-        # counted on the CPU: bincount has no meta kernel (memory planning runs the model on meta)
-        self.count = torch.bincount(index.flatten(), minlength=num_frames).to(device)
-        self.index = index.to(device)
 
     def split(self, x):
+        """x `[B, F, ...]` -> a view `[B, S, n, ...]`."""
         if self.num_segments == 1:
             return x[:, None]
-        return x[:, self.index]
+        return x.unfold(1, self.n, self.n - 1).movedim(-1, 2)
+
+    def join(self, text, video):
+        """text `[B, S, L, D]`, video `[B, F, N, D]` -> each segment's caption, then its frames
+        `[B, S, L + n N, D]`, written in one pass."""
+        B, S, L, D = text.shape
+        if S == 1:
+            return torch.cat([text[:, 0], video.flatten(1, 2)], 1)[:, None]
+        n, N = self.n, video.shape[2]
+        out = video.new_empty(B, S, L + n * N, D, dtype=torch.promote_types(text.dtype, video.dtype))
+        out[:, :, :L] = text
+        frames = out[:, :, L:].unflatten(2, (n, N))
+        frames[:, :, :n - 1] = video[:, :S * (n - 1)].unflatten(1, (S, n - 1))
+        frames[:, :, n - 1] = video[:, n - 1::n - 1]  # each segment's last frame opens the next one
+        return out
 
     def merge(self, x):
-        if self.num_segments == 1:
+        """x `[B, S, n, ...]` -> `[B, F, ...]`."""
+        S, n = self.num_segments, self.n
+        if S == 1:
             return x[:, 0]
-        out = x.new_zeros(x.shape[0], self.num_frames, *x.shape[3:])
-        out.index_add_(1, self.index.flatten(), x.flatten(1, 2))
-        return out / self.count.view(-1, *[1] * (x.dim() - 3)).to(x.dtype)
+        out = x.new_empty(x.shape[0], self.num_frames, *x.shape[3:])
+        out[:, :S * (n - 1)].unflatten(1, (S, n - 1)).copy_(x[:, :, :n - 1])
+        out[:, -1] = x[:, -1, -1]
+        out[:, n - 1:-1:n - 1] = (x[:, :-1, -1] + x[:, 1:, 0]) / 2
+        return out
 
 
 class PatchEmbed(nn.Module):
@@ -348,16 +362,15 @@ class Block(nn.Module):
         """video `[B, F, N, D]`, text `[B, S, L, D]`, emb `[B, E]`."""
         B, S, L, D = text.shape
         n_video, n_text, gate, t_gate = self.norm1(video, text, emb)
-        seg = segments.split(n_video)  # [B, S, n, N, D]
-        x = torch.cat([n_text, seg.flatten(2, 3)], 2).flatten(0, 1)  # [B*S, L + n*N, D]
+        frames = (-1, video.shape[2])
+        x = segments.join(n_text, n_video).flatten(0, 1)  # [B*S, L + n*N, D]
         x = self.attn1(x, seg_rope).unflatten(0, (B, S))
-        video = video + gate * segments.merge(x[:, :, L:].unflatten(2, seg.shape[2:4]))
+        video = video + gate * segments.merge(x[:, :, L:].unflatten(2, frames))
         text = text + t_gate * x[:, :, :L]
         if self.ttt is not None:
-            seg = segments.split(video)
-            x = torch.cat([text, seg.flatten(2, 3)], 2).flatten(1, 2)  # [B, S*(L + n*N), D]
+            x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
             x = self.ttt(x, *ttt_rope).unflatten(1, (S, -1))
-            text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, seg.shape[2:4]))
+            text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, frames))
         n_video, n_text, gate, t_gate = self.norm2(video, text, emb)
         return video + gate * self.ff(n_video), text + t_gate * self.ff(n_text)
 
@@ -414,7 +427,7 @@ class CogVideoXTTT(nn.Module):
         if S > 1 and pt > 1:
             raise UserError("several segments need a model without a temporal patch (patch_size_t unset)")
         gh, gw, T = h // p, w // p, num_frames // pt
-        segments = Segments(T, S, cfg.frames_per_segment, hidden_states.device)
+        segments = Segments(T, S, cfg.frames_per_segment)
         n = T if S == 1 else cfg.frames_per_segment
 
         emb = self._embed_time(timestep, B, hidden_states)

@@ -1,10 +1,12 @@
 """Triton kernels for the memory-bound work around the TTT op in a layer, forward and backward.
 
-`inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads)` and `merge_heads(o, weight, bias)`
-compute what `ttt_video.layers.ttt._inner_inputs` / `_merge_heads` compute, each in one pass over
-memory, and are differentiable: one program per (batch x head, token block) reads that head's q,
-k, v columns of the projection, normalises, rotates and re-targets them in float32 and writes them
-head-major; one program per token block gathers every head of o and layer-norms the row. Each
+`inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse)` and `merge_heads(o, weight, bias,
+reverse)` compute what `ttt_video.layers.ttt._inner_inputs` / `_merge_heads` compute, each in one pass
+over memory, and are differentiable: one program per (batch x head, token block) reads that head's
+q, k, v columns of the projection, normalises, rotates and re-targets them in float32 and writes
+them head-major; one program per token block gathers every head of o and layer-norms the row. With
+`reverse` the head-major side holds the tokens last to first (a reversed scan's order): the kernels
+write and read it at mirrored rows, so no flipped copy of the sequence is made. Each
 backward kernel recomputes its forward from the saved input in the same pass (nothing else is
 saved) and writes per-program partial sums of the LayerNorm weight and bias gradients, summed on
 the host. Intermediate values are not rounded to the activation dtype between steps as the eager
@@ -16,6 +18,15 @@ import triton
 import triton.language as tl
 
 from .triton import _ln, _ln_bwd
+
+
+@triton.jit
+def _order(rows, L, REV: tl.constexpr):
+    """Rows on the head-major side: mirrored for a reversed scan."""
+    if REV:
+        rows = L - 1 - rows
+    return rows
+
 
 @triton.jit
 def _rotated(x, BL: tl.constexpr, DH: tl.constexpr):
@@ -56,7 +67,7 @@ def _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H, DH: tl.cons
 
 @triton.jit
 def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_ptr, L, H,
-                   DH: tl.constexpr, BL: tl.constexpr):
+                   DH: tl.constexpr, BL: tl.constexpr, REV: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -67,7 +78,7 @@ def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_
                                                          DH, BL)
     lnw = tl.load(lnw_ptr + h * DH + cols).to(tl.float32)[None, :]
     lnb = tl.load(lnb_ptr + h * DH + cols).to(tl.float32)[None, :]
-    dst = (bh * L + rows[:, None]) * DH + cols[None, :]
+    dst = (bh * L + _order(rows, L, REV)[:, None]) * DH + cols[None, :]
     tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=m)
     tl.store(v_ptr + dst, (d * lnw + lnb + k).to(v_ptr.dtype.element_ty), mask=m)
@@ -75,7 +86,7 @@ def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_
 
 @triton.jit
 def _inputs_bwd_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, gq_ptr, gk_ptr, gv_ptr, gqkv_ptr, dlnw_ptr, dlnb_ptr,
-                       L, H, DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr):
+                       L, H, DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, REV: tl.constexpr):
     """Program (batch x head, p) takes R token blocks from p R on; writes `[B H, P, DH]` partial sums."""
     bh = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
@@ -91,7 +102,7 @@ def _inputs_bwd_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, gq_ptr, gk_ptr, gv_pt
         m = (rows < L)[:, None]
         cos, sin, q, qu, qn, k, ku, kn, d, rstd = _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H,
                                                              DH, BL)
-        src = (bh * L + rows[:, None]) * DH + cols[None, :]
+        src = (bh * L + _order(rows, L, REV)[:, None]) * DH + cols[None, :]
         gv = tl.load(gv_ptr + src, mask=m, other=0.0).to(tl.float32)
         dlnw += tl.sum(gv * d, 0)
         dlnb += tl.sum(gv, 0)
@@ -121,13 +132,14 @@ def _merged_rows(o_ptr, b, rows, cols, m, L, H, DH: tl.constexpr):
 
 
 @triton.jit
-def _merge_kernel(o_ptr, w_ptr, b_ptr, y_ptr, L, H, DH: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+def _merge_kernel(o_ptr, w_ptr, b_ptr, y_ptr, L, H, DH: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                  REV: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     D = H * DH
     rows = tl.program_id(0) * BL + tl.arange(0, BL)
     cols = tl.arange(0, BD)
     m = (rows < L)[:, None] & (cols < D)[None, :]
-    xh, rstd, src = _merged_rows(o_ptr, b, rows, cols, m, L, H, DH)
+    xh, rstd, src = _merged_rows(o_ptr, b, _order(rows, L, REV), cols, m, L, H, DH)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     bias = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + (b * L + rows[:, None]) * D + cols[None, :], (xh * w + bias).to(y_ptr.dtype.element_ty), mask=m)
@@ -135,7 +147,7 @@ def _merge_kernel(o_ptr, w_ptr, b_ptr, y_ptr, L, H, DH: tl.constexpr, BD: tl.con
 
 @triton.jit
 def _merge_bwd_kernel(o_ptr, w_ptr, gy_ptr, go_ptr, dw_ptr, db_ptr, L, H, DH: tl.constexpr, BD: tl.constexpr,
-                      BL: tl.constexpr):
+                      BL: tl.constexpr, REV: tl.constexpr):
     """Program (p, batch) takes the token blocks p, p + P, ...; writes `[B P, BD]` partial sums."""
     p = tl.program_id(0)
     P = tl.num_programs(0)
@@ -148,7 +160,7 @@ def _merge_bwd_kernel(o_ptr, w_ptr, gy_ptr, go_ptr, dw_ptr, db_ptr, L, H, DH: tl
     for lb in range(p, tl.cdiv(L, BL), P):
         rows = lb * BL + tl.arange(0, BL)
         m = (rows < L)[:, None] & (cols < D)[None, :]
-        xh, rstd, src = _merged_rows(o_ptr, b, rows, cols, m, L, H, DH)
+        xh, rstd, src = _merged_rows(o_ptr, b, _order(rows, L, REV), cols, m, L, H, DH)
         gy = tl.load(gy_ptr + (b * L + rows[:, None]) * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dw += tl.sum(gy * xh, 0)
         db += tl.sum(gy, 0)
@@ -167,16 +179,16 @@ MERGE_BWD_PROGRAMS = 512  # per batch element
 
 class _InnerInputs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, ln_weight, ln_bias, num_heads):
+    def forward(ctx, qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse):
         B, L, D3 = qkv.shape
         DH = D3 // 3 // num_heads
         qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
         q, k, v = (qkv.new_empty(B, num_heads, L, DH) for _ in range(3))
         _inputs_kernel[(B * num_heads, triton.cdiv(L, INPUTS_BLOCK))](
             qkv, cos, sin, ln_weight.contiguous(), ln_bias.contiguous(), q, k, v, L, num_heads, DH=DH,
-            BL=INPUTS_BLOCK, num_warps=4)
+            BL=INPUTS_BLOCK, REV=reverse, num_warps=4)
         ctx.save_for_backward(qkv, cos, sin, ln_weight)
-        ctx.num_heads = num_heads
+        ctx.num_heads, ctx.reverse = num_heads, reverse
         return q, k, v
 
     @staticmethod
@@ -192,22 +204,23 @@ class _InnerInputs(torch.autograd.Function):
         dlnw = qkv.new_empty(B * H, P, DH, dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
         _inputs_bwd_kernel[(B * H, P)](qkv, cos, sin, ln_weight.contiguous(), *grads, gqkv, dlnw, dlnb, L, H, DH=DH,
-                                       BL=INPUTS_BLOCK, R=INPUTS_BWD_BLOCKS, num_warps=4)
+                                       BL=INPUTS_BLOCK, R=INPUTS_BWD_BLOCKS, REV=ctx.reverse, num_warps=4)
         dlnw = dlnw.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
         dlnb = dlnb.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
-        return gqkv, None, None, dlnw, dlnb, None
+        return gqkv, None, None, dlnw, dlnb, None, None
 
 
 class _MergeHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o, weight, bias):
+    def forward(ctx, o, weight, bias, reverse):
         B, H, L, DH = o.shape
         o = o.contiguous()
         y = o.new_empty(B, L, H * DH)
         BD = triton.next_power_of_2(H * DH)
         _merge_kernel[(triton.cdiv(L, MERGE_BLOCK), B)](o, weight.contiguous(), bias.contiguous(), y, L, H, DH=DH,
-                                                        BD=BD, BL=MERGE_BLOCK, num_warps=8)
+                                                        BD=BD, BL=MERGE_BLOCK, REV=reverse, num_warps=8)
         ctx.save_for_backward(o, weight)
+        ctx.reverse = reverse
         return y
 
     @staticmethod
@@ -220,15 +233,15 @@ class _MergeHeads(torch.autograd.Function):
         dw = o.new_empty(B * P, BD, dtype=torch.float32)
         db = torch.empty_like(dw)
         _merge_bwd_kernel[(P, B)](o, weight.contiguous(), gy.contiguous(), go, dw, db, L, H, DH=DH, BD=BD,
-                                  BL=MERGE_BLOCK, num_warps=8)
-        return go, dw[:, :D].sum(0).to(weight.dtype), db[:, :D].sum(0).to(weight.dtype)
+                                  BL=MERGE_BLOCK, REV=ctx.reverse, num_warps=8)
+        return go, dw[:, :D].sum(0).to(weight.dtype), db[:, :D].sum(0).to(weight.dtype), None
 
 
-def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads):
+def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False):
     """qkv `[B, L, 3 D]` -> q, k, v `[B, H, L, Dh]` in qkv's dtype (see `layers.ttt._inner_inputs`)."""
-    return _InnerInputs.apply(qkv, cos, sin, ln_weight, ln_bias, num_heads)
+    return _InnerInputs.apply(qkv, cos, sin, ln_weight, ln_bias, num_heads, bool(reverse))
 
 
-def merge_heads(o, weight, bias):
+def merge_heads(o, weight, bias, reverse=False):
     """o `[B, H, L, Dh]` -> layer-normed `[B, L, H * Dh]` (see `layers.ttt._merge_heads`)."""
-    return _MergeHeads.apply(o, weight, bias)
+    return _MergeHeads.apply(o, weight, bias, bool(reverse))
