@@ -9,7 +9,8 @@ from ttt_video.config import Config, apply_overrides
 from ttt_video.diffusion.flow import FlowMatching
 from ttt_video.errors import UserError
 from ttt_video.train import checkpoint as ckpt
-from ttt_video.train.trainer import TrainingError, param_groups, train
+from ttt_video.train import trainer
+from ttt_video.train.trainer import TrainingError, lr_lambda, param_groups, train
 
 TINY = ["model.dim=32", "model.depth=1", "model.num_heads=2", "model.ttt_mini_batch_size=16",
         "data.num_scenes=2", "data.frames_per_scene=4", "data.height=16", "data.width=16",
@@ -35,6 +36,35 @@ def test_train_writes_checkpoints_log_and_resumes_exactly(tmp_path):
     model, cfg = ckpt.load_model(tmp_path / "b")
     assert cfg == tiny(4)
     assert not list((tmp_path / "b").glob(".*"))  # no temporary folders left behind
+
+
+def test_resume_takes_groups_and_rates_from_the_config_and_moments_from_the_checkpoint(tmp_path, monkeypatch):
+    """Resumed with another learning rate and the TTT parameters in groups of their own: the groups
+    and rates are the new config's, each parameter's AdamW moments the checkpoint's (by name)."""
+    train(tiny(2), tmp_path, progress=False)
+    loaded = {}
+    real = trainer._load_optimizer_state
+
+    def spy(model, optimizer, saved, accelerator, path):
+        real(model, optimizer, saved, accelerator, path)
+        names = {id(p): n for n, p in model.named_parameters()}
+        loaded["groups"] = {g["name"] for g in optimizer.param_groups}
+        loaded["moments"] = [torch.equal(optimizer.state[p]["exp_avg"], saved["state"][names[id(p)]]["exp_avg"])
+                             for g in optimizer.param_groups for p in g["params"]]
+
+    monkeypatch.setattr(trainer, "_load_optimizer_state", spy)
+    cfg = apply_overrides(tiny(3), ["train.lr=0.002", "train.ttt_lr=0.003"])
+    train(cfg, tmp_path, resume=tmp_path, progress=False)
+    assert loaded["groups"] == {"base", "base_no_decay", "ttt", "ttt_no_decay"}
+    assert loaded["moments"] and all(loaded["moments"])
+    last = [json.loads(line) for line in open(tmp_path / "loss.jsonl")][-1]
+    assert last["step"] == 3 and last["lr"] == pytest.approx(0.002 * lr_lambda(cfg.train)(3))
+
+
+def test_resume_refuses_parameters_without_saved_moments(tmp_path):
+    train(apply_overrides(tiny(2), ["train.adapter=ttt-only"]), tmp_path, progress=False)
+    with pytest.raises(UserError, match="no optimizer state for .* trainable in this config"):
+        train(tiny(3), tmp_path, resume=tmp_path, progress=False)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path, monkeypatch):

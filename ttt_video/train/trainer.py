@@ -271,6 +271,20 @@ def _optimizer_state_options(accelerator, loading=False):
     return StateDictOptions(full_state_dict=sharded or not loading, cpu_offload=not loading)
 
 
+def _load_optimizer_state(model, optimizer, saved, accelerator, path):
+    """Each trainable parameter's AdamW moments from a checkpoint, by name. The groups and their
+    settings (learning rate, weight decay) stay this run's, so a run resumes under a changed config
+    or grouping; a parameter trainable now without saved moments is refused."""
+    options = _optimizer_state_options(accelerator, loading=True)
+    groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
+    missing = [name for group in groups for name in group["params"] if name not in saved["state"]]
+    if missing:
+        raise UserError(f"{path}: no optimizer state for {len(missing)} parameter(s) trainable in this config "
+                        f"(first: {missing[0]}); resume with the trainable parameters of the run that wrote it, "
+                        f"or start from its weights with train.init_from={path}")
+    set_optimizer_state_dict(model, optimizer, {"state": saved["state"], "param_groups": groups}, options=options)
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -332,14 +346,16 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     if resume is not None:  # weights before `prepare` (FSDP then shards them), optimizer state after
         path, state = ckpt.load_training_state(resume)
         ckpt.load_weights(model, path)
-        scheduler.load_state_dict(state["scheduler"])
+        scheduler.load_state_dict({**state["scheduler"], "base_lrs": scheduler.base_lrs})  # this config's rates
         step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, tc.ema_decay) if tc.ema_decay else None
     if state is not None:
-        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
-                                 options=_optimizer_state_options(accelerator, loading=True))
+        _load_optimizer_state(model, optimizer.optimizer, state["optimizer"], accelerator, path)
+        schedule = lr_lambda(tc)
+        for group, base in zip(optimizer.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule(scheduler.last_epoch)
         if ema is not None:
             ema.load(ckpt.load_ema(path))
 
