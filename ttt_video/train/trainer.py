@@ -275,14 +275,17 @@ def _load_optimizer_state(model, optimizer, saved, accelerator, path):
     """Each trainable parameter's AdamW moments from a checkpoint, by name. The groups and their
     settings (learning rate, weight decay) stay this run's, so a run resumes under a changed config
     or grouping; a parameter trainable now without saved moments is refused."""
-    options = _optimizer_state_options(accelerator, loading=True)
-    groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # this run's groups, with parameter names: read from the local state (no gather under FSDP)
+    groups = get_optimizer_state_dict(model, optimizer, options=StateDictOptions())["param_groups"]
     missing = [name for group in groups for name in group["params"] if name not in saved["state"]]
     if missing:
         raise UserError(f"{path}: no optimizer state for {len(missing)} parameter(s) trainable in this config "
                         f"(first: {missing[0]}); resume with the trainable parameters of the run that wrote it, "
                         f"or start from its weights with train.init_from={path}")
-    set_optimizer_state_dict(model, optimizer, {"state": saved["state"], "param_groups": groups}, options=options)
+    set_optimizer_state_dict(model, optimizer, {"state": saved["state"], "param_groups": groups},
+                             options=_optimizer_state_options(accelerator, loading=True))
 
 
 def peak_memory_gb(device):
