@@ -1,12 +1,18 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ttt_video.cli import main
-from ttt_video.sample.export import read_video
+from ttt_video.config import apply_overrides
+from ttt_video.models import build_model
+from ttt_video.presets import get_preset
+from ttt_video.sample.export import read_video, write_video
+from ttt_video.train.checkpoint import save_checkpoint
 
 from .train.test_trainer import TINY
 
@@ -114,3 +120,62 @@ def test_bench_help_is_the_benchmarks_own(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "ttt", "--help"])
     assert e.value.code == 0 and "--seconds" in capsys.readouterr().out
+
+
+def tiny_checkpoint(folder, *overrides):
+    """A checkpoint of the tiny test model with random weights, written without training."""
+    cfg = apply_overrides(get_preset("shapes-tiny"), TINY + list(overrides))
+    return save_checkpoint(folder, 1, build_model(cfg.model), cfg, training_state={"step": 1})
+
+
+def assert_one_line_error(code, err, *parts):
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+
+
+SAMPLING = [["generate", "a", "--out", "OUT"], ["evaluate", "--num-videos", "1"],
+            ["extend", "a", "--video", "VIDEO", "--out", "OUT"]]
+
+
+def sampling_args(command, tmp_path, *more):
+    """`command` with its VIDEO (a 16x16 clip of 8 grey frames) and OUT (a new folder's mp4) filled in."""
+    video = tmp_path / "clip.mp4"
+    if "VIDEO" in command and not video.is_file():
+        write_video(np.full((8, 16, 16, 3), 128, np.uint8), video, fps=8)
+    named = {"VIDEO": video, "OUT": tmp_path / "out" / "v.mp4"}
+    return [str(named.get(a, a)) for a in command] + ["--steps", "1", "--no-progress", *more]
+
+
+@pytest.mark.parametrize("command", SAMPLING)
+@pytest.mark.parametrize("damage,reason", [
+    pytest.param(lambda b: b"\xff" * 64, "header too large", id="garbage"),
+    pytest.param(lambda b: b[: len(b) // 2], "incomplete metadata", id="truncated"),
+])
+def test_a_corrupt_checkpoint_is_named_in_one_line(command, damage, reason, tmp_path, capsys):
+    weights = tiny_checkpoint(tmp_path / "run") / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    code, _, err = run_cli(sampling_args(command, tmp_path, "--checkpoint", str(tmp_path / "run")), capsys)
+    assert_one_line_error(code, err, f"checkpoint weights {weights} is not a readable safetensors file", reason)
+
+
+@pytest.mark.parametrize("command", SAMPLING)
+def test_a_checkpoint_of_another_size_names_the_first_misfit(command, tmp_path, capsys):
+    small = tiny_checkpoint(tmp_path / "small")
+    large = tiny_checkpoint(tmp_path / "large", "model.dim=64")
+    (small / "model.safetensors").write_bytes((large / "model.safetensors").read_bytes())
+    code, _, err = run_cli(sampling_args(command, tmp_path, "--checkpoint", str(small)), capsys)
+    assert_one_line_error(code, err, f"{small / 'model.safetensors'} does not fit the model: ")
+    assert re.search(r"has shape \(\d+(, \d+)*\), the model's is \(\d+(, \d+)*\) \(\d+ of \d+ tensors differ", err)
+
+
+def test_resuming_from_a_checkpoint_of_another_size_or_a_corrupt_state(tmp_path, capsys):
+    large = tiny_checkpoint(tmp_path / "large", "model.dim=64")
+    train = ["train", *[a for s in TINY + ["train.max_steps=2"] for a in ("--set", s)], "--output-dir",
+             str(tmp_path / "run"), "--no-progress", "--resume"]
+    code, _, err = run_cli([*train, str(large)], capsys)
+    assert_one_line_error(code, err, f"{large / 'model.safetensors'} does not fit the model: ", "differ in shape")
+    small = tiny_checkpoint(tmp_path / "small")
+    (small / "training_state.pt").write_bytes(b"\x80\x04 not a pickle")
+    code, _, err = run_cli([*train, str(small)], capsys)
+    assert_one_line_error(code, err, f"{small / 'training_state.pt'} is corrupt or truncated")

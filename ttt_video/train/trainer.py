@@ -27,7 +27,7 @@ from ..encoders.pipeline import check_resolution, fill_from_pipeline, resolution
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
-from ..fileio import read_json
+from ..fileio import open_safetensors, read_json
 from ..layers.dit import condition_input
 from ..models import build_model
 from . import checkpoint as ckpt
@@ -51,8 +51,6 @@ def resolve_device(name):
 def stored_dtypes(cfg):
     """{file: dtypes} of the weights a run starts from (`model.pretrained`, `train.init_from`), read
     from the safetensors headers; a diffusers config.json that declares `torch_dtype` counts too."""
-    from safetensors import safe_open
-
     found, files = {}, []
     if cfg.model.arch == "cogvideox-ttt" and cfg.model.pretrained:
         from ..models.cogvideox_ttt import CONFIG_FILE, diffusers_weight_files, transformer_folder
@@ -65,7 +63,7 @@ def stored_dtypes(cfg):
     if cfg.train.init_from:
         files.append(ckpt.resolve(cfg.train.init_from) / ckpt.MODEL_FILE)
     for file in files:
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file, "model weights") as f:
             found[str(file)] = {f.get_slice(k).get_dtype() for k in f.keys()}
     return found
 
