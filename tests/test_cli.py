@@ -6,9 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from ttt_video.cli import main
-from ttt_video.config import apply_overrides
+from ttt_video.config import Config, apply_overrides
+from ttt_video.encoders.text import save_text_cache, text_settings
 from ttt_video.models import build_model
 from ttt_video.presets import get_preset
 from ttt_video.sample.export import read_video, write_video
@@ -179,3 +182,45 @@ def test_resuming_from_a_checkpoint_of_another_size_or_a_corrupt_state(tmp_path,
     (small / "training_state.pt").write_bytes(b"\x80\x04 not a pickle")
     code, _, err = run_cli([*train, str(small)], capsys)
     assert_one_line_error(code, err, f"{small / 'training_state.pt'} is corrupt or truncated")
+
+
+def test_a_text_cache_gives_the_same_video(tmp_path, capsys):
+    cache = tmp_path / "text.safetensors"
+    assert run_cli(["cache-text", "--out", str(cache)], capsys)[0] == 0
+    videos = []
+    for extra in ([], ["--text-cache", str(cache)]):
+        out = tmp_path / f"v{len(videos)}.mp4"
+        code, _, _ = run_cli(["generate", "a red circle moves up", "--steps", "2", "--out", str(out), "--no-progress",
+                              *extra], capsys)
+        assert code == 0
+        videos.append(read_video(out))
+    np.testing.assert_array_equal(*videos)
+
+
+class ZeroEncoder:
+    def encode(self, captions):
+        return torch.zeros(len(captions), 16, 384), torch.ones(len(captions), 16)
+
+
+@pytest.mark.parametrize("made_with,msg", [
+    (None, "text cache not found: CACHE"),
+    ("garbage", "text cache CACHE is not a readable safetensors file"),
+    ("unrecorded", "text cache CACHE records no text encoder settings"),
+    (["data.text_max_length=8"], "text cache CACHE was made with text_max_length=8, the config has 16"),
+    (["data.text_encoder=t5", "data.t5_model=T5"], "text cache CACHE was made with text_encoder=['t5', 'T5', "),
+])
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_a_missing_corrupt_or_mismatched_text_cache(command, made_with, msg, tmp_path, capsys):
+    cache = tmp_path / "text.safetensors"
+    if made_with == "garbage":
+        cache.write_bytes(b"\0" * 100)
+    elif made_with == "unrecorded":
+        save_file({"embeddings": torch.zeros(1, 16, 384), "mask": torch.ones(1, 16, dtype=torch.uint8)}, cache,
+                  metadata={"captions": json.dumps(["a"])})
+    elif made_with:
+        save_text_cache(ZeroEncoder(), ["a"], cache, text_settings(apply_overrides(Config(), made_with).data))
+    args = {"generate": ["generate", "a", "--out", str(tmp_path / "v.mp4")],
+            "train": ["train", *[a for s in TINY + ["train.max_steps=1"] for a in ("--set", s)],
+                      "--output-dir", str(tmp_path / "run")]}[command]
+    code, _, err = run_cli([*args, "--text-cache", str(cache), "--no-progress"], capsys)
+    assert_one_line_error(code, err, msg.replace("CACHE", str(cache)))

@@ -184,14 +184,14 @@ def cmd_extend(args):
 
 def cmd_cache_text(args):
     from .data.synthetic import all_captions
-    from .encoders.text import build_text_encoder, save_text_cache
+    from .encoders.text import build_text_encoder, save_text_cache, text_settings
 
     cfg = _load_config(args)
     if cfg.data.source != "synthetic":
         raise UsageError("cache-text enumerates captions of the synthetic source only")
     _check_writable(args.out, suffixes=(".safetensors",))
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, data_cfg=cfg.data)
-    path = save_text_cache(encoder, all_captions(), args.out)
+    path = save_text_cache(encoder, all_captions(), args.out, text_settings(cfg.data))
     print(f"text cache: {path}")
 
 

@@ -238,6 +238,15 @@ def validate(cfg):
     return cfg
 
 
+def check_recorded(recorded, settings, what, remedy):
+    """Refuse `what` (a cache) made with other settings than `settings` ({key: value} from the
+    config), naming the first that differs; a key recorded on one side only differs too."""
+    for key in dict.fromkeys([*settings, *recorded]):
+        if recorded.get(key) != settings.get(key):
+            raise ConfigError(f"{what} was made with {key}={recorded.get(key)!r}, the config has "
+                              f"{settings.get(key)!r}; {remedy}")
+
+
 def save(cfg, path):
     write_text_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 

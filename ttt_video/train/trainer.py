@@ -317,6 +317,10 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                               cpu=resolve_device(tc.device) == "cpu")
     device, main = accelerator.device, accelerator.is_main_process
     sharded = accelerator.distributed_type == DistributedType.FSDP  # every process holds part of the model
+    dataset = build_dataset(cfg.data)  # the data and a text cache are checked before the model loads
+    svd = cfg.model.arch == "svd"  # conditioned on an image alone, which takes the captions' place
+    encoder = None if svd else build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
+                                                  cache=text_cache, data_cfg=cfg.data)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model)
     if tc.init_from:
@@ -341,10 +345,6 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         if ema is not None:
             ema.load(ckpt.load_ema(path))
 
-    dataset = build_dataset(cfg.data)
-    svd = cfg.model.arch == "svd"  # conditioned on an image alone, which takes the captions' place
-    encoder = None if svd else build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
-                                                  cache=text_cache, data_cfg=cfg.data)
     if not svd and encoder.dim != unwrapped.text_dim:
         if cfg.model.pretrained:
             raise UserError(f"the pretrained model takes text embeddings of width {unwrapped.text_dim} but the "
