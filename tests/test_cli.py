@@ -137,17 +137,19 @@ def assert_one_line_error(code, err, *parts):
         assert part in err, err
 
 
-SAMPLING = [["generate", "a", "--out", "OUT"], ["evaluate", "--num-videos", "1"],
-            ["extend", "a", "--video", "VIDEO", "--out", "OUT"]]
+SAMPLING = [["generate", "a", "--out", "OUT", "--no-progress"], ["evaluate", "--num-videos", "1", "--no-progress"],
+            ["extend", "a", "--video", "VIDEO", "--out", "OUT", "--no-progress"]]
 
 
-def sampling_args(command, tmp_path, *more):
-    """`command` with its VIDEO (a 16x16 clip of 8 grey frames) and OUT (a new folder's mp4) filled in."""
-    video = tmp_path / "clip.mp4"
-    if "VIDEO" in command and not video.is_file():
+def fill(command, tmp_path):
+    """`command` with VIDEO (a 16x16 clip of 8 grey frames), MANIFEST (a manifest of that clip)
+    and OUT (a file in a new folder) filled in."""
+    video, manifest = tmp_path / "clip.mp4", tmp_path / "manifest.jsonl"
+    if not video.is_file():
         write_video(np.full((8, 16, 16, 3), 128, np.uint8), video, fps=8)
-    named = {"VIDEO": video, "OUT": tmp_path / "out" / "v.mp4"}
-    return [str(named.get(a, a)) for a in command] + ["--steps", "1", "--no-progress", *more]
+        manifest.write_text(json.dumps({"video": video.name, "caption": "grey"}) + "\n")
+    named = {"VIDEO": video, "MANIFEST": manifest, "OUT": tmp_path / "out" / "v.mp4"}
+    return [str(named.get(a, a)) for a in command]
 
 
 @pytest.mark.parametrize("command", SAMPLING)
@@ -158,7 +160,7 @@ def sampling_args(command, tmp_path, *more):
 def test_a_corrupt_checkpoint_is_named_in_one_line(command, damage, reason, tmp_path, capsys):
     weights = tiny_checkpoint(tmp_path / "run") / "model.safetensors"
     weights.write_bytes(damage(weights.read_bytes()))
-    code, _, err = run_cli(sampling_args(command, tmp_path, "--checkpoint", str(tmp_path / "run")), capsys)
+    code, _, err = run_cli([*fill(command, tmp_path), "--steps", "1", "--checkpoint", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, err, f"checkpoint weights {weights} is not a readable safetensors file", reason)
 
 
@@ -167,7 +169,7 @@ def test_a_checkpoint_of_another_size_names_the_first_misfit(command, tmp_path, 
     small = tiny_checkpoint(tmp_path / "small")
     large = tiny_checkpoint(tmp_path / "large", "model.dim=64")
     (small / "model.safetensors").write_bytes((large / "model.safetensors").read_bytes())
-    code, _, err = run_cli(sampling_args(command, tmp_path, "--checkpoint", str(small)), capsys)
+    code, _, err = run_cli([*fill(command, tmp_path), "--steps", "1", "--checkpoint", str(small)], capsys)
     assert_one_line_error(code, err, f"{small / 'model.safetensors'} does not fit the model: ")
     assert re.search(r"has shape \(\d+(, \d+)*\), the model's is \(\d+(, \d+)*\) \(\d+ of \d+ tensors differ", err)
 
@@ -224,3 +226,23 @@ def test_a_missing_corrupt_or_mismatched_text_cache(command, made_with, msg, tmp
                       "--output-dir", str(tmp_path / "run")]}[command]
     code, _, err = run_cli([*args, "--text-cache", str(cache), "--no-progress"], capsys)
     assert_one_line_error(code, err, msg.replace("CACHE", str(cache)))
+
+
+@pytest.mark.parametrize("device,cuda_devices,msg", [
+    ("tpu", 0, "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda:x", 0, "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("cuda", 0, "--device cuda: PyTorch sees no CUDA devices on this machine"),
+    ("cuda:1", 1, "--device cuda:1: PyTorch sees 1 CUDA device on this machine"),
+])
+@pytest.mark.parametrize("command", [*SAMPLING, ["prepare", "--manifest", "MANIFEST", "--out", "OUT"],
+                                     ["plan", "--gpu-memory", "24GB"]])
+def test_an_unknown_or_absent_device(command, device, cuda_devices, msg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    code, _, err = run_cli([*fill(command, tmp_path), "--device", device], capsys)
+    assert_one_line_error(code, err, msg)
+
+
+def test_train_on_an_absent_cuda_device(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code, _, err = run_cli(["train", "--set", "train.device=cuda", "--output-dir", str(tmp_path / "run")], capsys)
+    assert_one_line_error(code, err, "train.device cuda: PyTorch sees no CUDA devices on this machine")

@@ -86,7 +86,7 @@ def cmd_plan(args):
 
     budget = parse_memory(args.gpu_memory)
     cfg = _load_config(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if args.measure and not device.startswith("cuda"):
         raise UsageError("--measure reads the CUDA allocator's peak: it needs a CUDA device")
     rows, proposal = plan(cfg, budget)
@@ -112,7 +112,6 @@ def cmd_export_lora(args):
 
 def cmd_generate_cogvideox(args):
     from .sample.cogvideox import generate
-    from .train.trainer import resolve_device
 
     if args.prompts or not args.storyboard:
         raise UsageError("--model takes its captions from --storyboard FILE.json (one entry per 3 s segment)")
@@ -120,14 +119,14 @@ def cmd_generate_cogvideox(args):
         raise UsageError("with --model, use --ttt-checkpoint and --seconds (not --checkpoint or --num-frames)")
     if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
-    _check_sampling(args)
+    device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(args.model, args.storyboard, seconds=args.seconds, out=args.out,
                       ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt,
                       sampler=args.sampler, steps=args.steps or 50,
                       guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
                       dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
-                      seed=args.seed, device=resolve_device(args.device), progress=not args.no_progress,
+                      seed=args.seed, device=device, progress=not args.no_progress,
                       vae_tiling=args.vae_tiling)
     _report(result)
 
@@ -151,11 +150,11 @@ def cmd_generate(args):
     _check_positive(args, "seconds", "fps", "num_frames")
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"image not found: {args.image}")
-    _check_sampling(args)
+    device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                      out=args.out, device=args.device, progress=not args.no_progress,
+                      out=args.out, device=device, progress=not args.no_progress,
                       text_cache=args.text_cache, window=args.window, overlap=args.overlap, image=args.image)
     _report(result)
 
@@ -174,11 +173,11 @@ def cmd_extend(args):
         raise UsageError("no prompts: give one caption per new scene")
     _check_captions(args.prompts)
     _check_positive(args, "seconds", "num_frames")
-    _check_sampling(args)
+    device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
                    seconds=args.seconds, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                   out=args.out, window=args.window, overlap=args.overlap, device=args.device,
+                   out=args.out, window=args.window, overlap=args.overlap, device=device,
                    progress=not args.no_progress, text_cache=args.text_cache))
 
 
@@ -200,6 +199,7 @@ def cmd_prepare(args):
     from .encoders.pipeline import fill_from_pipeline
     from .train.trainer import resolve_device
 
+    device = resolve_device(args.device, "--device")
     cfg = _load_config(args)
     data = cfg.data
     data.source = "manifest"
@@ -212,7 +212,7 @@ def cmd_prepare(args):
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     _check_writable(args.out, folder=True)
-    result = prepare(data, args.out, workers=args.workers, device=resolve_device(args.device),
+    result = prepare(data, args.out, workers=args.workers, device=device,
                      progress=not args.no_progress)
     print(result.report.summary())
     print(f"cache: {result.out} ({result.items} items, {result.new} new)")
@@ -239,11 +239,11 @@ def cmd_evaluate(args):
     from .eval.evaluate import evaluate, format_scores
     from .fileio import write_text_atomic
 
-    _check_sampling(args)
+    device = _check_sampling(args)
     if args.num_videos < 1:
         raise UsageError(f"--num-videos must be at least 1, got {args.num_videos}")
     scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
-                      guidance_scale=args.guidance_scale, seed=args.seed, device=args.device,
+                      guidance_scale=args.guidance_scale, seed=args.seed, device=device,
                       text_cache=args.text_cache, progress=not args.no_progress)
     if args.json:
         _check_writable(args.json)
@@ -277,9 +277,13 @@ def _window_args(p):
 
 
 def _check_sampling(args):
+    """The checks every sampling command shares; returns the device (`--device`, resolved)."""
+    from .train.trainer import resolve_device
+
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
     _check_positive(args, "steps")
+    return resolve_device(args.device, "--device")
 
 
 def _recipe_args(p, config=True):

@@ -42,9 +42,17 @@ class TrainingError(RuntimeError):
     pass
 
 
-def resolve_device(name):
+def resolve_device(name, key="device"):
+    """"auto": cuda where PyTorch sees a CUDA device, else cpu. An unknown name, or a CUDA device
+    this machine lacks, raises `UserError` naming `key`."""
+    config_lib.check_device(name, key)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        found = torch.cuda.device_count()
+        if int(name.partition(":")[2] or 0) >= found:
+            raise UserError(f"{key} {name}: PyTorch sees {found or 'no'} CUDA device{'' if found == 1 else 's'} "
+                            "on this machine")
     return name
 
 
@@ -314,7 +322,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
-                              cpu=resolve_device(tc.device) == "cpu")
+                              cpu=resolve_device(tc.device, "train.device") == "cpu")
     device, main = accelerator.device, accelerator.is_main_process
     sharded = accelerator.distributed_type == DistributedType.FSDP  # every process holds part of the model
     dataset = build_dataset(cfg.data)  # the data and a text cache are checked before the model loads
