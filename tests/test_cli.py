@@ -75,6 +75,15 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "a", "--seconds", "nan"], "--seconds must be positive, got nan"),
     (["generate", "a", "--out", "notes.txt"], "must end in .mp4 or .mkv or .mov"),
     (["train", "--output-dir", "STORY"], "is a file"),
+    (["generate", "a", "--height", "64"], "--height applies only with --model (a CogVideoX folder)"),
+    (["generate", "a", "--ttt", "none"], "--ttt applies only with --model"),
+    (["generate", "a", "--vae-tiling"], "--vae-tiling applies only with --model"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--window", "16"],
+     "--window applies to the built-in models, not with --model"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--text-cache", "STORY"],
+     "--text-cache applies to the built-in models"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--ttt-checkpoint", "DIR", "--ttt", "linear"],
+     "--ttt picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     story = tmp_path / "bad.json"

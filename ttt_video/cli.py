@@ -17,6 +17,8 @@ TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_h
 
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
+MODEL_FLAGS = ("ttt_checkpoint", "ttt", "sampler", "height", "width", "dynamic_cfg", "vae_tiling")  # generate --model
+BUILT_IN_FLAGS = ("text_cache", "window", "overlap", "image")  # generate without --model, beside --checkpoint
 
 
 def _check_writable(path, folder=False, suffixes=()):
@@ -52,6 +54,13 @@ def _check_positive(args, *names):
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _refuse_flags(args, names, reason):
+    """A flag given where it has no effect is refused, not ignored."""
+    for name in names:
+        if getattr(args, name) not in (None, False):
+            raise UsageError(f"--{name.replace('_', '-')} {reason}")
 
 
 def _check_captions(captions):
@@ -117,12 +126,15 @@ def cmd_generate_cogvideox(args):
         raise UsageError("--model takes its captions from --storyboard FILE.json (one entry per 3 s segment)")
     if args.checkpoint or args.num_frames is not None:
         raise UsageError("with --model, use --ttt-checkpoint and --seconds (not --checkpoint or --num-frames)")
+    _refuse_flags(args, BUILT_IN_FLAGS, "applies to the built-in models, not with --model")
+    if args.ttt_checkpoint:
+        _refuse_flags(args, ("ttt",), "picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own")
     if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
     device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(args.model, args.storyboard, seconds=args.seconds, out=args.out,
-                      ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt,
+                      ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt or "mlp",
                       sampler=args.sampler, steps=args.steps or 50,
                       guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
                       dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
@@ -136,6 +148,7 @@ def cmd_generate(args):
 
     if args.model:
         return cmd_generate_cogvideox(args)
+    _refuse_flags(args, MODEL_FLAGS, "applies only with --model (a CogVideoX folder)")
     captions = list(args.prompts)
     _check_captions(captions)
     if args.storyboard:
@@ -341,8 +354,8 @@ def build_parser():
     g.add_argument("--model", help="a local CogVideoX diffusers folder (then captions come from --storyboard)")
     g.add_argument("--ttt-checkpoint", help="with --model: a CogVideoX-TTT checkpoint replacing its transformer "
                    "(CogVideoXTTT.save_pretrained, or a `train` checkpoint or run folder)")
-    g.add_argument("--ttt", choices=["mlp", "linear", "none"], default="mlp",
-                   help="with --model and no --ttt-checkpoint: the (untrained) TTT kind, or none")
+    g.add_argument("--ttt", choices=["mlp", "linear", "none"],
+                   help="with --model and no --ttt-checkpoint: the (untrained) TTT kind, or none (default: mlp)")
     g.add_argument("--sampler", choices=["ddim", "dpm"], help="with --model (default: the folder's scheduler)")
     g.add_argument("--height", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--width", type=int, help="with --model: pixels (default: the model's)")
