@@ -14,6 +14,7 @@ from ttt_video.config import Config, apply_overrides
 from ttt_video.encoders.text import save_text_cache, text_settings
 from ttt_video.models import build_model
 from ttt_video.presets import get_preset
+from ttt_video.sample import pipeline
 from ttt_video.sample.export import read_video, write_video
 from ttt_video.train.checkpoint import save_checkpoint
 
@@ -255,3 +256,15 @@ def test_train_on_an_absent_cuda_device(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     code, _, err = run_cli(["train", "--set", "train.device=cuda", "--output-dir", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, err, "train.device cuda: PyTorch sees no CUDA devices on this machine")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video\n", bytes(range(256)) * 8])
+def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the model before reading the video")
+
+    monkeypatch.setattr(pipeline, "load_model", load)
+    video = tmp_path / "notes.mp4"
+    video.write_bytes(content)
+    code, _, err = run_cli(["extend", "a", "--video", str(video), "--out", str(tmp_path / "v.mp4")], capsys)
+    assert_one_line_error(code, err, f"cannot read video {video}: ")

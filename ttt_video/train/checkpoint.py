@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import config as config_lib
-from ..errors import UserError
+from ..errors import UserError, first_sentence
 from ..fileio import check_state_dict, read_safetensors, temp_dir_beside, write_text_atomic
 
 MODEL_FILE = "model.safetensors"
@@ -124,6 +124,5 @@ def load_training_state(path):
         raise CheckpointError(f"checkpoint {path} has no {STATE_FILE} to resume from")
     try:
         return path, torch.load(path / STATE_FILE, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's message runs on: its first sentence
-        reason = str(e).split(". ")[0].split("\n")[0] or type(e).__name__
-        raise CheckpointError(f"{path / STATE_FILE} is corrupt or truncated ({reason})") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path / STATE_FILE} is corrupt or truncated ({first_sentence(e)})") from None
