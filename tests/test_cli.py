@@ -268,3 +268,19 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
     video.write_bytes(content)
     code, _, err = run_cli(["extend", "a", "--video", str(video), "--out", str(tmp_path / "v.mp4")], capsys)
     assert_one_line_error(code, err, f"cannot read video {video}: ")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["data", "--clips", "0"], "--clips must be positive, got 0"),
+    (["data", "--seconds", "nan"], "--seconds must be positive, got nan"),
+    (["seams", "--num-videos", "0"], "--num-videos must be positive, got 0"),
+    (["seams", "--steps", "-1"], "--steps must be positive, got -1"),
+    (["quality", "--num-videos", "0"], "--num-videos must be positive, got 0"),
+    (["quality", "--extend-steps", "0"], "--extend-steps must be positive, got 0"),
+    (["quality", "--jobs", "0"], "--jobs must be positive, got 0"),
+])
+def test_benchmarks_refuse_empty_counts(args, msg, tmp_path, capsys):
+    code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] == "quality" else [])],
+                             capsys)
+    assert_one_line_error(code, err, msg)
+    assert out == "" and not (tmp_path / "q").exists()

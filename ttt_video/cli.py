@@ -4,13 +4,13 @@ A user's mistake ends with one line on stderr and exit status 2, never a traceba
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import UserError as UsageError
+from .errors import check_positive
 
 EXIT_USAGE = 2
 TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
@@ -47,13 +47,6 @@ def _load_config(args, shortcuts=()):
 
     cfg = config_lib.load(args.config) if getattr(args, "config", None) else get_preset(args.preset)
     return config_lib.validate(config_lib.apply_overrides(cfg, [*shortcuts, *args.set]))
-
-
-def _check_positive(args, *names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not (0 < value < math.inf):
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def _refuse_flags(args, names, reason):
@@ -160,7 +153,7 @@ def cmd_generate(args):
                          "(a Stable Video Diffusion model takes --image alone)")
     if args.num_frames is not None and args.seconds is not None:
         raise UsageError("give --num-frames or --seconds, not both")
-    _check_positive(args, "seconds", "fps", "num_frames")
+    check_positive(args, "seconds", "fps", "num_frames")
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"image not found: {args.image}")
     device = _check_sampling(args)
@@ -185,7 +178,7 @@ def cmd_extend(args):
     if not args.prompts:
         raise UsageError("no prompts: give one caption per new scene")
     _check_captions(args.prompts)
-    _check_positive(args, "seconds", "num_frames")
+    check_positive(args, "seconds", "num_frames")
     device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
@@ -295,7 +288,7 @@ def _check_sampling(args):
 
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    _check_positive(args, "steps")
+    check_positive(args, "steps")
     return resolve_device(args.device, "--device")
 
 
