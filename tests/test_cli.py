@@ -60,6 +60,7 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "a", "--seconds", "0"], "--seconds must be positive"),
     (["generate", "a", "--seconds", "-2"], "--seconds must be positive"),
     (["generate", "a", "--out", "/proc/forbidden/v.mp4"], "cannot write to /proc/forbidden/v.mp4"),
+    (["evaluate", "--json", "/proc/forbidden/s.json"], "cannot write to /proc/forbidden/s.json"),  # before sampling
     (["generate", "--storyboard", "STORY"], "is not valid JSON"),
     (["generate", "a", "b", "c", "--num-frames", "8"], "3 captions need at least 3 segments"),
     (["train", "--set", "train.lr=nan"], "train.lr must be at least 0, got nan"),
@@ -284,3 +285,24 @@ def test_benchmarks_refuse_empty_counts(args, msg, tmp_path, capsys):
                              capsys)
     assert_one_line_error(code, err, msg)
     assert out == "" and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "a", "--checkpoint", "BAD", "--out", "NEW/v.mp4"],
+    ["extend", "a", "--video", "NOTES", "--out", "NEW/v.mp4"],
+    ["evaluate", "--checkpoint", "BAD", "--json", "NEW/scores.json"],
+    ["train", "--resume", "BAD", "--output-dir", "NEW/run"],
+    ["prepare", "--manifest", "EMPTY", "--out", "NEW/cache"],
+    ["export-lora", "GOOD", "--out", "NEW/lora"],
+], ids=lambda command: command[0])
+def test_a_refused_run_leaves_no_new_folder(command, tmp_path, capsys):
+    bad = tiny_checkpoint(tmp_path / "bad")
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "notes.mp4").write_text("notes")
+    (tmp_path / "empty.jsonl").write_text("")
+    named = {"BAD": bad, "GOOD": tiny_checkpoint(tmp_path / "good"), "NOTES": tmp_path / "notes.mp4",
+             "EMPTY": tmp_path / "empty.jsonl"}
+    args = [str(named[a]) if a in named else a.replace("NEW", str(tmp_path / "new")) for a in command]
+    code, _, err = run_cli([*args, *(["--no-progress"] if command[0] != "export-lora" else [])], capsys)
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "new").exists()

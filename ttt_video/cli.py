@@ -23,7 +23,8 @@ BUILT_IN_FLAGS = ("text_cache", "window", "overlap", "image")  # generate withou
 
 def _check_writable(path, folder=False, suffixes=()):
     """Fail now, not after an hour of work, if `path` (a file, or with `folder` a folder) cannot be
-    written; a file's name must end in one of `suffixes` where given."""
+    written; a file's name must end in one of `suffixes` where given. Nothing is created (folders
+    appear when the output is written): the nearest existing folder must take new files."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise UsageError(f"output folder {path} is a file")
@@ -32,9 +33,9 @@ def _check_writable(path, folder=False, suffixes=()):
     if suffixes and path.suffix.lower() not in suffixes:
         raise UsageError(f"output path {path} must end in {' or '.join(suffixes)}")
     where = path if folder else path.parent
+    existing = next(p for p in (where, *where.parents) if p.exists())  # where the missing folders will be made
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=where):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
@@ -248,11 +249,12 @@ def cmd_evaluate(args):
     device = _check_sampling(args)
     if args.num_videos < 1:
         raise UsageError(f"--num-videos must be at least 1, got {args.num_videos}")
+    if args.json:
+        _check_writable(args.json)
     scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, device=device,
                       text_cache=args.text_cache, progress=not args.no_progress)
     if args.json:
-        _check_writable(args.json)
         write_text_atomic(args.json, json.dumps(scores, indent=2) + "\n")
     print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
 

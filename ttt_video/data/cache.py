@@ -99,8 +99,9 @@ class PrepareResult:
 
 
 def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True, vae=None, text_encoder=None):
-    """Cache every item of `data_cfg.manifest` into folder `out`; `workers` decoding processes.
-    `vae`, `text_encoder`: already loaded ones (default: built from `data_cfg`)."""
+    """Cache every item of `data_cfg.manifest` into folder `out` (made with its first file, after
+    the manifest is checked); `workers` decoding processes. `vae`, `text_encoder`: already loaded
+    ones (default: built from `data_cfg`)."""
     out = Path(out)
     if (out / INDEX).is_file():
         index = _read_index(out)
@@ -110,7 +111,6 @@ def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True
     vae = vae or vae_from_config(data_cfg, device)
     report = SkipReport(data_cfg.strict)
     dataset = ManifestDataset(data_cfg, report)
-    out.mkdir(parents=True, exist_ok=True)
     done = {entry["key"]: entry for entry in index["items"] if (out / entry["shard"]).is_file()}
     todo = [i for i, w in enumerate(dataset.items) if w.key not in done]
     shard_numbers = [int(m[1]) for p in out.glob("shard-*.safetensors") if (m := re.fullmatch(r"shard-(\d+)", p.stem))]

@@ -318,7 +318,6 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                         "with `ttt-video generate --model PIPELINE --ttt-checkpoint CHECKPOINT`")
     warn_fp16_on_bf16(cfg)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
@@ -385,6 +384,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not (progress and main), dynamic_ncols=True)
     last, saved_step, losses, seen = None, None, [], 0
     t0 = t_log = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused while loading leaves no folder behind
     sinks = MetricSinks(out, cfg) if main else None
     try:
         for micro, batch in enumerate(loader, start=step * A):
