@@ -86,6 +86,9 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
      "--text-cache applies to the built-in models"),
     (["generate", "--model", "DIR", "--storyboard", "STORY", "--ttt-checkpoint", "DIR", "--ttt", "linear"],
      "--ttt picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--seconds", "nan"],
+     "--seconds must be positive, got nan"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--fps", "0"], "--fps must be positive, got 0"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     story = tmp_path / "bad.json"

@@ -123,6 +123,7 @@ def cmd_generate_cogvideox(args):
     _refuse_flags(args, BUILT_IN_FLAGS, "applies to the built-in models, not with --model")
     if args.ttt_checkpoint:
         _refuse_flags(args, ("ttt",), "picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own")
+    check_positive(args, "seconds", "fps")
     if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
     device = _check_sampling(args)
