@@ -309,16 +309,3 @@ def test_a_refused_run_leaves_no_new_folder(command, tmp_path, capsys):
     code, _, err = run_cli([*args, *(["--no-progress"] if command[0] != "export-lora" else [])], capsys)
     assert_one_line_error(code, err)
     assert not (tmp_path / "new").exists()
-
-
-@pytest.mark.parametrize("change,msg", [
-    ("train.ttt_lr=0.01", "(blocks.0.ttt.gate_bwd: base_no_decay there, ttt_no_decay here)"),
-    ("train.adapter=ttt-only", "(blocks.0.ada.1.bias: base_no_decay there, frozen here)"),
-])
-def test_resuming_with_other_trainable_parameters(change, msg, tmp_path, capsys):
-    train = ["train", *[a for s in TINY + ["train.tensorboard=false"] for a in ("--set", s)], "--output-dir",
-             str(tmp_path / "run"), "--no-progress"]
-    assert run_cli([*train, "--set", "train.max_steps=2"], capsys)[0] == 0
-    code, _, err = run_cli([*train, "--set", "train.max_steps=4", "--set", change, "--resume", "auto"], capsys)
-    assert_one_line_error(code, err, f"{tmp_path / 'run' / 'checkpoint-2' / 'training_state.pt'} was saved by a run "
-                          "that trained other parameters or grouped them otherwise " + msg)

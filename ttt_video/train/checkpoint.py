@@ -118,20 +118,6 @@ def load_model(path, device="cpu", ema=False):
     return model.to(device).eval(), cfg
 
 
-def check_optimizer_groups(state, optimizer, model, path):
-    """Refuse a training state (`load_training_state`) whose optimizer held other parameters, or
-    grouped them otherwise, than `optimizer` of `model`: a run with another train.adapter or
-    train.ttt_lr, which cannot continue it."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    have = {n: g.get("name") for g in state["optimizer"]["param_groups"] for n in g["params"]}
-    want = {names[id(p)]: g.get("name") for g in optimizer.param_groups for p in g["params"]}
-    if have != want:
-        name = min(set(have.items()) ^ set(want.items()))[0]
-        raise CheckpointError(f"{path / STATE_FILE} was saved by a run that trained other parameters or grouped them "
-                              f"otherwise ({name}: {have.get(name, 'frozen')} there, {want.get(name, 'frozen')} here); "
-                              "resume with its train.adapter and train.ttt_lr, or start a new run with train.init_from")
-
-
 def load_training_state(path):
     path = resolve(path)
     if not (path / STATE_FILE).is_file():

@@ -341,7 +341,6 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     if resume is not None:  # weights before `prepare` (FSDP then shards them), optimizer state after
         path, state = ckpt.load_training_state(resume)
         ckpt.load_weights(model, path)
-        ckpt.check_optimizer_groups(state, optimizer, model, path)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
