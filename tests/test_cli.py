@@ -1,12 +1,22 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from ttt_video.cli import main
-from ttt_video.sample.export import read_video
+from ttt_video.config import Config, apply_overrides
+from ttt_video.encoders.text import save_text_cache, text_settings
+from ttt_video.models import build_model
+from ttt_video.presets import get_preset
+from ttt_video.sample import pipeline
+from ttt_video.sample.export import read_video, write_video
+from ttt_video.train.checkpoint import save_checkpoint
 
 from .train.test_trainer import TINY
 
@@ -50,6 +60,7 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "a", "--seconds", "0"], "--seconds must be positive"),
     (["generate", "a", "--seconds", "-2"], "--seconds must be positive"),
     (["generate", "a", "--out", "/proc/forbidden/v.mp4"], "cannot write to /proc/forbidden/v.mp4"),
+    (["evaluate", "--json", "/proc/forbidden/s.json"], "cannot write to /proc/forbidden/s.json"),  # before sampling
     (["generate", "--storyboard", "STORY"], "is not valid JSON"),
     (["generate", "a", "b", "c", "--num-frames", "8"], "3 captions need at least 3 segments"),
     (["train", "--set", "train.lr=nan"], "train.lr must be at least 0, got nan"),
@@ -66,6 +77,18 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "a", "--seconds", "nan"], "--seconds must be positive, got nan"),
     (["generate", "a", "--out", "notes.txt"], "must end in .mp4 or .mkv or .mov"),
     (["train", "--output-dir", "STORY"], "is a file"),
+    (["generate", "a", "--height", "64"], "--height applies only with --model (a CogVideoX folder)"),
+    (["generate", "a", "--ttt", "none"], "--ttt applies only with --model"),
+    (["generate", "a", "--vae-tiling"], "--vae-tiling applies only with --model"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--window", "16"],
+     "--window applies to the built-in models, not with --model"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--text-cache", "STORY"],
+     "--text-cache applies to the built-in models"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--ttt-checkpoint", "DIR", "--ttt", "linear"],
+     "--ttt picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--seconds", "nan"],
+     "--seconds must be positive, got nan"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--fps", "0"], "--fps must be positive, got 0"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     story = tmp_path / "bad.json"
@@ -114,3 +137,175 @@ def test_bench_help_is_the_benchmarks_own(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "ttt", "--help"])
     assert e.value.code == 0 and "--seconds" in capsys.readouterr().out
+
+
+def tiny_checkpoint(folder, *overrides):
+    """A checkpoint of the tiny test model with random weights, written without training."""
+    cfg = apply_overrides(get_preset("shapes-tiny"), TINY + list(overrides))
+    return save_checkpoint(folder, 1, build_model(cfg.model), cfg, training_state={"step": 1})
+
+
+def assert_one_line_error(code, err, *parts):
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+
+
+SAMPLING = [["generate", "a", "--out", "OUT", "--no-progress"], ["evaluate", "--num-videos", "1", "--no-progress"],
+            ["extend", "a", "--video", "VIDEO", "--out", "OUT", "--no-progress"]]
+
+
+def fill(command, tmp_path):
+    """`command` with VIDEO (a 16x16 clip of 8 grey frames), MANIFEST (a manifest of that clip)
+    and OUT (a file in a new folder) filled in."""
+    video, manifest = tmp_path / "clip.mp4", tmp_path / "manifest.jsonl"
+    if not video.is_file():
+        write_video(np.full((8, 16, 16, 3), 128, np.uint8), video, fps=8)
+        manifest.write_text(json.dumps({"video": video.name, "caption": "grey"}) + "\n")
+    named = {"VIDEO": video, "MANIFEST": manifest, "OUT": tmp_path / "out" / "v.mp4"}
+    return [str(named.get(a, a)) for a in command]
+
+
+@pytest.mark.parametrize("command", SAMPLING)
+@pytest.mark.parametrize("damage,reason", [
+    pytest.param(lambda b: b"\xff" * 64, "header too large", id="garbage"),
+    pytest.param(lambda b: b[: len(b) // 2], "incomplete metadata", id="truncated"),
+])
+def test_a_corrupt_checkpoint_is_named_in_one_line(command, damage, reason, tmp_path, capsys):
+    weights = tiny_checkpoint(tmp_path / "run") / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    code, _, err = run_cli([*fill(command, tmp_path), "--steps", "1", "--checkpoint", str(tmp_path / "run")], capsys)
+    assert_one_line_error(code, err, f"checkpoint weights {weights} is not a readable safetensors file", reason)
+
+
+@pytest.mark.parametrize("command", SAMPLING)
+def test_a_checkpoint_of_another_size_names_the_first_misfit(command, tmp_path, capsys):
+    small = tiny_checkpoint(tmp_path / "small")
+    large = tiny_checkpoint(tmp_path / "large", "model.dim=64")
+    (small / "model.safetensors").write_bytes((large / "model.safetensors").read_bytes())
+    code, _, err = run_cli([*fill(command, tmp_path), "--steps", "1", "--checkpoint", str(small)], capsys)
+    assert_one_line_error(code, err, f"{small / 'model.safetensors'} does not fit the model: ")
+    assert re.search(r"has shape \(\d+(, \d+)*\), the model's is \(\d+(, \d+)*\) \(\d+ of \d+ tensors differ", err)
+
+
+def test_resuming_from_a_checkpoint_of_another_size_or_a_corrupt_state(tmp_path, capsys):
+    large = tiny_checkpoint(tmp_path / "large", "model.dim=64")
+    train = ["train", *[a for s in TINY + ["train.max_steps=2"] for a in ("--set", s)], "--output-dir",
+             str(tmp_path / "run"), "--no-progress", "--resume"]
+    code, _, err = run_cli([*train, str(large)], capsys)
+    assert_one_line_error(code, err, f"{large / 'model.safetensors'} does not fit the model: ", "differ in shape")
+    small = tiny_checkpoint(tmp_path / "small")
+    (small / "training_state.pt").write_bytes(b"\x80\x04 not a pickle")
+    code, _, err = run_cli([*train, str(small)], capsys)
+    assert_one_line_error(code, err, f"{small / 'training_state.pt'} is corrupt or truncated")
+
+
+def test_a_text_cache_gives_the_same_video(tmp_path, capsys):
+    cache = tmp_path / "text.safetensors"
+    assert run_cli(["cache-text", "--out", str(cache)], capsys)[0] == 0
+    videos = []
+    for extra in ([], ["--text-cache", str(cache)]):
+        out = tmp_path / f"v{len(videos)}.mp4"
+        code, _, _ = run_cli(["generate", "a red circle moves up", "--steps", "2", "--out", str(out), "--no-progress",
+                              *extra], capsys)
+        assert code == 0
+        videos.append(read_video(out))
+    np.testing.assert_array_equal(*videos)
+
+
+class ZeroEncoder:
+    def encode(self, captions):
+        return torch.zeros(len(captions), 16, 384), torch.ones(len(captions), 16)
+
+
+@pytest.mark.parametrize("made_with,msg", [
+    (None, "text cache not found: CACHE"),
+    ("garbage", "text cache CACHE is not a readable safetensors file"),
+    ("unrecorded", "text cache CACHE records no text encoder settings"),
+    (["data.text_max_length=8"], "text cache CACHE was made with text_max_length=8, the config has 16"),
+    (["data.text_encoder=t5", "data.t5_model=T5"], "text cache CACHE was made with text_encoder=['t5', 'T5', "),
+])
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_a_missing_corrupt_or_mismatched_text_cache(command, made_with, msg, tmp_path, capsys):
+    cache = tmp_path / "text.safetensors"
+    if made_with == "garbage":
+        cache.write_bytes(b"\0" * 100)
+    elif made_with == "unrecorded":
+        save_file({"embeddings": torch.zeros(1, 16, 384), "mask": torch.ones(1, 16, dtype=torch.uint8)}, cache,
+                  metadata={"captions": json.dumps(["a"])})
+    elif made_with:
+        save_text_cache(ZeroEncoder(), ["a"], cache, text_settings(apply_overrides(Config(), made_with).data))
+    args = {"generate": ["generate", "a", "--out", str(tmp_path / "v.mp4")],
+            "train": ["train", *[a for s in TINY + ["train.max_steps=1"] for a in ("--set", s)],
+                      "--output-dir", str(tmp_path / "run")]}[command]
+    code, _, err = run_cli([*args, "--text-cache", str(cache), "--no-progress"], capsys)
+    assert_one_line_error(code, err, msg.replace("CACHE", str(cache)))
+
+
+@pytest.mark.parametrize("device,cuda_devices,msg", [
+    ("tpu", 0, "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda:x", 0, "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("cuda", 0, "--device cuda: PyTorch sees no CUDA devices on this machine"),
+    ("cuda:1", 1, "--device cuda:1: PyTorch sees 1 CUDA device on this machine"),
+])
+@pytest.mark.parametrize("command", [*SAMPLING, ["prepare", "--manifest", "MANIFEST", "--out", "OUT"],
+                                     ["plan", "--gpu-memory", "24GB"]])
+def test_an_unknown_or_absent_device(command, device, cuda_devices, msg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    code, _, err = run_cli([*fill(command, tmp_path), "--device", device], capsys)
+    assert_one_line_error(code, err, msg)
+
+
+def test_train_on_an_absent_cuda_device(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code, _, err = run_cli(["train", "--set", "train.device=cuda", "--output-dir", str(tmp_path / "run")], capsys)
+    assert_one_line_error(code, err, "train.device cuda: PyTorch sees no CUDA devices on this machine")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video\n", bytes(range(256)) * 8])
+def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the model before reading the video")
+
+    monkeypatch.setattr(pipeline, "load_model", load)
+    video = tmp_path / "notes.mp4"
+    video.write_bytes(content)
+    code, _, err = run_cli(["extend", "a", "--video", str(video), "--out", str(tmp_path / "v.mp4")], capsys)
+    assert_one_line_error(code, err, f"cannot read video {video}: ")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["data", "--clips", "0"], "--clips must be positive, got 0"),
+    (["data", "--seconds", "nan"], "--seconds must be positive, got nan"),
+    (["seams", "--num-videos", "0"], "--num-videos must be positive, got 0"),
+    (["seams", "--steps", "-1"], "--steps must be positive, got -1"),
+    (["quality", "--num-videos", "0"], "--num-videos must be positive, got 0"),
+    (["quality", "--extend-steps", "0"], "--extend-steps must be positive, got 0"),
+    (["quality", "--jobs", "0"], "--jobs must be positive, got 0"),
+])
+def test_benchmarks_refuse_empty_counts(args, msg, tmp_path, capsys):
+    code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] == "quality" else [])],
+                             capsys)
+    assert_one_line_error(code, err, msg)
+    assert out == "" and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "a", "--checkpoint", "BAD", "--out", "NEW/v.mp4"],
+    ["extend", "a", "--video", "NOTES", "--out", "NEW/v.mp4"],
+    ["evaluate", "--checkpoint", "BAD", "--json", "NEW/scores.json"],
+    ["train", "--resume", "BAD", "--output-dir", "NEW/run"],
+    ["prepare", "--manifest", "EMPTY", "--out", "NEW/cache"],
+    ["export-lora", "GOOD", "--out", "NEW/lora"],
+], ids=lambda command: command[0])
+def test_a_refused_run_leaves_no_new_folder(command, tmp_path, capsys):
+    bad = tiny_checkpoint(tmp_path / "bad")
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "notes.mp4").write_text("notes")
+    (tmp_path / "empty.jsonl").write_text("")
+    named = {"BAD": bad, "GOOD": tiny_checkpoint(tmp_path / "good"), "NOTES": tmp_path / "notes.mp4",
+             "EMPTY": tmp_path / "empty.jsonl"}
+    args = [str(named[a]) if a in named else a.replace("NEW", str(tmp_path / "new")) for a in command]
+    code, _, err = run_cli([*args, *(["--no-progress"] if command[0] != "export-lora" else [])], capsys)
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "new").exists()

@@ -4,24 +4,27 @@ A user's mistake ends with one line on stderr and exit status 2, never a traceba
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import UserError as UsageError
+from .errors import check_positive
 
 EXIT_USAGE = 2
 TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
 
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
+MODEL_FLAGS = ("ttt_checkpoint", "ttt", "sampler", "height", "width", "dynamic_cfg", "vae_tiling")  # generate --model
+BUILT_IN_FLAGS = ("text_cache", "window", "overlap", "image")  # generate without --model, beside --checkpoint
 
 
 def _check_writable(path, folder=False, suffixes=()):
     """Fail now, not after an hour of work, if `path` (a file, or with `folder` a folder) cannot be
-    written; a file's name must end in one of `suffixes` where given."""
+    written; a file's name must end in one of `suffixes` where given. Nothing is created (folders
+    appear when the output is written): the nearest existing folder must take new files."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise UsageError(f"output folder {path} is a file")
@@ -30,9 +33,9 @@ def _check_writable(path, folder=False, suffixes=()):
     if suffixes and path.suffix.lower() not in suffixes:
         raise UsageError(f"output path {path} must end in {' or '.join(suffixes)}")
     where = path if folder else path.parent
+    existing = next(p for p in (where, *where.parents) if p.exists())  # where the missing folders will be made
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=where):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise UsageError(f"cannot write to {path}: {e.strerror or e}") from None
@@ -47,11 +50,11 @@ def _load_config(args, shortcuts=()):
     return config_lib.validate(config_lib.apply_overrides(cfg, [*shortcuts, *args.set]))
 
 
-def _check_positive(args, *names):
+def _refuse_flags(args, names, reason):
+    """A flag given where it has no effect is refused, not ignored."""
     for name in names:
-        value = getattr(args, name)
-        if value is not None and not (0 < value < math.inf):
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if getattr(args, name) not in (None, False):
+            raise UsageError(f"--{name.replace('_', '-')} {reason}")
 
 
 def _check_captions(captions):
@@ -86,7 +89,7 @@ def cmd_plan(args):
 
     budget = parse_memory(args.gpu_memory)
     cfg = _load_config(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if args.measure and not device.startswith("cuda"):
         raise UsageError("--measure reads the CUDA allocator's peak: it needs a CUDA device")
     rows, proposal = plan(cfg, budget)
@@ -112,22 +115,25 @@ def cmd_export_lora(args):
 
 def cmd_generate_cogvideox(args):
     from .sample.cogvideox import generate
-    from .train.trainer import resolve_device
 
     if args.prompts or not args.storyboard:
         raise UsageError("--model takes its captions from --storyboard FILE.json (one entry per 3 s segment)")
     if args.checkpoint or args.num_frames is not None:
         raise UsageError("with --model, use --ttt-checkpoint and --seconds (not --checkpoint or --num-frames)")
+    _refuse_flags(args, BUILT_IN_FLAGS, "applies to the built-in models, not with --model")
+    if args.ttt_checkpoint:
+        _refuse_flags(args, ("ttt",), "picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own")
+    check_positive(args, "seconds", "fps")
     if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
-    _check_sampling(args)
+    device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(args.model, args.storyboard, seconds=args.seconds, out=args.out,
-                      ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt,
+                      ttt_checkpoint=args.ttt_checkpoint, ttt=None if args.ttt == "none" else args.ttt or "mlp",
                       sampler=args.sampler, steps=args.steps or 50,
                       guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
                       dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
-                      seed=args.seed, device=resolve_device(args.device), progress=not args.no_progress,
+                      seed=args.seed, device=device, progress=not args.no_progress,
                       vae_tiling=args.vae_tiling)
     _report(result)
 
@@ -137,6 +143,7 @@ def cmd_generate(args):
 
     if args.model:
         return cmd_generate_cogvideox(args)
+    _refuse_flags(args, MODEL_FLAGS, "applies only with --model (a CogVideoX folder)")
     captions = list(args.prompts)
     _check_captions(captions)
     if args.storyboard:
@@ -148,14 +155,14 @@ def cmd_generate(args):
                          "(a Stable Video Diffusion model takes --image alone)")
     if args.num_frames is not None and args.seconds is not None:
         raise UsageError("give --num-frames or --seconds, not both")
-    _check_positive(args, "seconds", "fps", "num_frames")
+    check_positive(args, "seconds", "fps", "num_frames")
     if args.image and not Path(args.image).is_file():
         raise UsageError(f"image not found: {args.image}")
-    _check_sampling(args)
+    device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                      out=args.out, device=args.device, progress=not args.no_progress,
+                      out=args.out, device=device, progress=not args.no_progress,
                       text_cache=args.text_cache, window=args.window, overlap=args.overlap, image=args.image)
     _report(result)
 
@@ -173,25 +180,25 @@ def cmd_extend(args):
     if not args.prompts:
         raise UsageError("no prompts: give one caption per new scene")
     _check_captions(args.prompts)
-    _check_positive(args, "seconds", "num_frames")
-    _check_sampling(args)
+    check_positive(args, "seconds", "num_frames")
+    device = _check_sampling(args)
     _check_writable(args.out, suffixes=VIDEO_SUFFIXES)
     _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
                    seconds=args.seconds, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                   out=args.out, window=args.window, overlap=args.overlap, device=args.device,
+                   out=args.out, window=args.window, overlap=args.overlap, device=device,
                    progress=not args.no_progress, text_cache=args.text_cache))
 
 
 def cmd_cache_text(args):
     from .data.synthetic import all_captions
-    from .encoders.text import build_text_encoder, save_text_cache
+    from .encoders.text import build_text_encoder, save_text_cache, text_settings
 
     cfg = _load_config(args)
     if cfg.data.source != "synthetic":
         raise UsageError("cache-text enumerates captions of the synthetic source only")
     _check_writable(args.out, suffixes=(".safetensors",))
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, data_cfg=cfg.data)
-    path = save_text_cache(encoder, all_captions(), args.out)
+    path = save_text_cache(encoder, all_captions(), args.out, text_settings(cfg.data))
     print(f"text cache: {path}")
 
 
@@ -200,6 +207,7 @@ def cmd_prepare(args):
     from .encoders.pipeline import fill_from_pipeline
     from .train.trainer import resolve_device
 
+    device = resolve_device(args.device, "--device")
     cfg = _load_config(args)
     data = cfg.data
     data.source = "manifest"
@@ -212,7 +220,7 @@ def cmd_prepare(args):
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     _check_writable(args.out, folder=True)
-    result = prepare(data, args.out, workers=args.workers, device=resolve_device(args.device),
+    result = prepare(data, args.out, workers=args.workers, device=device,
                      progress=not args.no_progress)
     print(result.report.summary())
     print(f"cache: {result.out} ({result.items} items, {result.new} new)")
@@ -239,14 +247,15 @@ def cmd_evaluate(args):
     from .eval.evaluate import evaluate, format_scores
     from .fileio import write_text_atomic
 
-    _check_sampling(args)
+    device = _check_sampling(args)
     if args.num_videos < 1:
         raise UsageError(f"--num-videos must be at least 1, got {args.num_videos}")
-    scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
-                      guidance_scale=args.guidance_scale, seed=args.seed, device=args.device,
-                      text_cache=args.text_cache, progress=not args.no_progress)
     if args.json:
         _check_writable(args.json)
+    scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
+                      guidance_scale=args.guidance_scale, seed=args.seed, device=device,
+                      text_cache=args.text_cache, progress=not args.no_progress)
+    if args.json:
         write_text_atomic(args.json, json.dumps(scores, indent=2) + "\n")
     print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
 
@@ -277,9 +286,13 @@ def _window_args(p):
 
 
 def _check_sampling(args):
+    """The checks every sampling command shares; returns the device (`--device`, resolved)."""
+    from .train.trainer import resolve_device
+
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
-    _check_positive(args, "steps")
+    check_positive(args, "steps")
+    return resolve_device(args.device, "--device")
 
 
 def _recipe_args(p, config=True):
@@ -337,8 +350,8 @@ def build_parser():
     g.add_argument("--model", help="a local CogVideoX diffusers folder (then captions come from --storyboard)")
     g.add_argument("--ttt-checkpoint", help="with --model: a CogVideoX-TTT checkpoint replacing its transformer "
                    "(CogVideoXTTT.save_pretrained, or a `train` checkpoint or run folder)")
-    g.add_argument("--ttt", choices=["mlp", "linear", "none"], default="mlp",
-                   help="with --model and no --ttt-checkpoint: the (untrained) TTT kind, or none")
+    g.add_argument("--ttt", choices=["mlp", "linear", "none"],
+                   help="with --model and no --ttt-checkpoint: the (untrained) TTT kind, or none (default: mlp)")
     g.add_argument("--sampler", choices=["ddim", "dpm"], help="with --model (default: the folder's scheduler)")
     g.add_argument("--height", type=int, help="with --model: pixels (default: the model's)")
     g.add_argument("--width", type=int, help="with --model: pixels (default: the model's)")

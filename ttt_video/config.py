@@ -6,6 +6,7 @@ The resolved config is saved beside every checkpoint, so a checkpoint alone rebu
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,9 +234,25 @@ def validate(cfg):
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    check_device(t.device, "train.device")
     return cfg
+
+
+def check_device(name, key):
+    """Refuse a device name no run can use (`ConfigError` naming `key`); whether this machine has
+    the device is checked where the device is used (`train.trainer.resolve_device`), so a config
+    stays valid on another machine."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def check_recorded(recorded, settings, what, remedy):
+    """Refuse `what` (a cache) made with other settings than `settings` ({key: value} from the
+    config), naming the first that differs; a key recorded on one side only differs too."""
+    for key in dict.fromkeys([*settings, *recorded]):
+        if recorded.get(key) != settings.get(key):
+            raise ConfigError(f"{what} was made with {key}={recorded.get(key)!r}, the config has "
+                              f"{settings.get(key)!r}; {remedy}")
 
 
 def save(cfg, path):

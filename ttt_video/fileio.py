@@ -1,9 +1,12 @@
-"""Atomic file writes: write beside the destination under a temporary name, then rename."""
+"""Users' files: atomic writes (beside the destination under a temporary name, then renamed), and
+reads of JSON and safetensors files that name the file in one line when it cannot be used."""
 
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
@@ -72,3 +75,39 @@ def safetensors_files(folder, name):
         if not file.is_file():
             raise UserError(f"model folder {folder} is missing {file.name} (listed in {index})")
     return files
+
+
+def open_safetensors(path, what):
+    """`safe_open` a safetensors file (its header is checked, the tensors are read on demand); a
+    missing, truncated or non-safetensors file raises `UserError` naming `what` and the file."""
+    try:
+        return safe_open(str(path), "pt")
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{what} {path} is not a readable safetensors file ({e})") from None
+
+
+def read_safetensors(path, what):
+    """Every tensor of a safetensors file, as `open_safetensors` checks it."""
+    with open_safetensors(path, what) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def check_state_dict(state, expected, path):
+    """Refuse weights `state` read from `path` that do not fit a model whose state dict is
+    `expected`: the first tensor whose shape differs (with how many do), else the first missing
+    or unknown name."""
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in state]
+    unknown = [k for k in state if k not in expected]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{path} does not fit the model: {k} has shape {tuple(state[k].shape)}, the model's is "
+                        f"{tuple(expected[k].shape)} ({len(wrong)} of {len(expected)} tensors differ in shape)")
+    if missing:
+        raise UserError(f"{path} does not fit the model: it lacks {missing[0]} ({len(missing)} of {len(expected)} "
+                        "tensors missing)")
+    if unknown:
+        raise UserError(f"{path} does not fit the model: it has {unknown[0]}, which the model lacks ({len(unknown)} "
+                        "unknown tensors)")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -97,6 +98,25 @@ def test_cached_batches_equal_on_the_fly_batches(root, encoder, tmp_path):
         CachedDataset(data_cfg(root / "good.jsonl", frames_per_scene=8, cache_dir=str(tmp_path / "c")))
     with pytest.raises(UserError, match="cache index not found"):
         CachedDataset(data_cfg(root / "good.jsonl", cache_dir=str(tmp_path / "none")))
+
+
+def halve(data):
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("name,damage,msg", [
+    ("shard-00000.safetensors", halve, "cache file {c}/shard-00000.safetensors is not a readable safetensors file"),
+    ("empty_text.safetensors", halve, "cache file {c}/empty_text.safetensors is not a readable safetensors file"),
+    ("index.json", halve, "cache index {c}/index.json is not valid JSON"),
+    ("index.json", lambda data: b"[]", "{c}/index.json is not a `ttt-video prepare` index"),
+])
+def test_a_corrupt_cache_is_named_before_training(root, encoder, tmp_path, name, damage, msg):
+    cfg = data_cfg(root / "good.jsonl", cache_dir=str(tmp_path / "c"))
+    prepare(cfg, tmp_path / "c", shard_size=4, progress=False, text_encoder=encoder)
+    path = tmp_path / "c" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(UserError, match=re.escape(msg.format(c=tmp_path / "c"))):
+        CachedDataset(cfg)
 
 
 def tiny_autoencoder(path):

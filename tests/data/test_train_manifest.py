@@ -60,6 +60,21 @@ def test_prepare_user_errors_exit_2_with_one_line(args, msg, manifest, tmp_path,
     assert msg in err and err.strip().startswith("ttt-video: error:") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("lines,msg", [
+    ([], "has no usable clip: 0 listed, skipped 0"),
+    (["{not json", {"video": "missing.mp4", "caption": "x"}, {"video": "corrupt.mp4", "caption": "x"}],
+     "has no usable clip: 2 listed, skipped 3 (1 malformed manifest line, 1 missing file, 1 corrupt video)"),
+])
+def test_prepare_refuses_a_manifest_without_a_usable_clip(lines, msg, manifest, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    code = main(["prepare", "--data-root", str(manifest.parent), "--manifest", str(bad), "--out",
+                 str(tmp_path / "cache"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"ttt-video: error: manifest {bad} {msg}"
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cached_and_decoded_training_agree_and_resume_exactly(manifest, tmp_path):
     good = manifest.parent / "good.jsonl"
     good.write_text("".join(manifest.read_text().splitlines(keepends=True)[:3]))

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..encoders.text import build_text_encoder
+from ..config import check_recorded
+from ..encoders.text import build_text_encoder, text_settings
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
-from ..fileio import atomic_file, write_text_atomic
+from ..fileio import atomic_file, open_safetensors, read_json, read_safetensors, write_text_atomic
 from .buckets import Bucket, BucketBatchSampler, parse_resolutions
 from .dataset import ManifestDataset, Skipped, checked_i2v_ratio, task_for
 from .report import DataError, Skip, SkipReport
@@ -36,9 +36,6 @@ from .report import DataError, Skip, SkipReport
 INDEX = "index.json"
 EMPTY_TEXT = "empty_text.safetensors"
 TEXT_BATCH = 256
-
-
-OPTIONAL_SETTINGS = ("scene_markers",)  # recorded only when on
 
 
 def cache_settings(data_cfg):
@@ -51,10 +48,7 @@ def cache_settings(data_cfg):
         "num_scenes": data_cfg.num_scenes,
         "buckets": ["x".join(map(str, r)) for r in parse_resolutions(data_cfg.buckets, (data_cfg.height,
                                                                                          data_cfg.width))],
-        "text_encoder": data_cfg.text_encoder if data_cfg.text_encoder == "minilm" else [
-            data_cfg.text_encoder, data_cfg.t5_model, data_cfg.llm_model, data_cfg.llm_dtype, data_cfg.llm_max_length,
-            data_cfg.llm_hidden_size],
-        "text_max_length": data_cfg.text_max_length,
+        **text_settings(data_cfg),
         "vae": data_cfg.vae if data_cfg.vae != "external" else [data_cfg.vae_module, data_cfg.vae_class,
                                                                 data_cfg.vae_init_json],
     }
@@ -64,20 +58,16 @@ def cache_settings(data_cfg):
 
 
 def _check_settings(index, data_cfg, where):
-    have, want = index.get("settings", {}), cache_settings(data_cfg)
-    for key in [*want, *(k for k in OPTIONAL_SETTINGS if k in have and k not in want)]:
-        value = want.get(key)
-        if have.get(key) != value:
-            raise UserError(f"cache {where} was made with {key}={have.get(key)!r}, the config has {value!r}; "
-                            f"prepare a new cache or use the same settings")
+    check_recorded(index.get("settings", {}), cache_settings(data_cfg), f"cache {where}",
+                   "prepare a new cache or use the same settings")
 
 
 def _read_index(folder):
     path = Path(folder) / INDEX
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    index = read_json(path, "cache index")
+    if not isinstance(index, dict) or not isinstance(index.get("items"), list):
+        raise UserError(f"{path} is not a `ttt-video prepare` index (no list of items)")
+    return index
 
 
 class _Decoded(Dataset):
@@ -109,8 +99,9 @@ class PrepareResult:
 
 
 def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True, vae=None, text_encoder=None):
-    """Cache every item of `data_cfg.manifest` into folder `out`; `workers` decoding processes.
-    `vae`, `text_encoder`: already loaded ones (default: built from `data_cfg`)."""
+    """Cache every item of `data_cfg.manifest` into folder `out` (made with its first file, after
+    the manifest is checked); `workers` decoding processes. `vae`, `text_encoder`: already loaded
+    ones (default: built from `data_cfg`)."""
     out = Path(out)
     if (out / INDEX).is_file():
         index = _read_index(out)
@@ -120,7 +111,6 @@ def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True
     vae = vae or vae_from_config(data_cfg, device)
     report = SkipReport(data_cfg.strict)
     dataset = ManifestDataset(data_cfg, report)
-    out.mkdir(parents=True, exist_ok=True)
     done = {entry["key"]: entry for entry in index["items"] if (out / entry["shard"]).is_file()}
     todo = [i for i, w in enumerate(dataset.items) if w.key not in done]
     shard_numbers = [int(m[1]) for p in out.glob("shard-*.safetensors") if (m := re.fullmatch(r"shard-(\d+)", p.stem))]
@@ -208,19 +198,18 @@ class CachedDataset(Dataset):
         index = _read_index(root)
         _check_settings(index, data_cfg, root)
         self.root, self.entries = root, index["items"]
-        for name in sorted({e["shard"] for e in self.entries} | {EMPTY_TEXT}):
-            if not (root / name).is_file():
-                raise UserError(f"cache file missing: {root / name}")
+        self._shards = {}
+        for name in sorted({e["shard"] for e in self.entries}):
+            self._shard(name)  # every header checked before training starts
         self.report = SkipReport(data_cfg.strict)
         for skip in index.get("skipped", []):
             self.report.add(Skip(**skip))
         if not self.entries:
             raise DataError(f"cache {root} holds no items")
         self.buckets = [Bucket(*e["bucket"]) for e in self.entries]
-        empty = load_file(root / EMPTY_TEXT)
+        empty = read_safetensors(root / EMPTY_TEXT, "cache file")
         self.empty_text = (empty["text"], empty["text_mask"].bool())
         self.i2v_ratio, self.seed = checked_i2v_ratio(data_cfg.i2v_ratio), data_cfg.seed
-        self._shards = {}
 
     def __getstate__(self):
         return {**self.__dict__, "_shards": {}}
@@ -228,13 +217,16 @@ class CachedDataset(Dataset):
     def __len__(self):
         return len(self.entries)
 
+    def _shard(self, name):
+        """(handle, keys) of a shard, opened once per process (`__getstate__` leaves the handles behind)."""
+        if name not in self._shards:
+            handle = open_safetensors(self.root / name, "cache file")
+            self._shards[name] = (handle, set(handle.keys()))
+        return self._shards[name]
+
     def _get(self, entry, name, like=None):
         """A stored tensor; a missing std reads as zeros `like` the mean."""
-        shard = entry["shard"]
-        if shard not in self._shards:
-            handle = safe_open(self.root / shard, "pt")
-            self._shards[shard] = (handle, set(handle.keys()))
-        handle, keys = self._shards[shard]
+        handle, keys = self._shard(entry["shard"])
         key = f"{entry['slot']}.{name}"
         return handle.get_tensor(key) if like is None or key in keys else torch.zeros_like(like)
 

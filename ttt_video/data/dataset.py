@@ -81,7 +81,7 @@ def checked_overlap(data_cfg):
 
 class ManifestDataset(Dataset):
     """Clips of a manifest, probed (not decoded) at construction; unusable ones are skipped there
-    and counted in `report`."""
+    and counted in `report`. A manifest with no usable clip raises `DataError`."""
 
     def __init__(self, data_cfg, report=None, probe_workers=8):
         if not data_cfg.manifest:
@@ -123,6 +123,9 @@ class ManifestDataset(Dataset):
                                                *([record.transitions] if record.transitions else [])])
                                    .encode()).hexdigest()[:20]
                 self.items.append(Window(clip, first, bucket, key))
+        if not self.items:
+            raise DataError(f"manifest {manifest} has no usable clip: {len(self.records)} listed, "
+                            f"{self.report.summary()}")
         self.buckets = [w.bucket for w in self.items]
         self._same_bucket, self._position = {}, []
         for i, b in enumerate(self.buckets):

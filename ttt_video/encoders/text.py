@@ -5,17 +5,17 @@ ships inside site-packages: it loads from local files only, no hub. `data.text_e
 "t5" (T5 or UMT5, `t5.py`), "llm" or "t5+llm" (`llm.py`) instead, from local folders.
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..config import DataConfig
+from ..config import DataConfig, check_recorded
 from ..errors import UserError
-from ..fileio import atomic_file
+from ..fileio import atomic_file, open_safetensors
 
 TEXT_ENCODERS = ("minilm", "t5", "llm", "t5+llm")
 
@@ -67,15 +67,32 @@ class MiniLMTextEncoder(CachingEncoder):
         return self.model(**batch).last_hidden_state, batch["attention_mask"]
 
 
+def text_settings(data_cfg):
+    """What caption embeddings depend on: the encoder (with its folders and LLM settings) and the
+    token count; recorded in every cache of embeddings and compared when one is read."""
+    d = data_cfg
+    encoder = d.text_encoder if d.text_encoder == "minilm" else [
+        d.text_encoder, d.t5_model, d.llm_model, d.llm_dtype, d.llm_max_length, d.llm_hidden_size]
+    return {"text_encoder": encoder, "text_max_length": d.text_max_length}
+
+
 class CachedTextEncoder:
     """Embeddings precomputed by `save_text_cache`; captions not in the file go to the live encoder,
-    which is loaded only when first needed. The cache is an accelerator: outputs are the same."""
+    which is loaded only when first needed. The cache is an accelerator: outputs are the same.
+    A missing or unreadable file, or one made with other `text_settings`, raises `UserError`."""
 
-    def __init__(self, path, make_encoder):
-        data = load_file(path)
-        captions = json.loads(safe_open(path, "pt").metadata()["captions"])
-        self._rows = {c: (data["embeddings"][i], data["mask"][i].bool()) for i, c in enumerate(captions)}
-        self.dim = data["embeddings"].shape[-1]
+    def __init__(self, path, make_encoder, settings):
+        remake = "make it again with `ttt-video cache-text` and this config"
+        with open_safetensors(path, "text cache") as f:
+            metadata = f.metadata() or {}
+            if "settings" not in metadata:
+                raise UserError(f"text cache {path} records no text encoder settings (not made by "
+                                f"`ttt-video cache-text`, or by an older version); {remake}")
+            check_recorded(json.loads(metadata["settings"]), settings, f"text cache {path}", remake)
+            captions = json.loads(metadata["captions"])
+            emb, mask = f.get_tensor("embeddings"), f.get_tensor("mask").bool()
+        self._rows = {c: (emb[i], mask[i]) for i, c in enumerate(captions)}
+        self.dim = emb.shape[-1]
         self._make_encoder = make_encoder
         self._live = None
 
@@ -90,16 +107,19 @@ class CachedTextEncoder:
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
-def save_text_cache(encoder, captions, path):
+def save_text_cache(encoder, captions, path, settings):
+    """Write the embeddings of `captions` to `path`, recording `settings` (`text_settings` of the
+    config the encoder was built from)."""
     captions = list(dict.fromkeys(captions))
     emb, mask = encoder.encode(captions)
+    metadata = {"captions": json.dumps(captions), "settings": json.dumps(settings)}
     atomic_file(path, lambda tmp: save_file({"embeddings": emb.contiguous(), "mask": mask.to(torch.uint8)}, tmp,
-                                            metadata={"captions": json.dumps(captions)}))
+                                            metadata=metadata))
     return Path(path)
 
 
 def build_text_encoder(name, max_length, device="cpu", cache=None, data_cfg=None):
-    """`cache`: optional file from `save_text_cache`, used when it exists. `data_cfg` (a DataConfig)
+    """`cache`: optional file from `save_text_cache` (made with these settings). `data_cfg` (a DataConfig)
     names the local folders and LLM settings of "t5", "llm" and "t5+llm"; `max_length` is the
     T5 or MiniLM token count, `data_cfg.llm_max_length` the LLM's."""
     if name not in TEXT_ENCODERS:
@@ -131,6 +151,7 @@ def build_text_encoder(name, max_length, device="cpu", cache=None, data_cfg=None
             return DualTextEncoder(make_t5(), make_llm())
         return MiniLMTextEncoder(max_length=max_length, device=device)
 
-    if cache and Path(cache).is_file():
-        return CachedTextEncoder(cache, make)
+    if cache:
+        return CachedTextEncoder(cache, make, text_settings(dataclasses.replace(d, text_encoder=name,
+                                                                                text_max_length=max_length)))
     return make()

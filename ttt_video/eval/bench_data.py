@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
+from ..errors import check_positive
 
 
 def write_clips(folder, clips, seconds, fps, height, width, seed=0):
@@ -57,6 +58,7 @@ def main(argv=None):
     p.add_argument("--bucket", default="144x256", help="HxW the clips are resized and cropped to")
     p.add_argument("--workers", default="0,2", help="comma-separated worker counts for prepare")
     args = p.parse_args(argv)
+    check_positive(args, "clips", "seconds", "source_fps", "fps", "segment_seconds")
 
     from ..data.cache import prepare
     from ..data.dataset import ManifestDataset

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import apply_overrides
+from ..errors import check_positive
 from ..fileio import write_text_atomic
 from ..models import build_model
 from ..presets import get_preset
@@ -184,8 +185,7 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="docs/benchmarks/quality")
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        p.error(f"--jobs must be positive, got {a.jobs}")
+    check_positive(a, "steps", "extend_steps", "num_videos", "jobs")
     mixers = a.mixers.split(",")
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..data.synthetic import held_out
 from ..encoders.text import build_text_encoder
+from ..errors import check_positive
 from ..sample.export import video_to_uint8
 from ..sample.long import sliding_window
 from ..sample.pipeline import bundled_checkpoint
@@ -64,6 +65,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--checkpoint")
     a = p.parse_args(argv)
+    check_positive(a, "num_videos", "num_segments", "window", "steps")
     rows = run(a.num_videos, a.num_segments, a.window, a.overlap, a.steps, a.checkpoint)
     print(f"{a.num_videos} held-out storyboards, {a.num_segments} segments, window {a.window}, overlap {a.overlap}")
     print(f"{'windows':<12} {'seam jump':>10} {'colour changes at seams':>24}")

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..fileio import atomic_file, read_json, safetensors_files, write_text_atomic
+from ..fileio import atomic_file, check_state_dict, read_json, read_safetensors, safetensors_files, write_text_atomic
 from ..layers.rope import apply_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
 from ..layers.ttt import BidirectionalTTT
@@ -480,7 +480,7 @@ class CogVideoXTTT(nn.Module):
         cfg = load_config(folder / CONFIG_FILE, ttt=ttt, **overrides)
         state = {}
         for file in diffusers_weight_files(folder):
-            state.update({_rename(k): v.to(dtype) for k, v in load_file(file).items()})
+            state.update({_rename(k): v.to(dtype) for k, v in read_safetensors(file, "model weights").items()})
         with torch.device("meta"):
             model = cls(dataclasses.replace(cfg, ttt=None))
         _load_exact(model, state, folder)
@@ -518,7 +518,7 @@ class CogVideoXTTT(nn.Module):
             raise UserError(f"model folder {file.parent} is missing {file.name}")
         with torch.device("meta"):
             model = cls(cfg)
-        _load_exact(model, load_file(file), file.parent)
+        _load_exact(model, read_safetensors(file, "model weights"), file)
         return model
 
 
@@ -562,16 +562,8 @@ def _rename(key):
     return key
 
 
-def _load_exact(model, state, folder):
-    """Assign `state` to a model built on the meta device; every parameter and buffer must be there."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has an unknown weight {unexpected[0]}"
-        raise UserError(f"weights in {folder} do not match the config: the checkpoint {what}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise UserError(f"weights in {folder}: {k} has shape {tuple(v.shape)}, the config needs "
-                            f"{tuple(expected[k].shape)}")
+def _load_exact(model, state, where):
+    """Assign `state` (read from `where`, a file or folder) to a model built on the meta device;
+    every parameter and buffer must be there, with the model's shape."""
+    check_state_dict(state, model.state_dict(), where)
     model.load_state_dict(state, assign=True)

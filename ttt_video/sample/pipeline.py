@@ -26,7 +26,7 @@ from ..data.video import VideoError, read_image, to_tensor
 from ..encoders.svd_image import SVDImageEncoder
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import vae_from_config
-from ..errors import UserError
+from ..errors import UserError, first_sentence
 from ..fileio import read_json
 from ..models.svd import pipeline_folder
 from ..train.checkpoint import load_model
@@ -153,14 +153,14 @@ def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, step
     """Continue the clip in `video` by `num_frames` (or `seconds` at the model's fps) new frames,
     window by window; the clip is resized to the model's resolution and kept as the opening."""
     out = Path(out)
+    try:  # before the model loads
+        clip = read_video(video)  # [F, H, W, 3]
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise UserError(f"cannot read video {video}: {first_sentence(e)}") from None
     model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
     if cfg.model.arch == "svd":
         raise UserError("extend continues a video through captions; a Stable Video Diffusion model takes an image")
     seg = cfg.data.frames_per_scene
-    try:
-        clip = read_video(video)  # [F, H, W, 3]
-    except (OSError, RuntimeError, StopIteration) as e:
-        raise UserError(f"cannot read video {video}: {e}") from None
     x = torch.from_numpy(clip.copy()).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, F, H, W]
     x = torch.nn.functional.interpolate(x, size=(cfg.data.height, cfg.data.width), mode="area")
     if seconds is not None:

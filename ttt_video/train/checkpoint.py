@@ -6,15 +6,16 @@ the `last` pointer is replaced only after that, so an interrupted save never bec
 """
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import config as config_lib
-from ..errors import UserError
-from ..fileio import temp_dir_beside, write_text_atomic
+from ..errors import UserError, first_sentence
+from ..fileio import check_state_dict, read_safetensors, temp_dir_beside, write_text_atomic
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -77,11 +78,14 @@ def resolve(path):
 def load_weights(model, path, ema=False):
     """Load a checkpoint's weights into `model` (built with its config and adapter);
     `ema=True` then overwrites the trained parameters with their moving average. A checkpoint
-    without image conditioning loads into a model with it; its `cond_embed` stays at zero."""
-    state = load_file(path / MODEL_FILE)
-    for name, value in model.state_dict().items():
+    without image conditioning loads into a model with it; its `cond_embed` stays at zero. Weights
+    that do not fit the model raise `UserError` naming the file and the first misfit."""
+    state = read_safetensors(path / MODEL_FILE, "checkpoint weights")
+    expected = model.state_dict()
+    for name, value in expected.items():
         if ".cond_embed." in f".{name}" and name not in state:
             state[name] = value
+    check_state_dict(state, expected, path / MODEL_FILE)
     model.load_state_dict(state)
     if ema:
         averaged = load_ema(path)
@@ -97,7 +101,7 @@ def load_weights(model, path, ema=False):
 def load_ema(path):
     if not (Path(path) / EMA_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} has no {EMA_FILE}")
-    return load_file(Path(path) / EMA_FILE)
+    return read_safetensors(Path(path) / EMA_FILE, "EMA weights")
 
 
 def load_model(path, device="cpu", ema=False):
@@ -118,4 +122,7 @@ def load_training_state(path):
     path = resolve(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} has no {STATE_FILE} to resume from")
-    return path, torch.load(path / STATE_FILE, weights_only=False)
+    try:
+        return path, torch.load(path / STATE_FILE, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path / STATE_FILE} is corrupt or truncated ({first_sentence(e)})") from None

@@ -11,10 +11,10 @@ travel: the TTT layers have no counterpart in diffusers' transformer.
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import config as config_lib
-from ..fileio import atomic_file
+from ..fileio import atomic_file, read_safetensors
 from ..models.cogvideox_ttt import DIFFUSERS_RENAMES
 from . import checkpoint as ckpt
 
@@ -45,7 +45,8 @@ def export_lora(checkpoint, out_dir):
     if cfg.model.arch != "cogvideox-ttt" or cfg.train.adapter != "lora":
         raise ckpt.CheckpointError(f"checkpoint {path} is arch {cfg.model.arch} with adapter {cfg.train.adapter}; "
                                    "LoRA export needs arch cogvideox-ttt trained with train.adapter=lora")
-    weights = diffusers_lora_state_dict(load_file(path / ckpt.MODEL_FILE), cfg.train.lora_rank, cfg.train.lora_alpha)
+    state = read_safetensors(path / ckpt.MODEL_FILE, "checkpoint weights")
+    weights = diffusers_lora_state_dict(state, cfg.train.lora_rank, cfg.train.lora_alpha)
     if not weights:
         raise ckpt.CheckpointError(f"checkpoint {path} holds no LoRA weights")
     target = Path(out_dir) / LORA_FILE

@@ -27,7 +27,7 @@ from ..encoders.pipeline import check_resolution, fill_from_pipeline, resolution
 from ..encoders.text import build_text_encoder
 from ..encoders.vae import item_generator, vae_from_config
 from ..errors import UserError
-from ..fileio import read_json
+from ..fileio import open_safetensors, read_json
 from ..layers.dit import condition_input
 from ..models import build_model
 from . import checkpoint as ckpt
@@ -42,17 +42,23 @@ class TrainingError(RuntimeError):
     pass
 
 
-def resolve_device(name):
+def resolve_device(name, key="device"):
+    """"auto": cuda where PyTorch sees a CUDA device, else cpu. An unknown name, or a CUDA device
+    this machine lacks, raises `UserError` naming `key`."""
+    config_lib.check_device(name, key)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        found = torch.cuda.device_count()
+        if int(name.partition(":")[2] or 0) >= found:
+            raise UserError(f"{key} {name}: PyTorch sees {found or 'no'} CUDA device{'' if found == 1 else 's'} "
+                            "on this machine")
     return name
 
 
 def stored_dtypes(cfg):
     """{file: dtypes} of the weights a run starts from (`model.pretrained`, `train.init_from`), read
     from the safetensors headers; a diffusers config.json that declares `torch_dtype` counts too."""
-    from safetensors import safe_open
-
     found, files = {}, []
     if cfg.model.arch == "cogvideox-ttt" and cfg.model.pretrained:
         from ..models.cogvideox_ttt import CONFIG_FILE, diffusers_weight_files, transformer_folder
@@ -65,7 +71,7 @@ def stored_dtypes(cfg):
     if cfg.train.init_from:
         files.append(ckpt.resolve(cfg.train.init_from) / ckpt.MODEL_FILE)
     for file in files:
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file, "model weights") as f:
             found[str(file)] = {f.get_slice(k).get_dtype() for k in f.keys()}
     return found
 
@@ -329,13 +335,16 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                         "with `ttt-video generate --model PIPELINE --ttt-checkpoint CHECKPOINT`")
     warn_fp16_on_bf16(cfg)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
-                              cpu=resolve_device(tc.device) == "cpu")
+                              cpu=resolve_device(tc.device, "train.device") == "cpu")
     device, main = accelerator.device, accelerator.is_main_process
     sharded = accelerator.distributed_type == DistributedType.FSDP  # every process holds part of the model
+    dataset = build_dataset(cfg.data)  # the data and a text cache are checked before the model loads
+    svd = cfg.model.arch == "svd"  # conditioned on an image alone, which takes the captions' place
+    encoder = None if svd else build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
+                                                  cache=text_cache, data_cfg=cfg.data)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model)
     if tc.init_from:
@@ -362,10 +371,6 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         if ema is not None:
             ema.load(ckpt.load_ema(path))
 
-    dataset = build_dataset(cfg.data)
-    svd = cfg.model.arch == "svd"  # conditioned on an image alone, which takes the captions' place
-    encoder = None if svd else build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, device,
-                                                  cache=text_cache, data_cfg=cfg.data)
     if not svd and encoder.dim != unwrapped.text_dim:
         if cfg.model.pretrained:
             raise UserError(f"the pretrained model takes text embeddings of width {unwrapped.text_dim} but the "
@@ -398,6 +403,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not (progress and main), dynamic_ncols=True)
     last, saved_step, losses, seen = None, None, [], 0
     t0 = t_log = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused while loading leaves no folder behind
     sinks = MetricSinks(out, cfg) if main else None
     try:
         for micro, batch in enumerate(loader, start=step * A):
