@@ -101,7 +101,8 @@ class PrepareResult:
 def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True, vae=None, text_encoder=None):
     """Cache every item of `data_cfg.manifest` into folder `out` (made with its first file, after
     the manifest is checked); `workers` decoding processes. `vae`, `text_encoder`: already loaded
-    ones (default: built from `data_cfg`)."""
+    ones (default: built from `data_cfg`). A manifest none of whose clips decodes raises `DataError`
+    and writes nothing."""
     out = Path(out)
     if (out / INDEX).is_file():
         index = _read_index(out)
@@ -120,14 +121,18 @@ def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True
         encoder = encoder or build_text_encoder(data_cfg.text_encoder, data_cfg.text_max_length, device,
                                                 data_cfg=data_cfg)
         emb, mask = encoder.encode([""])
-        atomic_file(out / EMPTY_TEXT, lambda tmp: save_file({"text": emb[0].contiguous(),
-                                                             "text_mask": mask[0].to(torch.uint8)}, tmp))
         captions = list(dict.fromkeys(c for i in todo for c in dataset.captions(i)))
         for k in range(0, len(captions), TEXT_BATCH):  # the encoder keeps them: one batched pass
             encoder.encode(captions[k:k + TEXT_BATCH])
 
     def write_index():
+        """Write the index (the empty caption's file first, once); an index of no items is no cache."""
         index["items"] = [done[w.key] for w in dataset.items if w.key in done]
+        if not index["items"]:  # every clip passed the probe but failed while decoding
+            raise dataset.unusable()
+        if not (out / EMPTY_TEXT).is_file():
+            atomic_file(out / EMPTY_TEXT, lambda tmp: save_file({"text": emb[0].contiguous(),
+                                                                 "text_mask": mask[0].to(torch.uint8)}, tmp))
         index["skipped"] = [vars(s) for s in report.skips.values()]
         write_text_atomic(out / INDEX, json.dumps(index, indent=1) + "\n")
 
