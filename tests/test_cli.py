@@ -7,16 +7,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ttt_video.cli import main
 from ttt_video.config import Config, apply_overrides
 from ttt_video.encoders.text import save_text_cache, text_settings
+from ttt_video.errors import UserError
 from ttt_video.models import build_model
 from ttt_video.presets import get_preset
 from ttt_video.sample import pipeline
 from ttt_video.sample.export import read_video, write_video
-from ttt_video.train.checkpoint import save_checkpoint
+from ttt_video.train.checkpoint import load_model, save_checkpoint
 
 from .train.test_trainer import TINY
 
@@ -309,3 +310,23 @@ def test_a_refused_run_leaves_no_new_folder(command, tmp_path, capsys):
     code, _, err = run_cli([*args, *(["--no-progress"] if command[0] != "export-lora" else [])], capsys)
     assert_one_line_error(code, err)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda ema, k: {**ema, k: torch.zeros(ema[k].shape[0] + 1, *ema[k].shape[1:])}, "{k} has shape ("),
+    (lambda ema, k: {n: v for n, v in ema.items() if n != k}, "it lacks {k} (1 of "),
+    (lambda ema, k: {**ema, "extra.weight": torch.zeros(1)}, "it has extra.weight, which the model lacks"),
+], ids=["shape", "missing", "unknown"])
+def test_ema_weights_that_do_not_fit_are_named_in_one_line(damage, msg, tmp_path, capsys):
+    sets = [a for s in TINY + ["train.max_steps=2", "train.ema_decay=0.5"] for a in ("--set", s)]
+    train = ["train", *sets, "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert run_cli(train, capsys)[0] == 0
+    ema_file = tmp_path / "run" / "checkpoint-2" / "ema.safetensors"
+    ema = load_file(ema_file)
+    k = next(n for n, v in ema.items() if v.dim() == 2)
+    save_file(damage(ema, k), ema_file)
+    expected = f"{ema_file} does not fit the model: {msg.format(k=k)}"
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_model(ema_file.parent, ema=True)
+    code, _, err = run_cli([*train, "--set", "train.max_steps=4", "--resume", "auto"], capsys)
+    assert_one_line_error(code, err, expected)
