@@ -283,8 +283,14 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
     (["quality", "--num-videos", "0"], "--num-videos must be positive, got 0"),
     (["quality", "--extend-steps", "0"], "--extend-steps must be positive, got 0"),
     (["quality", "--jobs", "0"], "--jobs must be positive, got 0"),
+    (["quality", "--mixers", "attention,rnn"], "--mixers: unknown mixer 'rnn'; choose from attention, swa, "),
+    (["quality", "--seeds", "0,x"], "--seeds must be comma-separated integers of at least 0, got '0,x'"),
+    (["quality", "--seeds", "-1"], "--seeds must be comma-separated integers of at least 0, got '-1'"),
+    (["data", "--workers", "2,"], "--workers must be comma-separated integers of at least 0, got '2,'"),
+    (["data", "--bucket", "144by256"], "--bucket '144by256' is not HEIGHTxWIDTH (e.g. 576x1024)"),
+    (["data", "--source-size", "360x"], "--source-size '360x' is not HEIGHTxWIDTH (e.g. 576x1024)"),
 ])
-def test_benchmarks_refuse_empty_counts(args, msg, tmp_path, capsys):
+def test_benchmark_arguments_refused_in_one_line_before_any_work(args, msg, tmp_path, capsys):
     code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] == "quality" else [])],
                              capsys)
     assert_one_line_error(code, err, msg)
