@@ -289,10 +289,14 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
     (["data", "--workers", "2,"], "--workers must be comma-separated integers of at least 0, got '2,'"),
     (["data", "--bucket", "144by256"], "--bucket '144by256' is not HEIGHTxWIDTH (e.g. 576x1024)"),
     (["data", "--source-size", "360x"], "--source-size '360x' is not HEIGHTxWIDTH (e.g. 576x1024)"),
+    (["parallel", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["parallel", "--device", "cuda"], "--device cuda: PyTorch sees no CUDA devices on this machine"),
+    (["parallel", "--num-processes", "0"], "--num-processes must be positive, got 0"),
 ])
-def test_benchmark_arguments_refused_in_one_line_before_any_work(args, msg, tmp_path, capsys):
-    code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] == "quality" else [])],
-                             capsys)
+def test_benchmark_arguments_refused_in_one_line_before_any_work(args, msg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] in ("quality", "parallel")
+                                                else [])], capsys)
     assert_one_line_error(code, err, msg)
     assert out == "" and not (tmp_path / "q").exists()
 

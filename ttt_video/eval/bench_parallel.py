@@ -22,7 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, check_positive
+from ..train.trainer import resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
@@ -97,6 +98,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("runs/parallel-check"))
     p.add_argument("--json", help="also write the summary to this file")
     args = p.parse_args(argv)
+    check_positive(args, "global_batch", "num_processes")
+    resolve_device(args.device, "--device")  # the runs' train.device, checked before any starts
     if args.global_batch % args.num_processes:
         raise UserError(f"--global-batch {args.global_batch} does not split over {args.num_processes} processes")
     if args.steps < 2:
