@@ -292,9 +292,14 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
     (["parallel", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["parallel", "--device", "cuda"], "--device cuda: PyTorch sees no CUDA devices on this machine"),
     (["parallel", "--num-processes", "0"], "--num-processes must be positive, got 0"),
+    (["seams", "--window", "12"], "--window must be a positive multiple of the model's segment length 8, got 12"),
+    (["seams", "--window", "16", "--overlap", "16"], "--overlap must be a multiple of 8 in [0, 16), got 16"),
 ])
 def test_benchmark_arguments_refused_in_one_line_before_any_work(args, msg, tmp_path, capsys, monkeypatch):
+    from ttt_video.eval import seams
+
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(seams, "load_model", lambda *a, **k: pytest.fail("loaded the model before the checks"))
     code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] in ("quality", "parallel")
                                                 else [])], capsys)
     assert_one_line_error(code, err, msg)

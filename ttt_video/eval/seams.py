@@ -15,9 +15,9 @@ from ..data.synthetic import held_out
 from ..encoders.text import build_text_encoder
 from ..errors import check_positive
 from ..sample.export import video_to_uint8
-from ..sample.long import sliding_window
+from ..sample.long import check_window, sliding_window
 from ..sample.pipeline import bundled_checkpoint
-from ..train.checkpoint import load_model
+from ..train.checkpoint import load_config, load_model
 from .scorer import detect_color, foreground
 
 
@@ -37,7 +37,9 @@ def color_changes(frames, seams):
 
 
 def run(num_videos=8, num_segments=9, window=24, overlap=8, steps=20, checkpoint=None, progress=True):
-    model, cfg = load_model(checkpoint or bundled_checkpoint())
+    checkpoint = checkpoint or bundled_checkpoint()
+    check_window(window, overlap, load_config(checkpoint).data.frames_per_scene)  # before the model loads
+    model, cfg = load_model(checkpoint)
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length)
     seg = cfg.data.frames_per_scene
     num_frames = num_segments * seg

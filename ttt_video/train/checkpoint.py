@@ -109,13 +109,18 @@ def _read_weights(path, what, expected):
     return state
 
 
+def load_config(path):
+    """The config a checkpoint (or a run folder's last one) was trained with, read without its weights."""
+    return config_lib.load(resolve(path) / CONFIG_FILE)
+
+
 def load_model(path, device="cpu", ema=False):
     """Rebuild the model a checkpoint was trained with; returns (model, cfg)."""
     from ..models import build_model
     from .adapters import apply_adapter
 
     path = resolve(path)
-    cfg = config_lib.load(path / CONFIG_FILE)
+    cfg = load_config(path)
     model = apply_adapter(build_model(cfg.model), cfg.train.adapter, cfg.train.lora_rank, cfg.train.lora_alpha)
     load_weights(model, path, ema)
     return model.to(device).eval(), cfg
