@@ -31,11 +31,27 @@ from ..errors import UserError
 from ..fileio import atomic_file, open_safetensors, read_json, read_safetensors, write_text_atomic
 from .buckets import Bucket, BucketBatchSampler, parse_resolutions
 from .dataset import ManifestDataset, Skipped, checked_i2v_ratio, task_for
-from .report import DataError, Skip, SkipReport
+from .manifest import TASKS
+from .report import KINDS, DataError, Skip, SkipReport
 
 INDEX = "index.json"
 EMPTY_TEXT = "empty_text.safetensors"
 TEXT_BATCH = 256
+# the fields of an index's entries that prepare and CachedDataset read: {key: (form, test)}
+ITEM_FORMS = {
+    "key": ("a string", lambda v: isinstance(v, str)),
+    "shard": ("a file name", lambda v: isinstance(v, str)),
+    "slot": ("an integer", lambda v: isinstance(v, int)),
+    "bucket": ("[height, width, segments]", lambda v: isinstance(v, list) and len(v) == 3
+               and all(isinstance(x, int) for x in v)),
+    "captions": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "task": (f"{' or '.join(TASKS)} or null", lambda v: v is None or v in TASKS),
+}
+SKIP_FORMS = {
+    "kind": (f"one of {', '.join(KINDS)}", lambda v: isinstance(v, str) and v in KINDS),
+    "where": ("a string", lambda v: isinstance(v, str)),
+    "reason": ("a string", lambda v: isinstance(v, str)),
+}
 
 
 def cache_settings(data_cfg):
@@ -65,9 +81,31 @@ def _check_settings(index, data_cfg, where):
 def _read_index(folder):
     path = Path(folder) / INDEX
     index = read_json(path, "cache index")
-    if not isinstance(index, dict) or not isinstance(index.get("items"), list):
-        raise UserError(f"{path} is not a `ttt-video prepare` index (no list of items)")
+    wrong = _index_misfit(index)
+    if wrong:
+        raise UserError(f"{path} is not a `ttt-video prepare` index ({wrong})")
     return index
+
+
+def _index_misfit(index):
+    """What keeps a parsed index from being read, or None: no list of items, settings that are not
+    an object, or an entry of "items" or "skipped" that lacks a field or holds it in another form."""
+    if not isinstance(index, dict) or not isinstance(index.get("items"), list):
+        return "no list of items"
+    if not isinstance(index.get("settings", {}), dict):
+        return "its settings are not an object"
+    if not isinstance(index.get("skipped", []), list):
+        return "its skipped data are not a list"
+    for field, forms in (("items", ITEM_FORMS), ("skipped", SKIP_FORMS)):
+        for n, entry in enumerate(index.get(field, [])):
+            if not isinstance(entry, dict):
+                return f"{field}[{n}] is not an object"
+            for key, (form, fits) in forms.items():
+                if key not in entry:
+                    return f"{field}[{n}] lacks {key!r}"
+                if not fits(entry[key]):
+                    return f"{field}[{n}][{key!r}] is {entry[key]!r}, not {form}"
+    return None
 
 
 class _Decoded(Dataset):
@@ -208,7 +246,7 @@ class CachedDataset(Dataset):
             self._shard(name)  # every header checked before training starts
         self.report = SkipReport(data_cfg.strict)
         for skip in index.get("skipped", []):
-            self.report.add(Skip(**skip))
+            self.report.add(Skip(skip["kind"], skip["where"], skip["reason"]))
         if not self.entries:
             raise DataError(f"cache {root} holds no items")
         self.buckets = [Bucket(*e["bucket"]) for e in self.entries]
