@@ -292,6 +292,7 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
     (["parallel", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["parallel", "--device", "cuda"], "--device cuda: PyTorch sees no CUDA devices on this machine"),
     (["parallel", "--num-processes", "0"], "--num-processes must be positive, got 0"),
+    (["parallel", "--modes", "ddp,fdsp"], "--modes: unknown mode 'fdsp'; choose from single, ddp, fsdp"),
     (["seams", "--window", "12"], "--window must be a positive multiple of the model's segment length 8, got 12"),
     (["seams", "--window", "16", "--overlap", "16"], "--overlap must be a multiple of 8 in [0, 16), got 16"),
     (["seams", "--num-segments", "3"], "3 segments (24 frames) fit in one window of 24: no seam to measure"),
