@@ -145,6 +145,16 @@ def test_a_corrupt_cache_is_named_before_training(root, encoder, tmp_path, name,
             prepare(cfg, tmp_path / "c", progress=False, text_encoder=encoder)
 
 
+def test_an_item_its_shard_lacks_is_named_before_training(root, encoder, tmp_path):
+    cfg = data_cfg(root / "good.jsonl", cache_dir=str(tmp_path / "c"))
+    prepare(cfg, tmp_path / "c", shard_size=4, progress=False, text_encoder=encoder)
+    index = tmp_path / "c" / "index.json"
+    index.write_bytes(edited(lambda index: index["items"][5].update(slot=9))(index.read_bytes()))
+    with pytest.raises(UserError, match=re.escape(f"cache file {tmp_path}/c/shard-00001.safetensors lacks 9.mean "
+                                                  f"(items[5] of {index})")):
+        CachedDataset(cfg)
+
+
 def tiny_autoencoder(path):
     from diffusers import AutoencoderKL
 

@@ -37,6 +37,7 @@ from .report import KINDS, DataError, Skip, SkipReport
 INDEX = "index.json"
 EMPTY_TEXT = "empty_text.safetensors"
 TEXT_BATCH = 256
+STORED = ("mean", "cond_mean", "text", "text_mask")  # of every item (a std of zeros is left out)
 # the fields of an index's entries that prepare and CachedDataset read: {key: (form, test)}
 ITEM_FORMS = {
     "key": ("a string", lambda v: isinstance(v, str)),
@@ -242,8 +243,12 @@ class CachedDataset(Dataset):
         _check_settings(index, data_cfg, root)
         self.root, self.entries = root, index["items"]
         self._shards = {}
-        for name in sorted({e["shard"] for e in self.entries}):
-            self._shard(name)  # every header checked before training starts
+        for n, entry in enumerate(self.entries):  # every header and item checked before training starts
+            keys = self._shard(entry["shard"])[1]
+            lacking = [name for name in STORED if f"{entry['slot']}.{name}" not in keys]
+            if lacking:
+                raise UserError(f"cache file {root / entry['shard']} lacks {entry['slot']}.{lacking[0]} "
+                                f"(items[{n}] of {root / INDEX})")
         self.report = SkipReport(data_cfg.strict)
         for skip in index.get("skipped", []):
             self.report.add(Skip(skip["kind"], skip["where"], skip["reason"]))
