@@ -7,16 +7,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ttt_video.cli import main
 from ttt_video.config import Config, apply_overrides
 from ttt_video.encoders.text import save_text_cache, text_settings
+from ttt_video.errors import UserError
 from ttt_video.models import build_model
 from ttt_video.presets import get_preset
 from ttt_video.sample import pipeline
 from ttt_video.sample.export import read_video, write_video
-from ttt_video.train.checkpoint import save_checkpoint
+from ttt_video.train.checkpoint import load_model, save_checkpoint
 
 from .train.test_trainer import TINY
 
@@ -282,10 +283,27 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
     (["quality", "--num-videos", "0"], "--num-videos must be positive, got 0"),
     (["quality", "--extend-steps", "0"], "--extend-steps must be positive, got 0"),
     (["quality", "--jobs", "0"], "--jobs must be positive, got 0"),
+    (["quality", "--mixers", "attention,rnn"], "--mixers: unknown mixer 'rnn'; choose from attention, swa, "),
+    (["quality", "--seeds", "0,x"], "--seeds must be comma-separated integers of at least 0, got '0,x'"),
+    (["quality", "--seeds", "-1"], "--seeds must be comma-separated integers of at least 0, got '-1'"),
+    (["data", "--workers", "2,"], "--workers must be comma-separated integers of at least 0, got '2,'"),
+    (["data", "--bucket", "144by256"], "--bucket '144by256' is not HEIGHTxWIDTH (e.g. 576x1024)"),
+    (["data", "--source-size", "360x"], "--source-size '360x' is not HEIGHTxWIDTH (e.g. 576x1024)"),
+    (["parallel", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["parallel", "--device", "cuda"], "--device cuda: PyTorch sees no CUDA devices on this machine"),
+    (["parallel", "--num-processes", "0"], "--num-processes must be positive, got 0"),
+    (["parallel", "--modes", "ddp,fdsp"], "--modes: unknown mode 'fdsp'; choose from single, ddp, fsdp"),
+    (["seams", "--window", "12"], "--window must be a positive multiple of the model's segment length 8, got 12"),
+    (["seams", "--window", "16", "--overlap", "16"], "--overlap must be a multiple of 8 in [0, 16), got 16"),
+    (["seams", "--num-segments", "3"], "3 segments (24 frames) fit in one window of 24: no seam to measure"),
 ])
-def test_benchmarks_refuse_empty_counts(args, msg, tmp_path, capsys):
-    code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] == "quality" else [])],
-                             capsys)
+def test_benchmark_arguments_refused_in_one_line_before_any_work(args, msg, tmp_path, capsys, monkeypatch):
+    from ttt_video.eval import seams
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(seams, "load_model", lambda *a, **k: pytest.fail("loaded the model before the checks"))
+    code, out, err = run_cli(["bench", *args, *(["--out", str(tmp_path / "q")] if args[0] in ("quality", "parallel")
+                                                else [])], capsys)
     assert_one_line_error(code, err, msg)
     assert out == "" and not (tmp_path / "q").exists()
 
@@ -309,3 +327,23 @@ def test_a_refused_run_leaves_no_new_folder(command, tmp_path, capsys):
     code, _, err = run_cli([*args, *(["--no-progress"] if command[0] != "export-lora" else [])], capsys)
     assert_one_line_error(code, err)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda ema, k: {**ema, k: torch.zeros(ema[k].shape[0] + 1, *ema[k].shape[1:])}, "{k} has shape ("),
+    (lambda ema, k: {n: v for n, v in ema.items() if n != k}, "it lacks {k} (1 of "),
+    (lambda ema, k: {**ema, "extra.weight": torch.zeros(1)}, "it has extra.weight, which the model lacks"),
+], ids=["shape", "missing", "unknown"])
+def test_ema_weights_that_do_not_fit_are_named_in_one_line(damage, msg, tmp_path, capsys):
+    sets = [a for s in TINY + ["train.max_steps=2", "train.ema_decay=0.5"] for a in ("--set", s)]
+    train = ["train", *sets, "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert run_cli(train, capsys)[0] == 0
+    ema_file = tmp_path / "run" / "checkpoint-2" / "ema.safetensors"
+    ema = load_file(ema_file)
+    k = next(n for n, v in ema.items() if v.dim() == 2)
+    save_file(damage(ema, k), ema_file)
+    expected = f"{ema_file} does not fit the model: {msg.format(k=k)}"
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_model(ema_file.parent, ema=True)
+    code, _, err = run_cli([*train, "--set", "train.max_steps=4", "--resume", "auto"], capsys)
+    assert_one_line_error(code, err, expected)

@@ -8,13 +8,30 @@ class UserError(ValueError):
     pass
 
 
+def _flag(name):
+    return f"--{name.replace('_', '-')}"
+
+
 def check_positive(args, *names):
     """Refuse parsed options (`args.<name>`, given as `--<name>`) that are set but not positive and
     finite: a count of 0 or a length of nan leaves nothing to run."""
     for name in names:
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UserError(f"{_flag(name)} must be positive, got {value}")
+
+
+def int_list(args, name, least=0):
+    """The integers of a parsed option `args.<name>` written as a comma-separated list
+    (`--seeds 0,1,2`); another form, or a value below `least`, raises `UserError` naming it."""
+    text = getattr(args, name)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        raise UserError(f"{_flag(name)} must be comma-separated integers of at least {least}, got {text!r}")
+    return values
 
 
 def first_sentence(error):

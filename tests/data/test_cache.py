@@ -104,11 +104,34 @@ def halve(data):
     return data[: len(data) // 2]
 
 
+def edited(edit):
+    """A damage that applies `edit` to the parsed index."""
+    def damage(data):
+        index = json.loads(data)
+        edit(index)
+        return json.dumps(index).encode()
+    return damage
+
+
+MALFORMED_INDEX = [
+    (lambda index: index["items"][1].pop("shard"), "items[1] lacks 'shard'"),
+    (lambda index: index["items"][0].pop("key"), "items[0] lacks 'key'"),
+    (lambda index: index["items"][0].update(slot="0"), "items[0]['slot'] is '0', not an integer"),
+    (lambda index: index["items"][0].update(bucket=[16, 24]), "items[0]['bucket'] is [16, 24], not [height, width, "),
+    (lambda index: index["items"].insert(0, None), "items[0] is not an object"),
+    (lambda index: index.update(settings=[]), "its settings are not an object"),
+    (lambda index: index.update(skipped=[{"kind": "lost", "where": "a.mp4", "reason": "x"}]),
+     "skipped[0]['kind'] is 'lost', not one of bad_line, missing, "),
+]
+
+
 @pytest.mark.parametrize("name,damage,msg", [
     ("shard-00000.safetensors", halve, "cache file {c}/shard-00000.safetensors is not a readable safetensors file"),
     ("empty_text.safetensors", halve, "cache file {c}/empty_text.safetensors is not a readable safetensors file"),
     ("index.json", halve, "cache index {c}/index.json is not valid JSON"),
-    ("index.json", lambda data: b"[]", "{c}/index.json is not a `ttt-video prepare` index"),
+    ("index.json", lambda data: b"[]", "{c}/index.json is not a `ttt-video prepare` index (no list of items)"),
+    *[("index.json", edited(edit), f"{{c}}/index.json is not a `ttt-video prepare` index ({msg}")
+      for edit, msg in MALFORMED_INDEX],
 ])
 def test_a_corrupt_cache_is_named_before_training(root, encoder, tmp_path, name, damage, msg):
     cfg = data_cfg(root / "good.jsonl", cache_dir=str(tmp_path / "c"))
@@ -116,6 +139,19 @@ def test_a_corrupt_cache_is_named_before_training(root, encoder, tmp_path, name,
     path = tmp_path / "c" / name
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(UserError, match=re.escape(msg.format(c=tmp_path / "c"))):
+        CachedDataset(cfg)
+    if name == "index.json":  # a re-run of prepare reads the index too
+        with pytest.raises(UserError, match=re.escape(msg.format(c=tmp_path / "c"))):
+            prepare(cfg, tmp_path / "c", progress=False, text_encoder=encoder)
+
+
+def test_an_item_its_shard_lacks_is_named_before_training(root, encoder, tmp_path):
+    cfg = data_cfg(root / "good.jsonl", cache_dir=str(tmp_path / "c"))
+    prepare(cfg, tmp_path / "c", shard_size=4, progress=False, text_encoder=encoder)
+    index = tmp_path / "c" / "index.json"
+    index.write_bytes(edited(lambda index: index["items"][5].update(slot=9))(index.read_bytes()))
+    with pytest.raises(UserError, match=re.escape(f"cache file {tmp_path}/c/shard-00001.safetensors lacks 9.mean "
+                                                  f"(items[5] of {index})")):
         CachedDataset(cfg)
 
 

@@ -64,6 +64,7 @@ def test_prepare_user_errors_exit_2_with_one_line(args, msg, manifest, tmp_path,
     ([], "has no usable clip: 0 listed, skipped 0"),
     (["{not json", {"video": "missing.mp4", "caption": "x"}, {"video": "corrupt.mp4", "caption": "x"}],
      "has no usable clip: 2 listed, skipped 3 (1 malformed manifest line, 1 missing file, 1 corrupt video)"),
+    ([{"video": "trunc.mp4", "caption": "x"}], "has no usable clip: 1 listed, skipped 1 (1 truncated video)"),
 ])
 def test_prepare_refuses_a_manifest_without_a_usable_clip(lines, msg, manifest, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"

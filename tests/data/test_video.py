@@ -67,6 +67,17 @@ def test_truncated_corrupt_missing_and_short_requests(tmp_path, clip24):
     assert e.value.kind == "truncated"
 
 
+def test_every_cut_of_a_video_probes_or_is_refused(tmp_path):
+    write_video(tmp_path / "full.mp4", ramp_frames(30), fps=24, faststart=True)
+    data = (tmp_path / "full.mp4").read_bytes()
+    for n in range(len(data) // 2):  # some cuts keep a video stream whose codec parameters are lost
+        (tmp_path / "cut.mp4").write_bytes(data[:n])
+        try:
+            probe(tmp_path / "cut.mp4")
+        except VideoError as e:
+            assert e.kind == "corrupt"
+
+
 def test_read_image_resizes_like_a_frame(tmp_path):
     image = np.zeros((20, 40, 3), np.uint8)
     image[:, 10:30] = (0, 255, 0)

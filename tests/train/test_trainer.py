@@ -142,7 +142,7 @@ def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
 def test_adapters_train_exactly_what_they_claim(tmp_path, adapter, trained):
     base = train(tiny(5), tmp_path / "base", progress=False)  # a "pretrained" model: adaLN gates open
     cfg = tiny(2)
-    cfg.train.adapter, cfg.train.init_from = adapter, str(base)
+    cfg.train.adapter, cfg.train.init_from, cfg.train.ema_decay = adapter, str(base), 0.5
     last = train(cfg, tmp_path / adapter, progress=False)
     model, _ = ckpt.load_model(last)
     after = model.state_dict()
@@ -152,6 +152,9 @@ def test_adapters_train_exactly_what_they_claim(tmp_path, adapter, trained):
     changed = {k for k in after if "lora_" in k or not torch.equal(after[k], before[base_name[k]])}
     assert changed == {k for k in after if trained(k)}
     assert all(after[k].abs().sum() > 0 for k in after if "lora_B" in k)  # B starts at zero
+    averaged = ckpt.load_model(last, ema=True)[0].state_dict()  # the EMA holds the trained parameters
+    averaged_differ = {k for k in after if not torch.equal(averaged[k], after[k])}
+    assert averaged_differ and averaged_differ <= changed
 
 
 def test_caption_dropout_really_drops(monkeypatch):

@@ -30,17 +30,19 @@ class Bucket:
         return f"{self.height}x{self.width}x{self.segments}"
 
 
+def parse_size(text, what="bucket"):
+    """"576x1024" -> (576, 1024) as (height, width); another form raises `UserError` naming `what`."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m[1]) == 0 or int(m[2]) == 0:
+        raise UserError(f"{what} {text.strip()!r} is not HEIGHTxWIDTH (e.g. 576x1024)")
+    return int(m[1]), int(m[2])
+
+
 def parse_resolutions(text, default):
     """"576x1024,1024x576" -> [(576, 1024), (1024, 576)] as (height, width); empty -> [default]."""
     if not text.strip():
         return [tuple(default)]
-    out = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", part)
-        if not m or int(m[1]) == 0 or int(m[2]) == 0:
-            raise UserError(f"bucket {part.strip()!r} is not HEIGHTxWIDTH (e.g. 576x1024)")
-        out.append((int(m[1]), int(m[2])))
-    return out
+    return [parse_size(part) for part in text.split(",")]
 
 
 def nearest_resolution(height, width, resolutions):

@@ -31,11 +31,28 @@ from ..errors import UserError
 from ..fileio import atomic_file, open_safetensors, read_json, read_safetensors, write_text_atomic
 from .buckets import Bucket, BucketBatchSampler, parse_resolutions
 from .dataset import ManifestDataset, Skipped, checked_i2v_ratio, task_for
-from .report import DataError, Skip, SkipReport
+from .manifest import TASKS
+from .report import KINDS, DataError, Skip, SkipReport
 
 INDEX = "index.json"
 EMPTY_TEXT = "empty_text.safetensors"
 TEXT_BATCH = 256
+STORED = ("mean", "cond_mean", "text", "text_mask")  # of every item (a std of zeros is left out)
+# the fields of an index's entries that prepare and CachedDataset read: {key: (form, test)}
+ITEM_FORMS = {
+    "key": ("a string", lambda v: isinstance(v, str)),
+    "shard": ("a file name", lambda v: isinstance(v, str)),
+    "slot": ("an integer", lambda v: isinstance(v, int)),
+    "bucket": ("[height, width, segments]", lambda v: isinstance(v, list) and len(v) == 3
+               and all(isinstance(x, int) for x in v)),
+    "captions": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "task": (f"{' or '.join(TASKS)} or null", lambda v: v is None or v in TASKS),
+}
+SKIP_FORMS = {
+    "kind": (f"one of {', '.join(KINDS)}", lambda v: isinstance(v, str) and v in KINDS),
+    "where": ("a string", lambda v: isinstance(v, str)),
+    "reason": ("a string", lambda v: isinstance(v, str)),
+}
 
 
 def cache_settings(data_cfg):
@@ -65,9 +82,31 @@ def _check_settings(index, data_cfg, where):
 def _read_index(folder):
     path = Path(folder) / INDEX
     index = read_json(path, "cache index")
-    if not isinstance(index, dict) or not isinstance(index.get("items"), list):
-        raise UserError(f"{path} is not a `ttt-video prepare` index (no list of items)")
+    wrong = _index_misfit(index)
+    if wrong:
+        raise UserError(f"{path} is not a `ttt-video prepare` index ({wrong})")
     return index
+
+
+def _index_misfit(index):
+    """What keeps a parsed index from being read, or None: no list of items, settings that are not
+    an object, or an entry of "items" or "skipped" that lacks a field or holds it in another form."""
+    if not isinstance(index, dict) or not isinstance(index.get("items"), list):
+        return "no list of items"
+    if not isinstance(index.get("settings", {}), dict):
+        return "its settings are not an object"
+    if not isinstance(index.get("skipped", []), list):
+        return "its skipped data are not a list"
+    for field, forms in (("items", ITEM_FORMS), ("skipped", SKIP_FORMS)):
+        for n, entry in enumerate(index.get(field, [])):
+            if not isinstance(entry, dict):
+                return f"{field}[{n}] is not an object"
+            for key, (form, fits) in forms.items():
+                if key not in entry:
+                    return f"{field}[{n}] lacks {key!r}"
+                if not fits(entry[key]):
+                    return f"{field}[{n}][{key!r}] is {entry[key]!r}, not {form}"
+    return None
 
 
 class _Decoded(Dataset):
@@ -101,7 +140,8 @@ class PrepareResult:
 def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True, vae=None, text_encoder=None):
     """Cache every item of `data_cfg.manifest` into folder `out` (made with its first file, after
     the manifest is checked); `workers` decoding processes. `vae`, `text_encoder`: already loaded
-    ones (default: built from `data_cfg`)."""
+    ones (default: built from `data_cfg`). A manifest none of whose clips decodes raises `DataError`
+    and writes nothing."""
     out = Path(out)
     if (out / INDEX).is_file():
         index = _read_index(out)
@@ -120,14 +160,18 @@ def prepare(data_cfg, out, workers=0, shard_size=64, device="cpu", progress=True
         encoder = encoder or build_text_encoder(data_cfg.text_encoder, data_cfg.text_max_length, device,
                                                 data_cfg=data_cfg)
         emb, mask = encoder.encode([""])
-        atomic_file(out / EMPTY_TEXT, lambda tmp: save_file({"text": emb[0].contiguous(),
-                                                             "text_mask": mask[0].to(torch.uint8)}, tmp))
         captions = list(dict.fromkeys(c for i in todo for c in dataset.captions(i)))
         for k in range(0, len(captions), TEXT_BATCH):  # the encoder keeps them: one batched pass
             encoder.encode(captions[k:k + TEXT_BATCH])
 
     def write_index():
+        """Write the index (the empty caption's file first, once); an index of no items is no cache."""
         index["items"] = [done[w.key] for w in dataset.items if w.key in done]
+        if not index["items"]:  # every clip passed the probe but failed while decoding
+            raise dataset.unusable()
+        if not (out / EMPTY_TEXT).is_file():
+            atomic_file(out / EMPTY_TEXT, lambda tmp: save_file({"text": emb[0].contiguous(),
+                                                                 "text_mask": mask[0].to(torch.uint8)}, tmp))
         index["skipped"] = [vars(s) for s in report.skips.values()]
         write_text_atomic(out / INDEX, json.dumps(index, indent=1) + "\n")
 
@@ -199,11 +243,15 @@ class CachedDataset(Dataset):
         _check_settings(index, data_cfg, root)
         self.root, self.entries = root, index["items"]
         self._shards = {}
-        for name in sorted({e["shard"] for e in self.entries}):
-            self._shard(name)  # every header checked before training starts
+        for n, entry in enumerate(self.entries):  # every header and item checked before training starts
+            keys = self._shard(entry["shard"])[1]
+            lacking = [name for name in STORED if f"{entry['slot']}.{name}" not in keys]
+            if lacking:
+                raise UserError(f"cache file {root / entry['shard']} lacks {entry['slot']}.{lacking[0]} "
+                                f"(items[{n}] of {root / INDEX})")
         self.report = SkipReport(data_cfg.strict)
         for skip in index.get("skipped", []):
-            self.report.add(Skip(**skip))
+            self.report.add(Skip(skip["kind"], skip["where"], skip["reason"]))
         if not self.entries:
             raise DataError(f"cache {root} holds no items")
         self.buckets = [Bucket(*e["bucket"]) for e in self.entries]

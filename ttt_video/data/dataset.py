@@ -86,7 +86,7 @@ class ManifestDataset(Dataset):
     def __init__(self, data_cfg, report=None, probe_workers=8):
         if not data_cfg.manifest:
             raise UserError("data.manifest is not set (a .jsonl manifest or a metadata.json list)")
-        manifest = Path(data_cfg.manifest)
+        self.manifest = manifest = Path(data_cfg.manifest)
         if not manifest.is_file():
             raise UserError(f"manifest not found: {manifest}")
         self.root = Path(data_cfg.data_root) if data_cfg.data_root else manifest.parent
@@ -124,14 +124,18 @@ class ManifestDataset(Dataset):
                                    .encode()).hexdigest()[:20]
                 self.items.append(Window(clip, first, bucket, key))
         if not self.items:
-            raise DataError(f"manifest {manifest} has no usable clip: {len(self.records)} listed, "
-                            f"{self.report.summary()}")
+            raise self.unusable()
         self.buckets = [w.bucket for w in self.items]
         self._same_bucket, self._position = {}, []
         for i, b in enumerate(self.buckets):
             self._position.append(len(self._same_bucket.setdefault(b, [])))
             self._same_bucket[b].append(i)
         self._bad = {}
+
+    def unusable(self):
+        """The `DataError` of a manifest none of whose clips can be used, with the skip counts."""
+        return DataError(f"manifest {self.manifest} has no usable clip: {len(self.records)} listed, "
+                         f"{self.report.summary()}")
 
     def path(self, name):
         return self.root / name

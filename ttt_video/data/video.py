@@ -47,9 +47,10 @@ def _open(path, kind):
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(kind, f"cannot open: {_reason(e)}") from None
-    if not container.streams.video:
+    streams = container.streams.video
+    if not streams or streams[0].codec_context is None:  # none, or a header cut before its codec parameters
         container.close()
-        raise VideoError(kind, "no video stream")
+        raise VideoError(kind, "no video stream" if not streams else "no codec parameters for the video stream")
     return container
 
 

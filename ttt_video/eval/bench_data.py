@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from ..errors import check_positive
+from ..data.buckets import parse_size
+from ..errors import check_positive, int_list
 
 
 def write_clips(folder, clips, seconds, fps, height, width, seed=0):
@@ -39,8 +40,8 @@ def write_clips(folder, clips, seconds, fps, height, width, seed=0):
     return folder / "manifest.jsonl"
 
 
-def data_config(manifest, args):
-    height, width = (int(v) for v in args.bucket.split("x"))
+def data_config(manifest, args, bucket):
+    height, width = bucket
     frames_per_scene = round(args.segment_seconds * args.fps)
     num_scenes = max(1, int(args.seconds / args.segment_seconds))
     return DataConfig(source="manifest", manifest=str(manifest), fps=args.fps, frames_per_scene=frames_per_scene,
@@ -59,6 +60,8 @@ def main(argv=None):
     p.add_argument("--workers", default="0,2", help="comma-separated worker counts for prepare")
     args = p.parse_args(argv)
     check_positive(args, "clips", "seconds", "source_fps", "fps", "segment_seconds")
+    source_size, bucket = parse_size(args.source_size, "--source-size"), parse_size(args.bucket, "--bucket")
+    worker_counts = int_list(args, "workers")
 
     from ..data.cache import prepare
     from ..data.dataset import ManifestDataset
@@ -66,9 +69,8 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        h, w = (int(v) for v in args.source_size.split("x"))
-        manifest = write_clips(tmp, args.clips, args.seconds, args.source_fps, h, w)
-        cfg = data_config(manifest, args)
+        manifest = write_clips(tmp, args.clips, args.seconds, args.source_fps, *source_size)
+        cfg = data_config(manifest, args, bucket)
         print(f"{args.clips} clips of {args.seconds:g} s, {args.source_size} at {args.source_fps:g} fps -> "
               f"{cfg.frames_per_scene * cfg.num_scenes} frames at {args.fps} fps, {args.bucket}")
         t0 = time.perf_counter()
@@ -77,7 +79,7 @@ def main(argv=None):
             dataset[i]
         seconds = time.perf_counter() - t0
         print(f"decode   workers=0: {len(dataset) / seconds:7.2f} clips/s ({len(dataset)} items in {seconds:.2f} s)")
-        for workers in (int(v) for v in args.workers.split(",")):
+        for workers in worker_counts:
             t0 = time.perf_counter()
             encoder = build_text_encoder(cfg.text_encoder, cfg.text_max_length)
             print(f"text encoder load: {time.perf_counter() - t0:.2f} s")

@@ -22,9 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, check_positive
+from ..train.trainer import resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+MODES = ("single", "ddp", "fsdp")
 
 
 def run_command(mode, args, out):
@@ -93,15 +95,21 @@ def main(argv=None):
     p.add_argument("--text-cache", help="precomputed caption embeddings (`ttt-video cache-text`)")
     p.add_argument("--config-dir", type=Path, default=CONFIG_DIR,
                    help="folder with ddp.yaml and fsdp.yaml (default: the repository's configs/accelerate)")
-    p.add_argument("--modes", default="single,ddp,fsdp")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, from {', '.join(MODES)} (the one-device run always runs)")
     p.add_argument("--out", type=Path, default=Path("runs/parallel-check"))
     p.add_argument("--json", help="also write the summary to this file")
     args = p.parse_args(argv)
+    check_positive(args, "global_batch", "num_processes")
+    resolve_device(args.device, "--device")  # the runs' train.device, checked before any starts
     if args.global_batch % args.num_processes:
         raise UserError(f"--global-batch {args.global_batch} does not split over {args.num_processes} processes")
     if args.steps < 2:
         raise UserError("--steps must be at least 2 (the first step is the warm-up)")
     modes = ["single", *[m for m in args.modes.split(",") if m != "single"]]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UserError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     if args.device == "cpu" and "fsdp" in modes:
         print("FSDP runs on GPUs only (Accelerate): skipped on --device cpu")
         modes.remove("fsdp")

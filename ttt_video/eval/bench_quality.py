@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import apply_overrides
-from ..errors import check_positive
+from ..errors import UserError, check_positive, int_list
 from ..fileio import write_text_atomic
 from ..models import build_model
 from ..presets import get_preset
@@ -189,7 +189,7 @@ def main(argv=None):
     mixers = a.mixers.split(",")
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:
-        p.error(f"unknown mixer {unknown[0]!r}; choose from {', '.join(MIXERS)}")
-    _, table = run(a.out, mixers, [int(s) for s in a.seeds.split(",")], a.steps, a.extend_steps, a.num_videos, a.set,
+        raise UserError(f"--mixers: unknown mixer {unknown[0]!r}; choose from {', '.join(MIXERS)}")
+    _, table = run(a.out, mixers, int_list(a, "seeds"), a.steps, a.extend_steps, a.num_videos, a.set,
                    progress=not a.no_progress, text_cache=a.text_cache, jobs=a.jobs)
     print(table)

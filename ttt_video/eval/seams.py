@@ -13,11 +13,11 @@ import numpy as np
 
 from ..data.synthetic import held_out
 from ..encoders.text import build_text_encoder
-from ..errors import check_positive
+from ..errors import UserError, check_positive
 from ..sample.export import video_to_uint8
-from ..sample.long import sliding_window
+from ..sample.long import check_window, sliding_window
 from ..sample.pipeline import bundled_checkpoint
-from ..train.checkpoint import load_model
+from ..train.checkpoint import load_config, load_model
 from .scorer import detect_color, foreground
 
 
@@ -37,11 +37,16 @@ def color_changes(frames, seams):
 
 
 def run(num_videos=8, num_segments=9, window=24, overlap=8, steps=20, checkpoint=None, progress=True):
-    model, cfg = load_model(checkpoint or bundled_checkpoint())
-    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length)
-    seg = cfg.data.frames_per_scene
+    checkpoint = checkpoint or bundled_checkpoint()
+    seg = load_config(checkpoint).data.frames_per_scene  # the checks come before the model loads
+    check_window(window, overlap, seg)
     num_frames = num_segments * seg
     seams = list(range(window, num_frames, window - overlap))
+    if not seams:
+        raise UserError(f"{num_segments} segments ({num_frames} frames) fit in one window of {window}: no seam to "
+                        "measure; give more --num-segments or a smaller --window")
+    model, cfg = load_model(checkpoint)
+    encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length)
     rows = {}
     for condition in (True, False):
         jumps, changes = [], []

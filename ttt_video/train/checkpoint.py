@@ -77,31 +77,41 @@ def resolve(path):
 
 def load_weights(model, path, ema=False):
     """Load a checkpoint's weights into `model` (built with its config and adapter);
-    `ema=True` then overwrites the trained parameters with their moving average. A checkpoint
-    without image conditioning loads into a model with it; its `cond_embed` stays at zero. Weights
-    that do not fit the model raise `UserError` naming the file and the first misfit."""
-    state = read_safetensors(path / MODEL_FILE, "checkpoint weights")
-    expected = model.state_dict()
-    for name, value in expected.items():
-        if ".cond_embed." in f".{name}" and name not in state:
-            state[name] = value
-    check_state_dict(state, expected, path / MODEL_FILE)
-    model.load_state_dict(state)
+    `ema=True` then overwrites the trained parameters (those the adapter left trainable) with their
+    moving average. Weights that do not fit the model raise `UserError` naming the file and the
+    first misfit."""
+    model.load_state_dict(_read_weights(path / MODEL_FILE, "checkpoint weights", model.state_dict()))
     if ema:
-        averaged = load_ema(path)
         params = dict(model.named_parameters())
-        missing = set(averaged) - set(params)
-        if missing:
-            raise CheckpointError(f"{path / EMA_FILE} names parameters the model lacks: {sorted(missing)[0]}")
+        averaged = load_ema(path, {n: p for n, p in params.items() if p.requires_grad})
         with torch.no_grad():
             for n, v in averaged.items():
                 params[n].copy_(v)
 
 
-def load_ema(path):
+def load_ema(path, expected):
+    """The EMA weights of a checkpoint, checked against `expected` (the averaged parameters by
+    name: the run's trainable ones)."""
     if not (Path(path) / EMA_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} has no {EMA_FILE}")
-    return read_safetensors(Path(path) / EMA_FILE, "EMA weights")
+    return _read_weights(Path(path) / EMA_FILE, "EMA weights", expected)
+
+
+def _read_weights(path, what, expected):
+    """The tensors of a weights file that fit `expected` (a state dict), else `UserError`. A
+    checkpoint without image conditioning fits a model with it: its `cond_embed` keeps the model's
+    (zero) values."""
+    state = read_safetensors(path, what)
+    for name, value in expected.items():
+        if ".cond_embed." in f".{name}" and name not in state:
+            state[name] = value
+    check_state_dict(state, expected, path)
+    return state
+
+
+def load_config(path):
+    """The config a checkpoint (or a run folder's last one) was trained with, read without its weights."""
+    return config_lib.load(resolve(path) / CONFIG_FILE)
 
 
 def load_model(path, device="cpu", ema=False):
@@ -110,10 +120,8 @@ def load_model(path, device="cpu", ema=False):
     from .adapters import apply_adapter
 
     path = resolve(path)
-    cfg = config_lib.load(path / CONFIG_FILE)
-    model = build_model(cfg.model)
-    if cfg.train.adapter == "lora":
-        model = apply_adapter(model, "lora", cfg.train.lora_rank, cfg.train.lora_alpha)
+    cfg = load_config(path)
+    model = apply_adapter(build_model(cfg.model), cfg.train.adapter, cfg.train.lora_rank, cfg.train.lora_alpha)
     load_weights(model, path, ema)
     return model.to(device).eval(), cfg
 

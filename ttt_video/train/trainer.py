@@ -369,7 +369,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         for group, base in zip(optimizer.optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * schedule(scheduler.last_epoch)
         if ema is not None:
-            ema.load(ckpt.load_ema(path))
+            ema.load(ckpt.load_ema(path, ema.shadow))
 
     if not svd and encoder.dim != unwrapped.text_dim:
         if cfg.model.pretrained:
