@@ -276,6 +276,28 @@ def test_extending_a_file_that_is_not_a_video(content, tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("args,msg", [
+    (["generate", "a", "--window", "12"], "--window must be a positive multiple of the model's segment length 8"),
+    (["generate", "a", "--window", "16", "--overlap", "16"], "--overlap must be a multiple of 8 in [0, 16)"),
+    (["extend", "a", "--window", "12"], "--window must be a positive multiple of the model's segment length 8"),
+    (["extend", "a", "--overlap", "5"], "--overlap must be a multiple of 8 in [0, 24)"),
+    (["extend", "a", "--num-frames", "0"], "--num-frames must be positive, got 0"),
+    (["extend", "a", "--overlap", "16", "--video", "SHORT"], "the video to extend has 8 frames; the overlap needs 16"),
+])
+def test_window_and_length_checked_before_the_model_loads(args, msg, tmp_path, capsys, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the window")
+
+    monkeypatch.setattr(pipeline, "load_model", load)
+    short = tmp_path / "short.mp4"
+    write_video(np.zeros((8, 32, 32, 3), np.uint8), short, fps=8)
+    if args[0] == "extend" and "--video" not in args:
+        args = [*args, "--video", str(short)]
+    args = [str(short) if a == "SHORT" else a for a in args]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "v.mp4")], capsys)
+    assert_one_line_error(code, err, msg)
+
+
+@pytest.mark.parametrize("args,msg", [
     (["data", "--clips", "0"], "--clips must be positive, got 0"),
     (["data", "--seconds", "nan"], "--seconds must be positive, got nan"),
     (["seams", "--num-videos", "0"], "--num-videos must be positive, got 0"),

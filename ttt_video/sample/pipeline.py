@@ -29,10 +29,10 @@ from ..encoders.vae import vae_from_config
 from ..errors import UserError, first_sentence
 from ..fileio import read_json
 from ..models.svd import pipeline_folder
-from ..train.checkpoint import load_model
+from ..train.checkpoint import load_config, load_model
 from ..train.trainer import resolve_device
 from .export import contact_sheet, read_video, video_to_uint8, write_video
-from .long import sliding_window
+from .long import check_window, sliding_window
 from .sampler import sample_batch
 
 
@@ -113,12 +113,16 @@ def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None,
     `image`: an image file the video starts from (models trained with image conditioning)."""
     out = Path(out)
     device = resolve_device(device)
-    model, cfg = load_model(checkpoint or bundled_checkpoint(), device)
+    checkpoint = checkpoint or bundled_checkpoint()
+    if window:  # before the model loads
+        if image is not None:
+            raise UserError("--image does not combine with --window")
+        seg = load_config(checkpoint).data.frames_per_scene
+        check_window(window, seg if overlap is None else overlap, seg)
+    model, cfg = load_model(checkpoint, device)
     svd = cfg.model.arch == "svd"
     cond_image = None
     if image is not None:
-        if window:
-            raise UserError("--image does not combine with --window")
         cond_image = load_condition_image(image, cfg)
     elif svd:
         raise UserError("a Stable Video Diffusion model generates from an image: give --image")
@@ -153,21 +157,28 @@ def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, step
     """Continue the clip in `video` by `num_frames` (or `seconds` at the model's fps) new frames,
     window by window; the clip is resized to the model's resolution and kept as the opening."""
     out = Path(out)
-    try:  # before the model loads
-        clip = read_video(video)  # [F, H, W, 3]
-    except (OSError, RuntimeError, StopIteration) as e:
-        raise UserError(f"cannot read video {video}: {first_sentence(e)}") from None
-    model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+    checkpoint = checkpoint or bundled_checkpoint()
+    cfg = load_config(checkpoint)  # the checks before the model loads
     if cfg.model.arch == "svd":
         raise UserError("extend continues a video through captions; a Stable Video Diffusion model takes an image")
     seg = cfg.data.frames_per_scene
-    x = torch.from_numpy(clip.copy()).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, F, H, W]
-    x = torch.nn.functional.interpolate(x, size=(cfg.data.height, cfg.data.width), mode="area")
+    window = window or cfg.data.num_scenes * seg
+    overlap = seg if overlap is None else overlap
+    check_window(window, overlap, seg)
     if seconds is not None:
         num_frames = round(seconds * cfg.data.fps)
     num_frames = num_frames or cfg.data.num_scenes * seg
     if num_frames < 1:
         raise UserError(f"the extension needs at least one new frame, got {num_frames}")
+    try:
+        clip = read_video(video)  # [F, H, W, 3]
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise UserError(f"cannot read video {video}: {first_sentence(e)}") from None
+    if len(clip) < overlap:
+        raise UserError(f"the video to extend has {len(clip)} frames; the overlap needs {overlap}")
+    model, cfg = load_model(checkpoint, resolve_device(device))
+    x = torch.from_numpy(clip.copy()).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, F, H, W]
+    x = torch.nn.functional.interpolate(x, size=(cfg.data.height, cfg.data.width), mode="area")
     plan, _ = plan_segments(len(captions), seg, num_frames)
     known_segments = x.shape[1] // seg
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,
@@ -176,8 +187,6 @@ def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, step
     def caption_at(k):
         return captions[plan[min(max(k - known_segments, 0), len(plan) - 1)]]
 
-    window = window or cfg.data.num_scenes * seg
-    result = sliding_window(model, cfg, encoder, caption_at, x.shape[1] + num_frames, window,
-                            seg if overlap is None else overlap, steps, guidance_scale, seed, prefix=x,
-                            progress=progress)
+    result = sliding_window(model, cfg, encoder, caption_at, x.shape[1] + num_frames, window, overlap, steps,
+                            guidance_scale, seed, prefix=x, progress=progress)
     return _write(video_to_uint8(result.cpu().clamp(-1, 1)), out, cfg.data.fps, seg)
