@@ -1,4 +1,10 @@
-from ttt_video.eval.bench_ttt import HEADER, _Rows, attention_flops, format_table, ttt_flops
+from pathlib import Path
+
+import pytest
+
+from ttt_video.errors import UserError
+from ttt_video.eval import bench_ttt
+from ttt_video.eval.bench_ttt import HEADER, _Rows, attention_flops, format_table, kernels_at, ttt_flops
 
 
 def test_flop_counts_match_the_documented_formulas():
@@ -16,3 +22,13 @@ def test_rows_are_reported_as_they_are_measured():
     assert seen == list(rows)
     lines = format_table(rows).splitlines()
     assert lines[0] == HEADER and "16.50" in lines[1] and "1.790" in lines[1] and "skipped (est. 12.5 s)" in lines[2]
+
+
+def test_kernels_of_a_git_revision_load_as_a_module_of_their_own():
+    root = Path(bench_ttt.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("the package does not run from a git checkout")
+    module = kernels_at("HEAD")
+    assert module.__name__ == "triton_HEAD" and callable(module.ttt_mlp) and callable(module.ttt_linear)
+    with pytest.raises(UserError, match="--against no-such-rev: no ttt_video/ops/ttt/triton.py at that revision"):
+        kernels_at("no-such-rev")

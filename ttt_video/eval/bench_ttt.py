@@ -10,13 +10,22 @@ FLOPs counted (matrix products only, per chain and mini-batch of b tokens, hidde
 TTT-MLP forward 14 b D F + 4 b^2 F + 4 b^2 D, TTT-Linear forward 6 b D^2 + 4 b^2 D, attention
 forward 4 S^2 D per segment and head; forward+backward counts 3x the TTT forward (no recompute)
 and 3.5x the attention forward.
+
+`--against REV` also times the Triton kernels as of git revision REV of this checkout (impl
+`@REV`), loaded beside the current ones: a same-process comparison of two kernel versions.
 """
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import UserError
 
 TTT_TOKENS_63S = 351_168
 SEGMENTS_63S = 21
@@ -75,20 +84,43 @@ def _ttt_inputs(op, T, heads, head_dim, device, seed=0):
     return [q, k, v, eta, *weights, 1 + r(heads, d, scale=0.1), r(heads, d, scale=0.1)]
 
 
-def _ttt_fn(op, impl, args, mini_batch_size, backward):
-    from ttt_video.ops import ttt_linear, ttt_mlp
+KERNELS = "ttt_video/ops/ttt/triton.py"
 
-    fn = ttt_mlp if op == "mlp" else ttt_linear
+
+def kernels_at(rev):
+    """The Triton kernel module (`KERNELS`) as of git revision `rev` of the checkout this package
+    runs from, loaded as a module of its own beside the current one."""
+    root = Path(__file__).resolve().parents[2]
+    git = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{KERNELS}"], capture_output=True, text=True)
+    if git.returncode:
+        raise UserError(f"--against {rev}: no {KERNELS} at that revision of {root} "
+                        f"({git.stderr.strip().splitlines()[-1] if git.stderr.strip() else 'git failed'})")
+    path = Path(tempfile.mkdtemp(prefix="ttt-kernels-")) / f"triton_{rev.replace('/', '_')}.py"
+    path.write_text(git.stdout)  # Triton reads a kernel's source from its file
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ttt_fn(op, impl, args, mini_batch_size, backward):
+    """`impl`: "triton" or "torch" through the ops' dispatch, or a kernel module (`kernels_at`)."""
+    from ttt_video import ops
+
+    if isinstance(impl, str):
+        fn, kwargs = getattr(ops, f"ttt_{op}"), dict(mini_batch_size=mini_batch_size, impl=impl)
+    else:
+        fn, kwargs = getattr(impl, f"ttt_{op}"), dict(mini_batch_size=mini_batch_size)
     if not backward:
         def run():
             with torch.no_grad():
-                fn(*args, mini_batch_size=mini_batch_size, impl=impl)
+                fn(*args, **kwargs)
         return run
     leaves = [a.requires_grad_() for a in args]
     grad = torch.randn_like(args[0])
 
     def run():
-        out = fn(*leaves, mini_batch_size=mini_batch_size, impl=impl)
+        out = fn(*leaves, **kwargs)
         torch.autograd.grad(out, leaves, grad)
     return run
 
@@ -110,13 +142,15 @@ def _attn_fn(segments, heads, head_dim, device, backward):
 
 
 def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("triton", "torch"), device="cuda",
-        max_estimate_s=2.0, on_row=None):
+        max_estimate_s=2.0, on_row=None, against=None):
     """Time every (length, op, impl, mode); rows carry ms, TFLOP/s and the ratio to attention.
+    `against`: {impl name: kernel module (`kernels_at`)} timed beside `impls`.
 
     A torch-path case whose time, extrapolated from the previous length, exceeds `max_estimate_s`
     per call is skipped and reported with that estimate. `on_row(row)` sees each row as it is done.
     """
     rows = _Rows(on_row)
+    kernels = {**{name: name for name in impls}, **(against or {})}
     last = {}
     for sec in seconds:
         segments = max(1, round(sec / SECONDS_PER_SEGMENT))
@@ -130,7 +164,7 @@ def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("
                              tflops=flops / ms / 1e9, ratio=1.0))
             torch.cuda.empty_cache()
         for op in ("mlp", "linear"):
-            for impl in impls:
+            for impl, kernel in kernels.items():
                 for mode, backward in (("fwd", False), ("fwd+bwd", True)):
                     key = (op, impl, mode)
                     row = dict(seconds=sec, T=T, op=f"ttt-{op}", impl=impl, mode=mode)
@@ -140,7 +174,7 @@ def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("
                         rows.append(dict(row, ms=None, tflops=None, ratio=None, skipped=estimate))
                         continue
                     args = _ttt_inputs(op, T, heads, head_dim, device)
-                    ms = _time_ms(_ttt_fn(op, impl, args, mini_batch_size, backward),
+                    ms = _time_ms(_ttt_fn(op, kernel, args, mini_batch_size, backward),
                                   budget_ms=300.0 if impl == "torch" else 1500.0)
                     del args
                     torch.cuda.empty_cache()
@@ -184,16 +218,22 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=["triton", "torch"], choices=["triton", "torch"])
     p.add_argument("--max-estimate-s", type=float, default=2.0,
                    help="skip a torch-path case whose extrapolated time per call exceeds this")
+    p.add_argument("--against", nargs="+", default=[], metavar="REV",
+                   help="also time the Triton kernels of these git revisions of this checkout (impl @REV)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.exit(2, "ttt-video bench ttt: needs a CUDA device\n")
     if any(s % SECONDS_PER_SEGMENT for s in args.seconds):
         p.exit(2, f"ttt-video bench ttt: --seconds must be multiples of {SECONDS_PER_SEGMENT}\n")
+    try:
+        against = {f"@{rev}": kernels_at(rev) for rev in args.against}
+    except UserError as e:
+        p.exit(2, f"ttt-video bench ttt: {e}\n")
     print(f"device: {torch.cuda.get_device_name()}, heads {args.heads} x {args.head_dim}, "
           f"mini-batch {args.mini_batch_size}, TTT both directions in one call, bf16")
     print(HEADER, flush=True)
     run(tuple(args.seconds), args.heads, args.head_dim, args.mini_batch_size, tuple(args.impls),
-        max_estimate_s=args.max_estimate_s, on_row=lambda row: print(format_row(row), flush=True))
+        max_estimate_s=args.max_estimate_s, on_row=lambda row: print(format_row(row), flush=True), against=against)
     return 0
 
 
