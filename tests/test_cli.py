@@ -90,6 +90,9 @@ def test_train_then_generate_from_checkpoint(tmp_path, capsys):
     (["generate", "--model", "DIR", "--storyboard", "STORY", "--seconds", "nan"],
      "--seconds must be positive, got nan"),
     (["generate", "--model", "DIR", "--storyboard", "STORY", "--fps", "0"], "--fps must be positive, got 0"),
+    (["generate", "--model", "DIR", "--storyboard", "STORY", "--ema"],
+     "--ema needs a --ttt-checkpoint from `ttt-video train`"),
+    (["generate", "a", "--ema"], "has no ema.safetensors"),
 ])
 def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     story = tmp_path / "bad.json"
@@ -349,6 +352,26 @@ def test_a_refused_run_leaves_no_new_folder(command, tmp_path, capsys):
     code, _, err = run_cli([*args, *(["--no-progress"] if command[0] != "export-lora" else [])], capsys)
     assert_one_line_error(code, err)
     assert not (tmp_path / "new").exists()
+
+
+def test_ema_samples_the_moving_average(tmp_path, capsys):
+    """--ema samples with the run's moving average: another video than the trained weights give,
+    with the same seed; evaluate and extend take it too."""
+    sets = [a for s in TINY + ["train.max_steps=2", "train.ema_decay=0.5"] for a in ("--set", s)]
+    run = tmp_path / "run"
+    assert run_cli(["train", *sets, "--output-dir", str(run), "--no-progress"], capsys)[0] == 0
+    videos = {}
+    for flags in ([], ["--ema"]):
+        out = tmp_path / f"v{len(flags)}.mp4"
+        code, _, err = run_cli(["generate", "a red circle", "--checkpoint", str(run), "--steps", "2", "--out", str(out),
+                                "--no-progress", *flags], capsys)
+        assert code == 0, err
+        videos[len(flags)] = read_video(out)
+    assert videos[0].shape == videos[1].shape and not np.array_equal(videos[0], videos[1])
+    assert run_cli(["evaluate", "--checkpoint", str(run), "--num-videos", "1", "--steps", "1", "--ema",
+                    "--no-progress"], capsys)[0] == 0
+    assert run_cli(["extend", "a", "--video", str(tmp_path / "v1.mp4"), "--checkpoint", str(run), "--steps", "1",
+                    "--ema", "--num-frames", "4", "--out", str(tmp_path / "x.mp4"), "--no-progress"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("damage,msg", [

@@ -123,6 +123,8 @@ def cmd_generate_cogvideox(args):
     _refuse_flags(args, BUILT_IN_FLAGS, "applies to the built-in models, not with --model")
     if args.ttt_checkpoint:
         _refuse_flags(args, ("ttt",), "picks the kind of fresh TTT layers; a --ttt-checkpoint brings its own")
+    else:
+        _refuse_flags(args, ("ema",), "needs a --ttt-checkpoint from `ttt-video train` (the average is the run's)")
     check_positive(args, "seconds", "fps")
     if args.ttt_checkpoint and not Path(args.ttt_checkpoint).exists():
         raise UsageError(f"TTT checkpoint not found: {args.ttt_checkpoint}")
@@ -134,7 +136,7 @@ def cmd_generate_cogvideox(args):
                       guidance_scale=6.0 if args.guidance_scale is None else args.guidance_scale,
                       dynamic_cfg=args.dynamic_cfg, height=args.height, width=args.width, fps=args.fps or 16,
                       seed=args.seed, device=device, progress=not args.no_progress,
-                      vae_tiling=args.vae_tiling)
+                      vae_tiling=args.vae_tiling, ema=args.ema)
     _report(result)
 
 
@@ -163,7 +165,8 @@ def cmd_generate(args):
     result = generate(captions, checkpoint=args.checkpoint, num_frames=args.num_frames, seconds=args.seconds,
                       fps=args.fps, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                       out=args.out, device=device, progress=not args.no_progress,
-                      text_cache=args.text_cache, window=args.window, overlap=args.overlap, image=args.image)
+                      text_cache=args.text_cache, window=args.window, overlap=args.overlap, image=args.image,
+                      ema=args.ema)
     _report(result)
 
 
@@ -186,7 +189,7 @@ def cmd_extend(args):
     _report(extend(args.video, args.prompts, checkpoint=args.checkpoint, num_frames=args.num_frames,
                    seconds=args.seconds, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                    out=args.out, window=args.window, overlap=args.overlap, device=device,
-                   progress=not args.no_progress, text_cache=args.text_cache))
+                   progress=not args.no_progress, text_cache=args.text_cache, ema=args.ema))
 
 
 def cmd_cache_text(args):
@@ -254,7 +257,7 @@ def cmd_evaluate(args):
         _check_writable(args.json)
     scores = evaluate(args.checkpoint, num_videos=args.num_videos, num_scenes=args.num_scenes, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, device=device,
-                      text_cache=args.text_cache, progress=not args.no_progress)
+                      text_cache=args.text_cache, progress=not args.no_progress, ema=args.ema)
     if args.json:
         write_text_atomic(args.json, json.dumps(scores, indent=2) + "\n")
     print(f"{scores['num_videos']} held-out storyboards of {scores['num_scenes']} scenes: {format_scores(scores)}")
@@ -272,6 +275,8 @@ def cmd_bench(args, rest):
 
 def _sampling_args(p):
     p.add_argument("--checkpoint", help="checkpoint or run folder (default: the bundled tiny model)")
+    p.add_argument("--ema", action="store_true",
+                   help="sample with the moving average of the weights the run kept (train.ema_decay)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int, default=0)

@@ -4,12 +4,13 @@ frames at 8 fps sharing one frame (3 latent frames sharing one, as 49 and 13 in 
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ttt_video import config as config_lib
 from ttt_video.cli import main
@@ -192,6 +193,26 @@ def test_stage_3s_checkpoint_starts_the_next_stage_with_ttt_qkvo(pipeline, manif
     # the trained weights moved a little from stage 1's, not from a fresh initialisation
     assert max((after[k] - before[k]).abs().max().item() for k in trained) < 1e-3
     assert get_preset("cogvideox-5b-ttt-9s").train.init_from == "runs/cogvideox-5b-ttt-3s"
+
+
+def test_ttt_checkpoint_ema_gives_the_moving_average(pipeline, trained, tmp_path):
+    """`--ema` with a trainer checkpoint: the trained parameters (the run's adapter: all of them at
+    3 s) come from its ema.safetensors, the rest from its weights; a checkpoint without one, or a
+    saved model, is refused."""
+    _, last, _ = trained
+    with pytest.raises(UserError, match="has no ema.safetensors"):
+        load_transformer(pipeline, last, ema=True)
+    copy = tmp_path / "checkpoint-3"
+    shutil.copytree(last, copy)
+    weights = load_file(copy / "model.safetensors")
+    averaged = {k: torch.full_like(v, 0.25) for k, v in weights.items()}
+    save_file(averaged, copy / "ema.safetensors")
+    model = load_transformer(pipeline, copy, ema=True)
+    assert all(torch.equal(p, averaged[n]) for n, p in model.named_parameters())
+    saved = tmp_path / "saved"
+    load_transformer(pipeline, copy).save_pretrained(saved)
+    with pytest.raises(UserError, match="saved model, not a `ttt-video train` checkpoint"):
+        load_transformer(pipeline, saved, ema=True)
 
 
 def test_generate_samples_a_trainer_checkpoint(pipeline, trained, tmp_path, capsys):

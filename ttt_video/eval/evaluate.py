@@ -14,9 +14,10 @@ from .scorer import CHANCE, score_batch
 
 
 def evaluate(checkpoint=None, num_videos=32, num_scenes=None, steps=None, guidance_scale=None, seed=0,
-             batch_size=16, device="auto", text_cache=None, progress=True):
-    """Mean scores over `num_videos` held-out storyboards (storyboard seeds 0..num_videos-1)."""
-    model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device))
+             batch_size=16, device="auto", text_cache=None, progress=True, ema=False):
+    """Mean scores over `num_videos` held-out storyboards (storyboard seeds 0..num_videos-1);
+    `ema`: of the moving average of the weights the run kept."""
+    model, cfg = load_model(checkpoint or bundled_checkpoint(), resolve_device(device), ema)
     if cfg.model.arch == "svd":
         raise UserError("evaluate samples captioned storyboards; a Stable Video Diffusion model takes an image")
     encoder = build_text_encoder(cfg.data.text_encoder, cfg.data.text_max_length, cache=text_cache,

@@ -26,6 +26,7 @@ from ..fileio import read_json
 from ..models.cogvideox_ttt import (CONFIG_FILE, CogVideoXTTT, diffusers_weight_files, load_config, transformer_folder,
                                     ttt_settings)
 from ..train import checkpoint as ckpt
+from ..train.adapters import apply_adapter
 from .export import contact_sheet, video_to_uint8, write_video
 
 SECONDS_PER_SEGMENT = 3
@@ -107,15 +108,21 @@ def _from_trainer(path):
     return isinstance(data, dict) and isinstance(data.get("model"), dict)
 
 
-def load_transformer(model_dir, ttt_checkpoint=None, ttt="mlp"):
+def load_transformer(model_dir, ttt_checkpoint=None, ttt="mlp", ema=False):
     """The transformer to sample with: the folder's own with fresh TTT layers of kind `ttt` (or
     none), or a trained one. A `ttt-video train` checkpoint holds the whole state dict and the run's
     config; its TTT settings and the folder's transformer config rebuild the model, so the
-    checkpoint must come from a transformer of the same dimensions."""
+    checkpoint must come from a transformer of the same dimensions. `ema`: the trained parameters
+    from the moving average the run kept (`train.ema_decay`)."""
     if not ttt_checkpoint:
+        if ema:
+            raise UserError("--ema needs a --ttt-checkpoint from `ttt-video train` (the average is the run's)")
         return CogVideoXTTT.from_diffusers(model_dir, ttt=ttt)
     path = Path(ttt_checkpoint)
     if not _from_trainer(path):
+        if ema:
+            raise UserError(f"{path} is a saved model, not a `ttt-video train` checkpoint: it keeps no moving "
+                            "average for --ema")
         return CogVideoXTTT.from_pretrained(path)
     path = ckpt.resolve(path)
     cfg = config_lib.load(path / ckpt.CONFIG_FILE)
@@ -125,18 +132,21 @@ def load_transformer(model_dir, ttt_checkpoint=None, ttt="mlp"):
         raise UserError(f"checkpoint {path} holds LoRA weights (train.adapter lora); --ttt-checkpoint takes "
                         "full state dicts")
     model_cfg = load_config(transformer_folder(model_dir) / CONFIG_FILE, **ttt_settings(cfg.model))
-    return CogVideoXTTT.from_weights(model_cfg, path / ckpt.MODEL_FILE)
+    model = CogVideoXTTT.from_weights(model_cfg, path / ckpt.MODEL_FILE)
+    if ema:
+        ckpt.apply_ema(apply_adapter(model, cfg.train.adapter), path)
+    return model
 
 
 class CogVideoXGenerator:
     def __init__(self, model_dir, ttt_checkpoint=None, ttt="mlp", sampler=None, device="cpu", dtype=torch.float32,
-                 vae_tiling=False):
+                 vae_tiling=False, ema=False):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import diffusers
 
         folder = Path(model_dir)
         check_pipeline_folder(folder)
-        self.model = load_transformer(folder, ttt_checkpoint, ttt)
+        self.model = load_transformer(folder, ttt_checkpoint, ttt, ema)
         self.model.to(device, dtype).eval().requires_grad_(False)
         self.encoder = T5TextEncoder(folder, device=device, dtype=dtype)
         self.vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(folder / "vae", local_files_only=True,
@@ -234,15 +244,16 @@ class Result:
 
 def generate(model_dir, storyboard, seconds=None, out="outputs/video.mp4", ttt_checkpoint=None, ttt="mlp",
              sampler=None, steps=50, guidance_scale=6.0, dynamic_cfg=False, height=None, width=None, fps=16,
-             seed=0, device="cpu", progress=True, vae_tiling=False):
-    """Sample a storyboard (a list of `Segment`, or a JSON file) and write the mp4 and contact sheet."""
+             seed=0, device="cpu", progress=True, vae_tiling=False, ema=False):
+    """Sample a storyboard (a list of `Segment`, or a JSON file) and write the mp4 and contact sheet.
+    `ema`: sample with the moving average a `ttt-video train` checkpoint keeps."""
     segments = read_storyboard(storyboard) if isinstance(storyboard, (str, Path)) else list(storyboard)
     segment_count(segments, seconds)
     if height is not None or width is not None:  # before minutes of loading; `sample` checks the model's own
         check_pipeline_folder(Path(model_dir))
         factor = resolution_factor(Path(model_dir) / "vae", transformer_folder(model_dir))
         check_resolution(factor if height is None else height, factor if width is None else width, factor)
-    gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device, vae_tiling=vae_tiling)
+    gen = CogVideoXGenerator(model_dir, ttt_checkpoint, ttt, sampler, device, vae_tiling=vae_tiling, ema=ema)
     latents = gen.sample(segments, height, width, steps, guidance_scale, dynamic_cfg, seed, progress)
     frames = gen.decode(latents)
     out = Path(out)

@@ -106,11 +106,12 @@ def _write(frames, out, fps, frames_per_segment):
 
 def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None, steps=None, guidance_scale=None,
              seed=0, out="outputs/video.mp4", device="auto", progress=True, text_cache=None, window=None,
-             overlap=None, image=None):
+             overlap=None, image=None, ema=False):
     """Sample one video for `captions` and write `out` (mp4) and its contact sheet (png).
     Length: `num_frames`, or `seconds` at `fps` (default: the model's fps), or one segment per caption.
     `window` (frames): generate window by window, each continuing the last `overlap` frames.
-    `image`: an image file the video starts from (models trained with image conditioning)."""
+    `image`: an image file the video starts from (models trained with image conditioning).
+    `ema`: sample with the moving average of the weights the run kept (`train.ema_decay`)."""
     out = Path(out)
     device = resolve_device(device)
     checkpoint = checkpoint or bundled_checkpoint()
@@ -119,7 +120,7 @@ def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None,
             raise UserError("--image does not combine with --window")
         seg = load_config(checkpoint).data.frames_per_scene
         check_window(window, seg if overlap is None else overlap, seg)
-    model, cfg = load_model(checkpoint, device)
+    model, cfg = load_model(checkpoint, device, ema)
     svd = cfg.model.arch == "svd"
     cond_image = None
     if image is not None:
@@ -153,7 +154,8 @@ def generate(captions, checkpoint=None, num_frames=None, seconds=None, fps=None,
 
 
 def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, steps=None, guidance_scale=None, seed=0,
-           out="outputs/extended.mp4", window=None, overlap=None, device="auto", progress=True, text_cache=None):
+           out="outputs/extended.mp4", window=None, overlap=None, device="auto", progress=True, text_cache=None,
+           ema=False):
     """Continue the clip in `video` by `num_frames` (or `seconds` at the model's fps) new frames,
     window by window; the clip is resized to the model's resolution and kept as the opening."""
     out = Path(out)
@@ -176,7 +178,7 @@ def extend(video, captions, checkpoint=None, num_frames=None, seconds=None, step
         raise UserError(f"cannot read video {video}: {first_sentence(e)}") from None
     if len(clip) < overlap:
         raise UserError(f"the video to extend has {len(clip)} frames; the overlap needs {overlap}")
-    model, cfg = load_model(checkpoint, resolve_device(device))
+    model, cfg = load_model(checkpoint, resolve_device(device), ema)
     x = torch.from_numpy(clip.copy()).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, F, H, W]
     x = torch.nn.functional.interpolate(x, size=(cfg.data.height, cfg.data.width), mode="area")
     plan, _ = plan_segments(len(captions), seg, num_frames)

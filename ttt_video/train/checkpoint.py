@@ -82,11 +82,17 @@ def load_weights(model, path, ema=False):
     first misfit."""
     model.load_state_dict(_read_weights(path / MODEL_FILE, "checkpoint weights", model.state_dict()))
     if ema:
-        params = dict(model.named_parameters())
-        averaged = load_ema(path, {n: p for n, p in params.items() if p.requires_grad})
-        with torch.no_grad():
-            for n, v in averaged.items():
-                params[n].copy_(v)
+        apply_ema(model, path)
+
+
+def apply_ema(model, path):
+    """Overwrite `model`'s trainable parameters (its run's adapter applied) with the moving average
+    the checkpoint at `path` keeps of them."""
+    params = dict(model.named_parameters())
+    averaged = load_ema(path, {n: p for n, p in params.items() if p.requires_grad})
+    with torch.no_grad():
+        for n, v in averaged.items():
+            params[n].copy_(v)
 
 
 def load_ema(path, expected):
