@@ -105,6 +105,15 @@ def test_user_errors_exit_2_with_one_line(args, msg, tmp_path, capsys):
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args", [["generate", "a", "--steps", "x"], ["generate", "a", "--no-such-flag"], ["bogus"],
+                                  ["bench", "seams", "--steps", "x"], ["bench", "ttt", "--heads", "many"]])
+def test_a_malformed_command_line_is_one_line(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.endswith("(see --help)\n") and "usage:" not in err
+
+
 def test_console_script_exit_status(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     p = subprocess.run([sys.executable, "-m", "ttt_video.cli", "generate", "x", "--checkpoint", str(tmp_path)],

@@ -3,14 +3,13 @@
 A user's mistake ends with one line on stderr and exit status 2, never a traceback.
 """
 
-import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import UserError as UsageError
-from .errors import check_positive
+from .errors import ArgumentParser, check_positive
 
 EXIT_USAGE = 2
 TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
@@ -308,7 +307,7 @@ def _recipe_args(p, config=True):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="ttt-video", description="Long multi-scene video generation with TTT layers.")
+    p = ArgumentParser(prog="ttt-video", description="Long multi-scene video generation with TTT layers.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a preset or config file")

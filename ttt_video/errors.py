@@ -1,11 +1,20 @@
 """`UserError`, the base of every error caused by a user's input (bad flag, file, value): the CLI
 prints its message on one line and exits with status 2."""
 
+import argparse
 import math
 
 
 class UserError(ValueError):
     pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the CLI and the benchmarks: a malformed command line (unknown flag or command, a
+    value of the wrong type) is one line and exit status 2, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def _flag(name):

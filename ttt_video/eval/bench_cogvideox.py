@@ -15,13 +15,13 @@ reported as such (the TTT rows' forward+backward at 63 s on an 80 GB GPU) — ru
 (18 s) for forward+backward ratios that fit.
 """
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
+from ..errors import ArgumentParser
 from ..models.cogvideox_ttt import CogVideoXTTT, CogVideoXTTTConfig
 
 COGVIDEOX_5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
@@ -166,7 +166,7 @@ def ratios(rows, segments, layers, sampling_steps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="ttt-video bench cogvideox", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="ttt-video bench cogvideox", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4, help="blocks in the long-video rows (every block costs the same)")
     p.add_argument("--segments", type=int, default=21, help="3 s segments in the long-video rows (21: 63 s)")
     p.add_argument("--reps", type=int, default=3)

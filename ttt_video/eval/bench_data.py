@@ -9,7 +9,6 @@ Writes `--clips` synthetic clips (a moving gradient with noise, so the codec has
   time is printed on its own line).
 """
 
-import argparse
 import json
 import tempfile
 import time
@@ -19,7 +18,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..data.buckets import parse_size
-from ..errors import check_positive, int_list
+from ..errors import ArgumentParser, check_positive, int_list
 
 
 def write_clips(folder, clips, seconds, fps, height, width, seed=0):
@@ -49,7 +48,7 @@ def data_config(manifest, args, bucket):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="ttt-video bench data", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="ttt-video bench data", description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--seconds", type=float, default=3.0, help="length of each clip")
     p.add_argument("--source-fps", type=float, default=24)

@@ -15,14 +15,13 @@ expect differences around 1e-5 in float32, more with bf16 autocast.
 GPUs only, so there it is skipped.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import UserError, check_positive
+from ..errors import ArgumentParser, UserError, check_positive
 from ..train.trainer import resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
@@ -85,7 +84,7 @@ def format_table(rows, num_processes):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="ttt-video bench parallel", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ttt-video bench parallel", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="shapes-tiny")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--steps", type=int, default=20)

@@ -16,7 +16,6 @@ So an interrupted benchmark resumes, and the two phases of a run can run in sepa
 models), then tabulates them all.
 """
 
-import argparse
 import copy
 import json
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import apply_overrides
-from ..errors import UserError, check_positive, int_list
+from ..errors import ArgumentParser, UserError, check_positive, int_list
 from ..fileio import write_text_atomic
 from ..models import build_model
 from ..presets import get_preset
@@ -173,7 +172,7 @@ def plot(results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="ttt-video bench quality", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ttt-video bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--mixers", default=",".join(MIXERS), help=f"comma-separated, from {', '.join(MIXERS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=2000)

@@ -15,7 +15,6 @@ and 3.5x the attention forward.
 `@REV`), loaded beside the current ones: a same-process comparison of two kernel versions.
 """
 
-import argparse
 import importlib.util
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import ArgumentParser, UserError
 
 TTT_TOKENS_63S = 351_168
 SEGMENTS_63S = 21
@@ -210,7 +209,7 @@ def format_table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="ttt-video bench ttt", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="ttt-video bench ttt", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, nargs="+", default=[3, 18, 63], help="video lengths (multiples of 3)")
     p.add_argument("--heads", type=int, default=48)
     p.add_argument("--head-dim", type=int, default=64)

@@ -7,13 +7,12 @@ the frame before, divided by the mean change between the other consecutive frame
 no conditioning).
 """
 
-import argparse
 
 import numpy as np
 
 from ..data.synthetic import held_out
 from ..encoders.text import build_text_encoder
-from ..errors import UserError, check_positive
+from ..errors import ArgumentParser, UserError, check_positive
 from ..sample.export import video_to_uint8
 from ..sample.long import check_window, sliding_window
 from ..sample.pipeline import bundled_checkpoint
@@ -62,7 +61,7 @@ def run(num_videos=8, num_segments=9, window=24, overlap=8, steps=20, checkpoint
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="ttt-video bench seams", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ttt-video bench seams", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-videos", type=int, default=8)
     p.add_argument("--num-segments", type=int, default=9)
     p.add_argument("--window", type=int, default=24)
