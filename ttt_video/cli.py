@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError as UsageError
-from .errors import ArgumentParser, check_positive
+from .errors import ArgumentParser, check_positive, flag
 
 EXIT_USAGE = 2
 TEXT_SHORTCUTS = ("t5_model", "llm_model", "llm_dtype", "llm_max_length", "llm_hidden_size")
@@ -53,7 +53,7 @@ def _refuse_flags(args, names, reason):
     """A flag given where it has no effect is refused, not ignored."""
     for name in names:
         if getattr(args, name) not in (None, False):
-            raise UsageError(f"--{name.replace('_', '-')} {reason}")
+            raise UsageError(f"{flag(name)} {reason}")
 
 
 def _check_captions(captions):

@@ -17,7 +17,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def _flag(name):
+def flag(name):
+    """The command-line spelling of a parsed option's name: `num_frames` -> `--num-frames`."""
     return f"--{name.replace('_', '-')}"
 
 
@@ -27,7 +28,7 @@ def check_positive(args, *names):
     for name in names:
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):
-            raise UserError(f"{_flag(name)} must be positive, got {value}")
+            raise UserError(f"{flag(name)} must be positive, got {value}")
 
 
 def int_list(args, name, least=0):
@@ -39,7 +40,7 @@ def int_list(args, name, least=0):
     except ValueError:
         values = []
     if not values or min(values) < least:
-        raise UserError(f"{_flag(name)} must be comma-separated integers of at least {least}, got {text!r}")
+        raise UserError(f"{flag(name)} must be comma-separated integers of at least {least}, got {text!r}")
     return values
 
 
