@@ -49,6 +49,9 @@ def test_validate_refuses_values_no_run_can_use():
                      ("train.lr=0", "train.lr must be above 0"),
                      ("data.i2v_ratio=-1", "data.i2v_ratio must be between 0 and 1"),
                      ("train.grad_accum_steps=0", "train.grad_accum_steps must be at least 1"),
-                     ("data.text_encoder=bert", "data.text_encoder must be one of minilm, t5, llm, t5\\+llm")):
+                     ("data.text_encoder=bert", "data.text_encoder must be one of minilm, t5, llm, t5\\+llm"),
+                     ("train.checkpoint_parts=true", "set train.grad_checkpointing=true too"),
+                     ("train.grad_checkpointing=true,train.offload_checkpoints=true",
+                      "train.offload_checkpoints works with model.arch=cogvideox-ttt, got 'tiny-dit'")):
         with pytest.raises(ConfigError, match=msg):
-            config_lib.validate(apply_overrides(get_preset("shapes-tiny"), [bad]))
+            config_lib.validate(apply_overrides(get_preset("shapes-tiny"), bad.split(",")))

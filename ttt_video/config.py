@@ -113,6 +113,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 with loss scaling)
     grad_checkpointing: bool = False
+    checkpoint_parts: bool = False  # cogvideox-ttt, with grad_checkpointing: recompute blocks part by part
+    offload_checkpoints: bool = False  # cogvideox-ttt, with grad_checkpointing: block inputs in host memory
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     ttt_lr: float = 0.0  # learning rate of TTT parameters; 0: same as lr
     adapter: str = "full"  # full | qkvo | ttt-only | lora
@@ -234,6 +236,11 @@ def validate(cfg):
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key in ("checkpoint_parts", "offload_checkpoints"):
+        if getattr(t, key) and not t.grad_checkpointing:
+            raise ConfigError(f"train.{key} refines gradient checkpointing: set train.grad_checkpointing=true too")
+        if getattr(t, key) and m.arch != "cogvideox-ttt":
+            raise ConfigError(f"train.{key} works with model.arch=cogvideox-ttt, got {m.arch!r}")
     check_device(t.device, "train.device")
     return cfg
 

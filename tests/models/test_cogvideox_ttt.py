@@ -128,11 +128,12 @@ def test_ttt_shapes_gates_and_gradients(pretrained, kind):
     for name, grad in grads.items():
         if ".ttt." in name:
             assert grad.abs().sum() > 0, name
-    model.zero_grad()
-    model.enable_gradient_checkpointing()
-    model(x, text, t).square().mean().backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
+    for parts in (False, True):  # each block recomputed whole, or part by part (offload: CUDA only)
+        model.zero_grad()
+        model.enable_gradient_checkpointing(parts=parts, offload=parts)
+        model(x, text, t).square().mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
 
 
 def test_zero_gates_give_plain_cogvideox(pretrained):

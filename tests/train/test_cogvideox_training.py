@@ -5,6 +5,7 @@ frames at 8 fps sharing one frame (3 latent frames sharing one, as 49 and 13 in 
 import json
 import math
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ttt_video.data.manifest import mark_scenes
 from ttt_video.diffusion.vpred import VPrediction
 from ttt_video.encoders.t5 import T5TextEncoder
 from ttt_video.errors import UserError
+from ttt_video.layers import ttt as ttt_layer
 from ttt_video.models import FrameworkCogVideoXTTT, cogvideox_ttt
 from ttt_video.presets import get_preset
 from ttt_video.sample.cogvideox import load_transformer
@@ -193,6 +195,30 @@ def test_stage_3s_checkpoint_starts_the_next_stage_with_ttt_qkvo(pipeline, manif
     # the trained weights moved a little from stage 1's, not from a fresh initialisation
     assert max((after[k] - before[k]).abs().max().item() for k in trained) < 1e-3
     assert get_preset("cogvideox-5b-ttt-9s").train.init_from == "runs/cogvideox-5b-ttt-3s"
+
+
+def test_long_stages_recompute_blocks_part_by_part_with_the_same_losses(pipeline, manifest, tmp_path, monkeypatch):
+    """The 30 s and 63 s stages recompute each block part by part and offload the blocks' inputs
+    (CUDA only; on the CPU they stay put): the losses are those of recomputing whole blocks."""
+    for seconds in (30, 63):
+        t = get_preset(f"cogvideox-5b-ttt-{seconds}s").train
+        assert t.grad_checkpointing and t.checkpoint_parts and t.offload_checkpoints
+    assert not get_preset("cogvideox-5b-ttt-18s").train.checkpoint_parts
+    calls = Counter()
+    for module in (cogvideox_ttt, ttt_layer):
+        def counting(fn, *args, real=module.checkpoint, **kwargs):
+            calls[getattr(fn, "__name__", type(fn).__name__)] += 1
+            return real(fn, *args, **kwargs)
+        monkeypatch.setattr(module, "checkpoint", counting)
+    runs = {}
+    for name, parts in (("parts", "true"), ("whole", "false")):
+        cfg = stage(pipeline, manifest, 63, 2, "train.init_from=", "train.max_steps=2",
+                    f"train.checkpoint_parts={parts}", f"train.offload_checkpoints={parts}")
+        train(cfg, tmp_path / name, progress=False)
+        runs[name] = _losses(tmp_path / name)
+        if name == "parts":  # per step, in the forward and again in the recompute: 2 segments, 2 passes
+            assert calls == {"Block": 2, "_attend": 8, "_gated_pass": 8, "_feed_forward": 8}, calls
+    assert runs["parts"] == pytest.approx(runs["whole"], rel=1e-5)
 
 
 def test_ttt_checkpoint_ema_gives_the_moving_average(pipeline, trained, tmp_path):

@@ -8,11 +8,12 @@ Rows (B = 1 unless stated; 480x720, 13 latent frames per 3 s segment, 226 text t
 - 63 s (21 segments, 253 latent frames) forward and forward+backward (gradient checkpointing,
   the training setting) of `--layers` blocks: TTT off, TTT-Linear, TTT-MLP. Every block costs
   the same, so the ratios hold for the 42-block model; its time is the per-block time x 42
-  (printed beside it). The full 42 blocks do not fit one 80 GB GPU for forward+backward at 63 s
-  (each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes = 2.2 GB).
+  (printed beside it). Each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes =
+  2.2 GB at 63 s, and recomputing one block holds ~50 GB (TTT off) to ~80 GB (TTT on) of
+  activations: `--checkpoint-parts` and `--offload` time the training step as the 30 s and 63 s
+  presets run it (`train.checkpoint_parts`, `train.offload_checkpoints`).
 Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
-reported as such (the TTT rows' forward+backward at 63 s on an 80 GB GPU) — run `--segments 6`
-(18 s) for forward+backward ratios that fit.
+reported as such.
 """
 
 import json
@@ -113,9 +114,9 @@ def short_rows(reps, device, sampling_steps):
     return rows
 
 
-def train_row(model, x, text, t, reps, layers):
+def train_row(model, x, text, t, reps, layers, parts=False, offload=False):
     """A training step with gradient checkpointing per block: time, peak memory, or out of memory."""
-    model.train().enable_gradient_checkpointing()
+    model.train().enable_gradient_checkpointing(parts=parts, offload=offload)
 
     def train_step():
         model(x, text, t).float().square().mean().backward()
@@ -129,7 +130,7 @@ def train_row(model, x, text, t, reps, layers):
         return {"s": float("nan"), "oom": True}
 
 
-def long_rows(layers, reps, device, segments, forward_only=False):
+def long_rows(layers, reps, device, segments, forward_only=False, parts=False, offload=False):
     rows = {}
     x, text, t = inputs(segments, 1, device)
     for ttt in (None, "linear", "mlp"):
@@ -141,7 +142,7 @@ def long_rows(layers, reps, device, segments, forward_only=False):
                 "s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B})
         if not forward_only:
             report(rows, f"{segments * 3}s forward+backward, {layers} blocks, {name}",
-                   train_row(model, x, text, t, reps, layers))
+                   train_row(model, x, text, t, reps, layers, parts, offload))
         model = None  # free it before the next one is built
         torch.cuda.empty_cache()
     return rows
@@ -173,15 +174,21 @@ def main(argv=None):
     p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--skip-diffusers", action="store_true", help="only the long-video rows")
     p.add_argument("--forward-only", action="store_true", help="no forward+backward rows")
+    p.add_argument("--checkpoint-parts", action="store_true",
+                   help="forward+backward rows recompute each block part by part (train.checkpoint_parts)")
+    p.add_argument("--offload", action="store_true",
+                   help="forward+backward rows keep the blocks' inputs in host memory (train.offload_checkpoints)")
     p.add_argument("--json", default=None, help="also write the rows and ratios to this file")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = "cuda"
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
+    training = "".join(f", {flag}" for flag, on in (("--checkpoint-parts", a.checkpoint_parts),
+                                                     ("--offload", a.offload)) if on)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights{training}")
     rows = {} if a.skip_diffusers else short_rows(a.reps, device, a.sampling_steps)
-    rows.update(long_rows(a.layers, a.reps, device, a.segments, a.forward_only))
+    rows.update(long_rows(a.layers, a.reps, device, a.segments, a.forward_only, a.checkpoint_parts, a.offload))
     result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps)}
     for name, v in result["ratios"].items():
         print(f"{name:<60} {v:.3f}")

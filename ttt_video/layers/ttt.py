@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import ttt_linear, ttt_mlp
 from .rope import apply_rope
@@ -115,7 +116,9 @@ class TTT(nn.Module):
 
 class BidirectionalTTT(nn.Module):
     """A TTT pass over the sequence, then one over the reversed sequence (shared TTT weights),
-    each added through a tanh gate initialised small so a pretrained block starts near itself."""
+    each added through a tanh gate initialised small so a pretrained block starts near itself.
+    With `checkpoint_passes` set, training keeps only each pass's input and recomputes the pass in
+    backward, so one pass's activations are held at a time (long-video training)."""
 
     def __init__(self, dim, num_heads, kind="mlp", mini_batch_size=64, base_lr=1.0, gate_init=0.1, impl=None):
         super().__init__()
@@ -124,8 +127,16 @@ class BidirectionalTTT(nn.Module):
         self.norm_bwd = nn.LayerNorm(dim, eps=1e-6)
         self.gate_fwd = nn.Parameter(torch.full((dim,), float(gate_init)))
         self.gate_bwd = nn.Parameter(torch.full((dim,), float(gate_init)))
+        self.checkpoint_passes = False
 
     def forward(self, x, cos, sin):
-        x = torch.addcmul(x, torch.tanh(self.gate_fwd), self.ttt(self.norm_fwd(x), cos, sin))
-        return torch.addcmul(x, torch.tanh(self.gate_bwd), self.ttt(self.norm_bwd(x), cos, sin, reverse=True))
+        for reverse in (False, True):
+            if self.checkpoint_passes and torch.is_grad_enabled():
+                x = checkpoint(self._gated_pass, x, cos, sin, reverse, use_reentrant=False)
+            else:
+                x = self._gated_pass(x, cos, sin, reverse)
+        return x
 
+    def _gated_pass(self, x, cos, sin, reverse):
+        norm, gate = (self.norm_bwd, self.gate_bwd) if reverse else (self.norm_fwd, self.gate_fwd)
+        return torch.addcmul(x, torch.tanh(gate), self.ttt(norm(x), cos, sin, reverse=reverse))

@@ -16,6 +16,7 @@ frame of two neighbouring segments is computed in both and the two outputs are a
 layout `[B, C, F, h, w]` instead.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -190,6 +191,38 @@ def cogvideox_rope(cfg, frames, grid_h, grid_w, theta=10000.0):
     return grid(*(a[0] for a in axes)), grid(*(a[1] for a in axes))
 
 
+_COPY_STREAMS = {}
+
+
+def host_copies(*tensors):
+    """A context in which autograd saves these CUDA tensors (a checkpointed block's inputs) as copies
+    in pinned host memory, made on a side stream, and copies them back when backward needs them;
+    other saved tensors, and tensors on other devices, are saved as usual."""
+    storages = {t.untyped_storage().data_ptr() for t in tensors if t.is_cuda}
+
+    def pack(t):
+        if not t.is_cuda or t.untyped_storage().data_ptr() not in storages:
+            return t
+        stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        t.record_stream(stream)  # its memory is not reused before the copy is done
+        return t.device, host, done
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host, done = packed
+        torch.cuda.current_stream(device).wait_event(done)
+        return host.to(device, non_blocking=True)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 class Segments:
     """Maps video tokens `[B, F, ...]` to S segments of n frames `[B, S, n, ...]` and back. Neighbouring
     segments share a frame (segment s holds frames s (n - 1) ... s (n - 1) + n - 1); a shared frame
@@ -207,6 +240,10 @@ class Segments:
         if self.num_segments == 1:
             return x[:, None]
         return x.unfold(1, self.n, self.n - 1).movedim(-1, 2)
+
+    def frames(self, x, s):
+        """Segment s's frames of x `[B, F, ...]` (a view)."""
+        return x[:, s * (self.n - 1):s * (self.n - 1) + self.n]
 
     def join(self, text, video):
         """text `[B, S, L, D]`, video `[B, F, N, D]` -> each segment's caption, then its frames
@@ -297,13 +334,12 @@ class ExpertNorm(nn.Module):
         self.linear = nn.Linear(cond_dim, 6 * dim)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
 
-    def forward(self, video, text, emb):
-        """video `[B, T, N, D]`, text `[B, S, L, D]`, emb `[B, E]` -> both modulated, and their gates."""
-        shift, scale, gate, t_shift, t_scale, t_gate = (
-            c[:, None, None] for c in self.linear(F.silu(emb)).chunk(6, 1))
-        video = self.norm(video) * (1 + scale) + shift
-        text = self.norm(text) * (1 + t_scale) + t_shift
-        return video, text, gate, t_gate
+    def modulation(self, emb):
+        """emb `[B, E]` -> shift, scale and gate for video, then for text, each `[B, 1, 1, D]`."""
+        return [c[:, None, None] for c in self.linear(F.silu(emb)).chunk(6, 1)]
+
+    def forward(self, x, shift, scale):
+        return self.norm(x) * (1 + scale) + shift
 
 
 class FinalNorm(nn.Module):
@@ -350,6 +386,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """With `checkpoint_parts` set, training recomputes the block part by part in backward: each
+    segment's attention, each TTT pass and each segment's worth of feed-forward keep only their
+    inputs, so one part's activations are held at a time, for a third forward pass of each part."""
+
     def __init__(self, cfg):
         super().__init__()
         self.norm1 = ExpertNorm(cfg.time_embed_dim, cfg.dim, cfg.norm_elementwise_affine, cfg.norm_eps)
@@ -357,22 +397,43 @@ class Block(nn.Module):
         self.ttt = None
         self.norm2 = ExpertNorm(cfg.time_embed_dim, cfg.dim, cfg.norm_elementwise_affine, cfg.norm_eps)
         self.ff = FeedForward(cfg)
+        self.checkpoint_parts = False
 
     def forward(self, video, text, emb, segments, seg_rope, ttt_rope):
         """video `[B, F, N, D]`, text `[B, S, L, D]`, emb `[B, E]`."""
         B, S, L, D = text.shape
-        n_video, n_text, gate, t_gate = self.norm1(video, text, emb)
+        parts = self.checkpoint_parts and torch.is_grad_enabled()
+        shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
+        mod = (shift, scale, t_shift, t_scale)
+        if parts and S > 1:
+            one = Segments(segments.n, 1, segments.n)
+            x = torch.cat([checkpoint(self._attend, segments.frames(video, s), text[:, s:s + 1], *mod, one, seg_rope,
+                                      use_reentrant=False) for s in range(S)], 1)
+        else:
+            x = self._attend(video, text, *mod, segments, seg_rope)
         frames = (-1, video.shape[2])
-        x = segments.join(n_text, n_video).flatten(0, 1)  # [B*S, L + n*N, D]
-        x = self.attn1(x, seg_rope).unflatten(0, (B, S))
         video = video + gate * segments.merge(x[:, :, L:].unflatten(2, frames))
         text = text + t_gate * x[:, :, :L]
         if self.ttt is not None:
             x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
             x = self.ttt(x, *ttt_rope).unflatten(1, (S, -1))
             text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, frames))
-        n_video, n_text, gate, t_gate = self.norm2(video, text, emb)
-        return video + gate * self.ff(n_video), text + t_gate * self.ff(n_text)
+        shift, scale, gate, t_shift, t_scale, t_gate = self.norm2.modulation(emb)
+        if parts:
+            n = segments.n
+            video = torch.cat([checkpoint(self._feed_forward, video[:, f:f + n], shift, scale, gate, use_reentrant=False)
+                               for f in range(0, video.shape[1], n)], 1)
+        else:
+            video = self._feed_forward(video, shift, scale, gate)
+        return video, self._feed_forward(text, t_shift, t_scale, t_gate)
+
+    def _attend(self, video, text, shift, scale, t_shift, t_scale, segments, rope):
+        """Each segment's caption and frames through the first norm and attention: `[B, S, L + n N, D]`."""
+        x = segments.join(self.norm1(text, t_shift, t_scale), self.norm1(video, shift, scale))
+        return self.attn1(x.flatten(0, 1), rope).unflatten(0, x.shape[:2])
+
+    def _feed_forward(self, x, shift, scale, gate):
+        return x + gate * self.ff(self.norm2(x, shift, scale))
 
 
 class CogVideoXTTT(nn.Module):
@@ -388,7 +449,7 @@ class CogVideoXTTT(nn.Module):
         self.norm_out = FinalNorm(cfg.time_embed_dim, dim, cfg.norm_elementwise_affine, cfg.norm_eps)
         p = cfg.patch_size * cfg.patch_size * (cfg.patch_size_t or 1)
         self.proj_out = nn.Linear(dim, p * (cfg.out_channels or cfg.in_channels))
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = self.offload_checkpoints = False
         if cfg.ttt is not None:
             self.add_ttt()
 
@@ -403,9 +464,19 @@ class CogVideoXTTT(nn.Module):
                                          mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr,
                                          gate_init=cfg.gate_init,
                                          impl=None if cfg.ttt_impl == "auto" else cfg.ttt_impl).to(device)
+            block.ttt.checkpoint_passes = block.checkpoint_parts
 
-    def enable_gradient_checkpointing(self, enabled=True):
-        self.gradient_checkpointing = enabled
+    def enable_gradient_checkpointing(self, enabled=True, parts=False, offload=False):
+        """Training keeps only each block's inputs and recomputes the block in backward. `parts`: the
+        recompute keeps only each part's inputs in turn (`Block`); `offload`: the blocks' inputs wait
+        for backward in pinned host memory instead of on the GPU (CUDA)."""
+        if (parts or offload) and not enabled:
+            raise ValueError("parts and offload refine gradient checkpointing; enable it too")
+        self.gradient_checkpointing, self.offload_checkpoints = enabled, offload
+        for block in self.transformer_blocks:
+            block.checkpoint_parts = parts
+            if block.ttt is not None:
+                block.ttt.checkpoint_passes = parts
         return self
 
     @property
@@ -454,7 +525,9 @@ class CogVideoXTTT(nn.Module):
             ttt_rope = tuple(t.to(video.device) for t in with_text(cos, sin, L, S))
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, emb, segments, seg_rope, ttt_rope, use_reentrant=False)
+                with host_copies(video, text) if self.offload_checkpoints else contextlib.nullcontext():
+                    video, text = checkpoint(block, video, text, emb, segments, seg_rope, ttt_rope,
+                                             use_reentrant=False)
             else:
                 video, text = block(video, text, emb, segments, seg_rope, ttt_rope)
 

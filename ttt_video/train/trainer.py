@@ -351,7 +351,10 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         ckpt.load_weights(model, ckpt.resolve(tc.init_from))
     model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha)
     model = cast_frozen(model, tc.frozen_dtype, tc.mixed_precision).to(device).train()
-    model.enable_gradient_checkpointing(tc.grad_checkpointing)
+    if tc.checkpoint_parts or tc.offload_checkpoints:
+        model.enable_gradient_checkpointing(True, parts=tc.checkpoint_parts, offload=tc.offload_checkpoints)
+    else:
+        model.enable_gradient_checkpointing(tc.grad_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     step, state = 0, None
