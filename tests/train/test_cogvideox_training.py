@@ -198,12 +198,11 @@ def test_stage_3s_checkpoint_starts_the_next_stage_with_ttt_qkvo(pipeline, manif
 
 
 def test_long_stages_recompute_blocks_part_by_part_with_the_same_losses(pipeline, manifest, tmp_path, monkeypatch):
-    """The 30 s and 63 s stages recompute each block part by part and offload the blocks' inputs
-    (CUDA only; on the CPU they stay put): the losses are those of recomputing whole blocks."""
-    for seconds in (30, 63):
+    """From 18 s on the stages offload the blocks' inputs (CUDA only; on the CPU they stay put), from
+    30 s on they also recompute each block part by part: the losses are those of whole blocks."""
+    for seconds, parts, offload in ((9, False, False), (18, False, True), (30, True, True), (63, True, True)):
         t = get_preset(f"cogvideox-5b-ttt-{seconds}s").train
-        assert t.grad_checkpointing and t.checkpoint_parts and t.offload_checkpoints
-    assert not get_preset("cogvideox-5b-ttt-18s").train.checkpoint_parts
+        assert (t.grad_checkpointing, t.checkpoint_parts, t.offload_checkpoints) == (True, parts, offload)
     calls = Counter()
     for module in (cogvideox_ttt, ttt_layer):
         def counting(fn, *args, real=module.checkpoint, **kwargs):

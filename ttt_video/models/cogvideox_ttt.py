@@ -195,32 +195,37 @@ _COPY_STREAMS = {}
 
 
 def host_copies(*tensors):
-    """A context in which autograd saves these CUDA tensors (a checkpointed block's inputs) as copies
-    in pinned host memory, made on a side stream, and copies them back when backward needs them;
-    other saved tensors, and tensors on other devices, are saved as usual."""
-    storages = {t.untyped_storage().data_ptr() for t in tensors if t.is_cuda}
+    """A context in which autograd saves these tensors (a checkpointed block's inputs), where on
+    CUDA, as copies in pinned host memory made on a side stream, and copies them back when backward
+    needs them; other saved tensors, and tensors on other devices, are saved as usual. On the meta
+    device (`ttt-video plan`) the GPU copy's lifetime is simulated: dropped, then made anew."""
+
+    ids = {id(t) for t in tensors}  # not the tensors: the hooks live as long as what they saved
 
     def pack(t):
-        if not t.is_cuda or t.untyped_storage().data_ptr() not in storages:
+        if id(t) not in ids:
             return t
-        stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
-        stream.wait_stream(torch.cuda.current_stream(t.device))
+        if t.is_meta:
+            return lambda shape=t.shape, dtype=t.dtype: torch.empty(shape, dtype=dtype, device="meta")
+        if not t.is_cuda:
+            return t
+        device = t.device
+        stream = _COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
+        stream.wait_stream(torch.cuda.current_stream(device))
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         t.record_stream(stream)  # its memory is not reused before the copy is done
-        return t.device, host, done
 
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        device, host, done = packed
-        torch.cuda.current_stream(device).wait_event(done)
-        return host.to(device, non_blocking=True)
+        def back():
+            torch.cuda.current_stream(device).wait_event(done)
+            return host.to(device, non_blocking=True)
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        return back
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed() if callable(packed) else packed)
 
 
 class Segments:

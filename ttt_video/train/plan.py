@@ -19,7 +19,9 @@ as they land. Attention runs through a stand-in that keeps what a fused (flash) 
 (q, k, v, the output and a float32 log-sum-exp per query), since the meta device would otherwise
 take the math path and count a full attention matrix; the TTT scan likewise runs through a
 stand-in keeping what its kernels keep (inputs, output, and the inner weights of every item at
-every 16th mini-batch; the recompute scratch of one group in backward is not counted). With
+every 16th mini-batch; the recompute scratch of one group in backward is not counted), and the
+TTT layer's q, k, v preparation and head merge through stand-ins keeping what its fused kernels
+keep on CUDA (the projection; the heads) where a GPU run uses them. With
 bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
 precision inputs (casting float32 ones, as autocast does), norms and softmax float32, other ops
 their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical and
@@ -29,7 +31,9 @@ first block can differ: with a frozen stem its input needs no gradient). A is me
     A(b, D) = A(1, D) + (b - 1) (A(2, D) - A(1, D)),   A(n, D) = A(n, 2) + (D - 2) (A(n, 3) - A(n, 2))
 
 Gradient checkpointing keeps only each block's input and recomputes one block at a time, which
-the simulation sees because it runs the model's own checkpointed path.
+the simulation sees because it runs the model's own checkpointed path, with the part-wise recompute
+and the offloading of the blocks' inputs where the config asks for them (`train.checkpoint_parts`,
+`train.offload_checkpoints`: an offloaded input leaves the count until its block's backward).
 
 Not counted: the CUDA context and allocator fragmentation (a plan fills at most 90% of the
 card), the text encoder and VAE (the trainer can use precomputed caches), and data-parallel
@@ -84,6 +88,7 @@ class Estimate:
     ema: int
     autocast: int
     activations: int
+    host: int = 0  # pinned host memory of offloaded block inputs (train.offload_checkpoints), not in total
 
     @property
     def total(self):
@@ -171,6 +176,47 @@ class _TTTScan(torch.autograd.Function):
         return None, *(torch.empty_like(t) for t in inputs), *(torch.empty_like(w) for w in weights)
 
 
+class _InnerInputs(torch.autograd.Function):
+    """Shapes and saved tensors of the TTT layer's fused q, k, v preparation (`ops.ttt.layer_io`):
+    it keeps the projection and recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads):
+        ctx.save_for_backward(qkv)
+        B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        return tuple(qkv.new_empty(B, num_heads, L, D // num_heads) for _ in range(3))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return torch.empty_like(ctx.saved_tensors[0]), None
+
+
+class _MergeHeads(torch.autograd.Function):
+    """Shapes and saved tensors of the TTT layer's fused head merge and post-norm: it keeps the heads."""
+
+    @staticmethod
+    def forward(ctx, o):
+        ctx.save_for_backward(o)
+        B, H, L, Dh = o.shape
+        return o.new_empty(B, L, H * Dh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0])
+
+
+def _layer_kernels(fn, x, head_dim):
+    """What the TTT layer's `_fused` gives on a CUDA device with Triton: the layer kernels for inputs
+    of `FUSE_MIN_ELEMENTS` and more, at power-of-two head dims; else `fn` itself."""
+    from ..layers import ttt
+
+    if x.numel() < ttt.FUSE_MIN_ELEMENTS or head_dim & (head_dim - 1):
+        return fn
+    if fn is ttt._inner_inputs:
+        return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
+    return lambda o, weight, bias, reverse=False: _MergeHeads.apply(o)
+
+
 class _Autocast(TorchFunctionMode):
     """CUDA autocast, emulated above autograd (the meta device has none): matrix products run in
     `dtype`, with the casts of trainable parameters made once and not counted (they are the
@@ -220,12 +266,22 @@ def _ttt_scan(q, k, v, eta, *weights, mini_batch_size=64, **_):
 
 
 @contextlib.contextmanager
-def _stand_ins(autocast=None):
+def _stand_ins(autocast=None, host=None):
     """Route every attention and TTT op the package calls through the stand-ins above. With an
     `_Autocast`, attention runs in its dtype and checkpointed blocks recompute under it (backward
-    does not see the caller's function modes)."""
+    does not see the caller's function modes). With a list `host`, the bytes of every set of block
+    inputs offloaded to host memory are appended to it."""
     attention = functools.partial(_fused_attention, dtype=autocast and autocast.dtype)
-    replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan}
+    replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan,
+                "_fused": _layer_kernels}
+    if host is not None:
+        from ..models import cogvideox_ttt
+
+        def host_copies(*tensors, real=cogvideox_ttt.host_copies):
+            host.append(sum(t.numel() * t.element_size() for t in tensors))
+            return real(*tensors)
+
+        replaced["host_copies"] = host_copies
     if autocast is not None:
         replaced["checkpoint"] = functools.partial(
             torch.utils.checkpoint.checkpoint,
@@ -296,8 +352,11 @@ def step_inputs(cfg, model, batch_size, device="meta", dtype=torch.float32):
 
 
 def _simulated_activations(cfg, batch_size, depth, checkpointing):
+    """Peak bytes of activations in one simulated training step, and bytes offloaded to host memory."""
+    from .trainer import enable_checkpointing
+
     model = build_untrained(cfg, depth)
-    model.enable_gradient_checkpointing(checkpointing)
+    enable_checkpointing(model, cfg.train, checkpointing)
     loss_of = step_inputs(cfg, model, batch_size)
     tracker = _LiveBytes()
     for t in [*model.parameters(), *model.buffers()]:
@@ -306,24 +365,26 @@ def _simulated_activations(cfg, batch_size, depth, checkpointing):
              for p in model.parameters() if p.requires_grad]
     dtype = HALF.get(cfg.train.mixed_precision)
     autocast = _Autocast(dtype, tracker) if dtype else None
-    with _stand_ins(autocast), tracker, autocast or contextlib.nullcontext():
+    host = []
+    with _stand_ins(autocast, host), tracker, autocast or contextlib.nullcontext():
         loss_of(model).backward()
     for h in hooks:
         h.remove()
-    return tracker.peak
+    return tracker.peak, sum(host)
 
 
 def activation_model(cfg, checkpointing, depth):
-    """A(b, D) of the module docstring as a function, from four simulated steps."""
+    """A(b, D) of the module docstring as a function, from four simulated steps; it gives the
+    host memory of offloaded block inputs beside it, extrapolated alike."""
     d1, d2 = min(2, depth), min(3, depth)
     a = {(b, d): _simulated_activations(cfg, b, d, checkpointing) for b in (1, 2) for d in {d1, d2}}
 
-    def at(b, d):
-        per_block = {n: a[n, d2] - a[n, d1] for n in (1, 2)}
-        at_d = {n: a[n, d1] + (d - d1) * per_block[n] for n in (1, 2)}
+    def extrapolated(i, b, d):
+        per_block = {n: a[n, d2][i] - a[n, d1][i] for n in (1, 2)}
+        at_d = {n: a[n, d1][i] + (d - d1) * per_block[n] for n in (1, 2)}
         return max(0, at_d[1] + (b - 1) * (at_d[2] - at_d[1]))
 
-    return at
+    return lambda b, d: (extrapolated(0, b, d), extrapolated(1, b, d))
 
 
 def parameter_counts(cfg):
@@ -341,10 +402,10 @@ def estimate(cfg, batch_size, checkpointing, counts=None, activation=None):
     weights, trainable, depth = counts or parameter_counts(cfg)
     activation = activation or activation_model(cfg, checkpointing, depth)
     tc = cfg.train
+    activations, host = activation(batch_size, depth)
     return Estimate(batch_size, checkpointing, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
                     ema=4 * trainable if tc.ema_decay else 0,
-                    autocast=2 * trainable if tc.mixed_precision in HALF else 0,
-                    activations=activation(batch_size, depth))
+                    autocast=2 * trainable if tc.mixed_precision in HALF else 0, activations=activations, host=host)
 
 
 def micro_batches(global_batch):
@@ -373,16 +434,19 @@ def gib(n):
 
 def format_plan(cfg, rows, proposal, budget, measured=None):
     """The plan as a text table (GiB), with measured peaks beside the estimates when given."""
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
+    tc = cfg.train
+    global_batch = tc.batch_size * tc.grad_accum_steps
+    on = "+".join(["on"] + [n for n, v in (("parts", tc.checkpoint_parts), ("offload", tc.offload_checkpoints)) if v])
+    host = any(r.host for r in rows)
     head = ["micro-batch", "accum", "checkpointing", "weights", "grads", "optimizer", "EMA", "autocast",
-            "activations", "total", "fits"]
+            "activations", "total", *(["host"] if host else []), "fits"]
     if measured is not None:
         head += ["measured", "error"]
     lines = [head]
     for r in rows:
-        line = [str(r.batch_size), str(global_batch // r.batch_size), "on" if r.checkpointing else "off",
+        line = [str(r.batch_size), str(global_batch // r.batch_size), on if r.checkpointing else "off",
                 gib(r.weights), gib(r.gradients), gib(r.optimizer), gib(r.ema), gib(r.autocast), gib(r.activations),
-                gib(r.total), "yes" if r.total <= HEADROOM * budget else "no"]
+                gib(r.total), *([gib(r.host)] if host else []), "yes" if r.total <= HEADROOM * budget else "no"]
         if measured is not None:
             m = measured.get((r.batch_size, r.checkpointing))
             line += ["-", "-"] if m is None else [gib(m), f"{(r.total - m) / m:+.0%}"]
@@ -391,7 +455,10 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
     text = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append(f"memory in GiB; fits: total <= {HEADROOM:.0%} of {gib(budget)} GiB; global batch {global_batch}; "
-                f"adapter {cfg.train.adapter}; mixed precision {cfg.train.mixed_precision}")
+                f"adapter {tc.adapter}; mixed precision {tc.mixed_precision}")
+    if host:
+        text.append("host: pinned host memory a process needs for the blocks' offloaded inputs "
+                    "(train.offload_checkpoints), beside the GPU total")
     if proposal is None:
         text.append("nothing fits: try train.adapter=lora or ttt-only, train.mixed_precision=bf16, "
                     "fewer scenes or a smaller resolution")
@@ -406,12 +473,12 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
 def measure(cfg, batch_size, checkpointing, device, steps=3):
     """Run `steps` real training steps (random weights and inputs, the run's adapter, AdamW, EMA,
     autocast) on a CUDA `device`; returns (peak allocated bytes, seconds per step)."""
-    from .trainer import EMA, param_groups
+    from .trainer import EMA, enable_checkpointing, param_groups
 
     device = torch.device(device)
     torch.manual_seed(0)
     model = build_untrained(cfg, device=device)
-    model.enable_gradient_checkpointing(checkpointing)
+    enable_checkpointing(model, cfg.train, checkpointing)
     tc = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
     ema = EMA(model, tc.ema_decay) if tc.ema_decay else None

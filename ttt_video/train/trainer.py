@@ -134,6 +134,15 @@ class StepBatches(torch.utils.data.Sampler):
             yield self.indices(m)
 
 
+def enable_checkpointing(model, tc, enabled):
+    """Gradient checkpointing on or off; when on, with the part-wise recompute and the offloading
+    that `tc` (the train config) asks for (cogvideox-ttt)."""
+    if enabled and (tc.checkpoint_parts or tc.offload_checkpoints):
+        model.enable_gradient_checkpointing(True, parts=tc.checkpoint_parts, offload=tc.offload_checkpoints)
+    else:
+        model.enable_gradient_checkpointing(enabled)
+
+
 def param_groups(model, weight_decay, lr, ttt_lr=0.0):
     """AdamW groups: weight decay on weight matrices only, not on biases, normalisation layers, 1-D
     parameters (gates) or what a module names in `no_weight_decay` (a TTT layer's inner biases and
@@ -351,10 +360,7 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
         ckpt.load_weights(model, ckpt.resolve(tc.init_from))
     model = apply_adapter(model, tc.adapter, tc.lora_rank, tc.lora_alpha)
     model = cast_frozen(model, tc.frozen_dtype, tc.mixed_precision).to(device).train()
-    if tc.checkpoint_parts or tc.offload_checkpoints:
-        model.enable_gradient_checkpointing(True, parts=tc.checkpoint_parts, offload=tc.offload_checkpoints)
-    else:
-        model.enable_gradient_checkpointing(tc.grad_checkpointing)
+    enable_checkpointing(model, tc, tc.grad_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.ttt_lr), betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     step, state = 0, None
