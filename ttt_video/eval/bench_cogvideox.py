@@ -9,7 +9,7 @@ Rows (B = 1 unless stated; 480x720, 13 latent frames per 3 s segment, 226 text t
   the training setting) of `--layers` blocks: TTT off, TTT-Linear, TTT-MLP. Every block costs
   the same, so the ratios hold for the 42-block model; its time is the per-block time x 42
   (printed beside it). Each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes =
-  2.2 GB at 63 s, and recomputing one block holds ~50 GB (TTT off) to ~80 GB (TTT on) of
+  2.2 GB at 63 s, and recomputing one block holds ~50 GB (TTT off) to ~100 GB (TTT on) of
   activations: `--checkpoint-parts` and `--offload` time the training step as the 30 s and 63 s
   presets run it (`train.checkpoint_parts`, `train.offload_checkpoints`).
 Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
