@@ -139,4 +139,5 @@ class BidirectionalTTT(nn.Module):
 
     def _gated_pass(self, x, cos, sin, reverse):
         norm, gate = (self.norm_bwd, self.gate_bwd) if reverse else (self.norm_fwd, self.gate_fwd)
-        return torch.addcmul(x, torch.tanh(gate), self.ttt(norm(x), cos, sin, reverse=reverse))
+        # the gate in the stream's dtype: under autocast a float32 gate would turn the bf16 stream float32
+        return torch.addcmul(x, torch.tanh(gate).to(x.dtype), self.ttt(norm(x), cos, sin, reverse=reverse))
