@@ -330,6 +330,8 @@ def test_window_and_length_checked_before_the_model_loads(args, msg, tmp_path, c
     (["seams", "--window", "12"], "--window must be a positive multiple of the model's segment length 8, got 12"),
     (["seams", "--window", "16", "--overlap", "16"], "--overlap must be a multiple of 8 in [0, 16), got 16"),
     (["seams", "--num-segments", "3"], "3 segments (24 frames) fit in one window of 24: no seam to measure"),
+    (["cogvideox", "--batch", "0"], "--batch must be positive, got 0"),
+    (["cogvideox", "--layers", "-2"], "--layers must be positive, got -2"),
 ])
 def test_benchmark_arguments_refused_in_one_line_before_any_work(args, msg, tmp_path, capsys, monkeypatch):
     from ttt_video.eval import seams

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ..errors import ArgumentParser
+from ..errors import ArgumentParser, check_positive
 from ..models.cogvideox_ttt import CogVideoXTTT, CogVideoXTTTConfig
 
 COGVIDEOX_5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
@@ -130,39 +130,44 @@ def train_row(model, x, text, t, reps, layers, parts=False, offload=False):
         return {"s": float("nan"), "oom": True}
 
 
-def long_rows(layers, reps, device, segments, forward_only=False, parts=False, offload=False):
+def long_label(segments, batch):
+    return f"{segments * 3}s" + (f" batch {batch}" if batch > 1 else "")
+
+
+def long_rows(layers, reps, device, segments, forward_only=False, parts=False, offload=False, batch=1):
     rows = {}
-    x, text, t = inputs(segments, 1, device)
+    x, text, t = inputs(segments, batch, device)
+    length = long_label(segments, batch)
     for ttt in (None, "linear", "mlp"):
         name = f"ttt-{ttt}" if ttt else "ttt off"
         model = ours(ttt, layers, device)
         with torch.no_grad():
             fwd = _time_s(lambda: model(x, text, t), reps)
-            report(rows, f"{segments * 3}s forward, {layers} blocks, {name}", {
+            report(rows, f"{length} forward, {layers} blocks, {name}", {
                 "s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B})
         if not forward_only:
-            report(rows, f"{segments * 3}s forward+backward, {layers} blocks, {name}",
+            report(rows, f"{length} forward+backward, {layers} blocks, {name}",
                    train_row(model, x, text, t, reps, layers, parts, offload))
         model = None  # free it before the next one is built
         torch.cuda.empty_cache()
     return rows
 
 
-def ratios(rows, segments, layers, sampling_steps):
+def ratios(rows, segments, layers, sampling_steps, batch=1):
     out = {}
     if "3s forward, ours" in rows:
         out["3s forward: ours / diffusers (target <= 1.1)"] = \
             rows["3s forward, ours"]["s"] / rows["3s forward, diffusers"]["s"]
         sampling = f"3s {sampling_steps}-step sampling"
         out[f"{sampling}: ours / diffusers"] = rows[f"{sampling}, ours"]["s"] / rows[f"{sampling}, diffusers"]["s"]
-    s = segments * 3
+    s = long_label(segments, batch)
     for kind, target in (("forward", 1.3), ("forward+backward", 1.6)):
-        if f"{s}s {kind}, {layers} blocks, ttt off" not in rows:
+        if f"{s} {kind}, {layers} blocks, ttt off" not in rows:
             continue
-        off = rows[f"{s}s {kind}, {layers} blocks, ttt off"]["s"]
+        off = rows[f"{s} {kind}, {layers} blocks, ttt off"]["s"]
         for ttt in ("linear", "mlp"):
-            out[f"{s}s {kind}: ttt-{ttt} / ttt off (target <= {target})"] = \
-                rows[f"{s}s {kind}, {layers} blocks, ttt-{ttt}"]["s"] / off
+            out[f"{s} {kind}: ttt-{ttt} / ttt off (target <= {target})"] = \
+                rows[f"{s} {kind}, {layers} blocks, ttt-{ttt}"]["s"] / off
     return out
 
 
@@ -170,6 +175,8 @@ def main(argv=None):
     p = ArgumentParser(prog="ttt-video bench cogvideox", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4, help="blocks in the long-video rows (every block costs the same)")
     p.add_argument("--segments", type=int, default=21, help="3 s segments in the long-video rows (21: 63 s)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="videos in the long-video rows (2: a guided sampling step, conditional and unconditional)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--skip-diffusers", action="store_true", help="only the long-video rows")
@@ -180,6 +187,7 @@ def main(argv=None):
                    help="forward+backward rows keep the blocks' inputs in host memory (train.offload_checkpoints)")
     p.add_argument("--json", default=None, help="also write the rows and ratios to this file")
     a = p.parse_args(argv)
+    check_positive(a, "layers", "segments", "batch", "reps", "sampling_steps")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -188,8 +196,9 @@ def main(argv=None):
                                                      ("--offload", a.offload)) if on)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights{training}")
     rows = {} if a.skip_diffusers else short_rows(a.reps, device, a.sampling_steps)
-    rows.update(long_rows(a.layers, a.reps, device, a.segments, a.forward_only, a.checkpoint_parts, a.offload))
-    result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps)}
+    rows.update(long_rows(a.layers, a.reps, device, a.segments, a.forward_only, a.checkpoint_parts, a.offload,
+                          a.batch))
+    result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps, a.batch)}
     for name, v in result["ratios"].items():
         print(f"{name:<60} {v:.3f}")
     if a.json:
