@@ -391,9 +391,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """With `checkpoint_parts` set, training recomputes the block part by part in backward: each
-    segment's attention, each TTT pass and each segment's worth of feed-forward keep only their
-    inputs, so one part's activations are held at a time, for a third forward pass of each part."""
+    """Attention and feed-forward run segment by segment where nothing is saved for backward
+    (inference: one segment's temporaries at a time, not the whole video's). With
+    `checkpoint_parts` set, training does the same and recomputes the block part by part in
+    backward: each segment's attention, each TTT pass and each segment's worth of feed-forward keep
+    only their inputs, so one part's activations are held at a time, for a third forward pass of
+    each part."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -407,13 +410,14 @@ class Block(nn.Module):
     def forward(self, video, text, emb, segments, seg_rope, ttt_rope):
         """video `[B, F, N, D]`, text `[B, S, L, D]`, emb `[B, E]`."""
         B, S, L, D = text.shape
-        parts = self.checkpoint_parts and torch.is_grad_enabled()
+        by_segment = self.checkpoint_parts or not torch.is_grad_enabled()
+        part = self._part if torch.is_grad_enabled() else (lambda fn, *args: fn(*args))
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
         mod = (shift, scale, t_shift, t_scale)
-        if parts and S > 1:
+        if by_segment and S > 1:
             one = Segments(segments.n, 1, segments.n)
-            x = torch.cat([checkpoint(self._attend, segments.frames(video, s), text[:, s:s + 1], *mod, one, seg_rope,
-                                      use_reentrant=False) for s in range(S)], 1)
+            x = torch.cat([part(self._attend, segments.frames(video, s), text[:, s:s + 1], *mod, one, seg_rope)
+                           for s in range(S)], 1)
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
         frames = (-1, video.shape[2])
@@ -424,13 +428,17 @@ class Block(nn.Module):
             x = self.ttt(x, *ttt_rope).unflatten(1, (S, -1))
             text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, frames))
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm2.modulation(emb)
-        if parts:
-            n = segments.n
-            video = torch.cat([checkpoint(self._feed_forward, video[:, f:f + n], shift, scale, gate, use_reentrant=False)
+        n = segments.n
+        if by_segment and video.shape[1] > n:
+            video = torch.cat([part(self._feed_forward, video[:, f:f + n], shift, scale, gate)
                                for f in range(0, video.shape[1], n)], 1)
         else:
             video = self._feed_forward(video, shift, scale, gate)
         return video, self._feed_forward(text, t_shift, t_scale, t_gate)
+
+    @staticmethod
+    def _part(fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def _attend(self, video, text, shift, scale, t_shift, t_scale, segments, rope):
         """Each segment's caption and frames through the first norm and attention: `[B, S, L + n N, D]`."""
