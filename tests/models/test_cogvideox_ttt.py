@@ -123,6 +123,8 @@ def test_ttt_shapes_gates_and_gradients(pretrained, kind):
     x, text, t = _segments_input(2)
     out = model(x, text, t)
     assert out.shape == x.shape
+    with torch.no_grad():  # inference runs attention and feed-forward segment by segment
+        torch.testing.assert_close(model(x, text, t), out.detach(), rtol=1e-5, atol=1e-6)
     out.square().mean().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     for name, grad in grads.items():

@@ -1,6 +1,7 @@
 """CogVideoX-5B with and without TTT on one GPU: random weights, bf16, one run, ratios.
 
-Rows (B = 1 unless stated; 480x720, 13 latent frames per 3 s segment, 226 text tokens each):
+Rows (B = 1 unless stated, `--batch` for the long-video rows; 480x720, 13 latent frames per 3 s
+segment, 226 text tokens each):
 - 3 s forward: this package's CogVideoX (TTT off) against diffusers' `CogVideoXTransformer3DModel`
   called the way `CogVideoXPipeline` calls it (its 3D RoPE tables precomputed once, as there).
 - 3 s sampling step with guidance (batch 2, conditional and unconditional): both models, and
@@ -10,8 +11,8 @@ Rows (B = 1 unless stated; 480x720, 13 latent frames per 3 s segment, 226 text t
   the same, so the ratios hold for the 42-block model; its time is the per-block time x 42
   (printed beside it). Each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes =
   2.2 GB at 63 s, and recomputing one block holds ~50 GB (TTT off) to ~100 GB (TTT on) of
-  activations: `--checkpoint-parts` and `--offload` time the training step as the 30 s and 63 s
-  presets run it (`train.checkpoint_parts`, `train.offload_checkpoints`).
+  activations: `--offload` and `--checkpoint-parts` time the training step as the long-video
+  presets run it (`train.offload_checkpoints` from 18 s, `train.checkpoint_parts` from 30 s).
 Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
 reported as such.
 """
