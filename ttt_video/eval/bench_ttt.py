@@ -15,7 +15,9 @@ and 3.5x the attention forward.
 `@REV`), loaded beside the current ones: a same-process comparison of two kernel versions.
 """
 
+import atexit
 import importlib.util
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -94,8 +96,10 @@ def kernels_at(rev):
     if git.returncode:
         raise UserError(f"--against {rev}: no {KERNELS} at that revision of {root} "
                         f"({git.stderr.strip().splitlines()[-1] if git.stderr.strip() else 'git failed'})")
-    path = Path(tempfile.mkdtemp(prefix="ttt-kernels-")) / f"triton_{rev.replace('/', '_')}.py"
-    path.write_text(git.stdout)  # Triton reads a kernel's source from its file
+    folder = tempfile.mkdtemp(prefix="ttt-kernels-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the source until it compiles
+    path = Path(folder) / f"triton_{rev.replace('/', '_')}.py"
+    path.write_text(git.stdout)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
