@@ -871,9 +871,18 @@ class _TTT(torch.autograd.Function):
         if mlp:
             F, FC = 4 * D, _mlp_chunk_size(D, backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
-            key = (D, FC, tuple(sorted(common.items())))
-            S = _mlp_slices(N, F // FC, q, key, lambda f, i: _mlp_fwd_kernel.warmup(
-                *args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **common))
+
+            def slices(most, opts):
+                return _mlp_slices(N, most, q, (D, FC, tuple(sorted(opts.items()))), lambda f, i: (
+                    _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
+
+            # 4 warps fit two programs an SM, so a chain gets twice the programs (v14, NOTES.md)
+            narrow = {**common, "num_warps": 4}
+            S = slices(min(F // FC, 4), narrow) if D <= 64 and bs <= 64 else 1
+            if S > 1:
+                common = narrow
+            else:
+                S = slices(F // FC, common)
             xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
