@@ -83,7 +83,7 @@ def cmd_train(args):
 
 
 def cmd_plan(args):
-    from .train.plan import format_plan, measure, parse_memory, plan
+    from .train.plan import format_plan, measure, parse_memory, plan, with_recompute
     from .train.trainer import resolve_device
 
     budget = parse_memory(args.gpu_memory)
@@ -100,7 +100,8 @@ def cmd_plan(args):
         measured = {}
         for r in rows:  # only what the estimate says this card holds: an out-of-memory error proves nothing
             if r.total <= 0.9 * free:
-                measured[r.batch_size, r.checkpointing] = measure(cfg, r.batch_size, r.checkpointing, device)[0]
+                measured[r.batch_size, *r.recompute] = measure(with_recompute(cfg, r.parts, r.offload), r.batch_size,
+                                                               r.checkpointing, device)[0]
                 torch.cuda.empty_cache()
     print(format_plan(cfg, rows, proposal, budget, measured))
 

@@ -118,6 +118,25 @@ def test_offloaded_block_inputs_move_to_host_memory_and_parts_lower_the_rest(tmp
     assert "on+parts+offload" in table and "host" in table
 
 
+def test_cogvideox_plans_compare_offload_and_parts_and_propose_the_least_recompute_that_fits(tmp_path):
+    """The 9 s stage on CogVideoX-2B's dimensions cut to 4 blocks: plan compares whole blocks,
+    offloaded inputs and part-wise recompute, each needing less memory than the one before, and
+    proposes the fastest that fits."""
+    cfg = apply_overrides(get_preset("cogvideox-5b-ttt-9s"), [f"model.pretrained={_cogvideox_2b(tmp_path, num_layers=4)}"])
+    rows, proposal = plan.plan(cfg, 2**50)
+    by = {r.recompute: r for r in rows}
+    assert list(by) == list(plan.RECOMPUTE) and proposal is by[False, False, False]
+    totals = [by[s].total for s in plan.RECOMPUTE]
+    assert totals == sorted(totals, reverse=True) and by[True, True, True].host > 0 == by[True, False, False].host
+    for fastest in plan.RECOMPUTE[1:]:
+        budget = by[fastest].total / plan.HEADROOM
+        assert plan.propose(rows, budget) is by[fastest]
+    table = plan.format_plan(cfg, rows, by[True, False, True], 2**40)
+    assert all(name in table for name in ("off", "on", "on+offload", "on+parts+offload"))
+    assert ("--set train.grad_checkpointing=true --set train.checkpoint_parts=false "
+            "--set train.offload_checkpoints=true") in table
+
+
 def test_plan_command_prints_the_table_and_proposal(capsys):
     sets = [a for s in DEEP for a in ("--set", s)]
     assert main(["plan", *sets, "--gpu-memory", "24GB"]) == 0

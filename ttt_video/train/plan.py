@@ -31,9 +31,10 @@ first block can differ: with a frozen stem its input needs no gradient). A is me
     A(b, D) = A(1, D) + (b - 1) (A(2, D) - A(1, D)),   A(n, D) = A(n, 2) + (D - 2) (A(n, 3) - A(n, 2))
 
 Gradient checkpointing keeps only each block's input and recomputes one block at a time, which
-the simulation sees because it runs the model's own checkpointed path, with the part-wise recompute
-and the offloading of the blocks' inputs where the config asks for them (`train.checkpoint_parts`,
-`train.offload_checkpoints`: an offloaded input leaves the count until its block's backward).
+the simulation sees because it runs the model's own checkpointed path. For CogVideoX-TTT the plan
+also compares the offloading of the blocks' inputs (`train.offload_checkpoints`: an offloaded
+input leaves the count until its block's backward, and its bytes are the `host` column) and that
+with the part-wise recompute (`train.checkpoint_parts`).
 
 Not counted: the CUDA context and allocator fragmentation (a plan fills at most 90% of the
 card), the text encoder and VAE (the trainer can use precomputed caches), and data-parallel
@@ -89,10 +90,40 @@ class Estimate:
     autocast: int
     activations: int
     host: int = 0  # pinned host memory of offloaded block inputs (train.offload_checkpoints), not in total
+    parts: bool = False  # with checkpointing: train.checkpoint_parts
+    offload: bool = False  # with checkpointing: train.offload_checkpoints
 
     @property
     def total(self):
         return self.weights + self.gradients + self.optimizer + self.ema + self.autocast + self.activations
+
+    @property
+    def recompute(self):
+        """(grad_checkpointing, checkpoint_parts, offload_checkpoints)."""
+        return self.checkpointing, self.parts, self.offload
+
+    @property
+    def recompute_name(self):
+        if not self.checkpointing:
+            return "off"
+        return "+".join(["on"] + [n for n, v in (("parts", self.parts), ("offload", self.offload)) if v])
+
+
+# (grad_checkpointing, checkpoint_parts, offload_checkpoints) settings plan compares, fastest first
+RECOMPUTE = ((False, False, False), (True, False, False), (True, False, True), (True, True, True))
+
+
+def recompute_settings(cfg):
+    """Without and with gradient checkpointing; for CogVideoX-TTT also with the blocks' inputs
+    offloaded, and offloaded and recomputed part by part."""
+    return RECOMPUTE if cfg.model.arch == "cogvideox-ttt" else RECOMPUTE[:2]
+
+
+def with_recompute(cfg, parts, offload):
+    """A copy of `cfg` with `train.checkpoint_parts` and `train.offload_checkpoints` set."""
+    out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
+    out.train.checkpoint_parts, out.train.offload_checkpoints = parts, offload
+    return out
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -405,7 +436,8 @@ def estimate(cfg, batch_size, checkpointing, counts=None, activation=None):
     activations, host = activation(batch_size, depth)
     return Estimate(batch_size, checkpointing, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
                     ema=4 * trainable if tc.ema_decay else 0,
-                    autocast=2 * trainable if tc.mixed_precision in HALF else 0, activations=activations, host=host)
+                    autocast=2 * trainable if tc.mixed_precision in HALF else 0, activations=activations, host=host,
+                    parts=checkpointing and tc.checkpoint_parts, offload=checkpointing and tc.offload_checkpoints)
 
 
 def micro_batches(global_batch):
@@ -414,18 +446,24 @@ def micro_batches(global_batch):
 
 def plan(cfg, budget):
     """Estimates for every micro-batch dividing the global batch (train.batch_size x
-    grad_accum_steps), without and with checkpointing, and the proposal: the largest micro-batch
-    that fits in `HEADROOM` of `budget` bytes, without checkpointing if possible (it is faster).
+    grad_accum_steps) under each of `recompute_settings`, and the proposal (`propose`).
     Returns (estimates, proposal or None)."""
     counts = parameter_counts(cfg)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
     rows = []
-    for ckpt in (False, True):
-        activation = activation_model(cfg, ckpt, counts[2])
-        rows += [estimate(cfg, b, ckpt, counts, activation) for b in micro_batches(global_batch)]
+    for ckpt, parts, offload in recompute_settings(cfg):
+        variant = with_recompute(cfg, parts, offload)
+        activation = activation_model(variant, ckpt, counts[2])
+        rows += [estimate(variant, b, ckpt, counts, activation) for b in micro_batches(global_batch)]
+    return rows, propose(rows, budget)
+
+
+def propose(rows, budget):
+    """The row that fits in `HEADROOM` of `budget` bytes with the least recompute (the fastest:
+    none, then whole blocks, then offloaded inputs, then parts), and of those the largest
+    micro-batch; None when nothing fits."""
     fitting = [r for r in rows if r.total <= HEADROOM * budget]
-    proposal = max(fitting, key=lambda r: (not r.checkpointing, r.batch_size), default=None)
-    return rows, proposal
+    return max(fitting, key=lambda r: (-RECOMPUTE.index(r.recompute), r.batch_size), default=None)
 
 
 def gib(n):
@@ -436,7 +474,6 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
     """The plan as a text table (GiB), with measured peaks beside the estimates when given."""
     tc = cfg.train
     global_batch = tc.batch_size * tc.grad_accum_steps
-    on = "+".join(["on"] + [n for n, v in (("parts", tc.checkpoint_parts), ("offload", tc.offload_checkpoints)) if v])
     host = any(r.host for r in rows)
     head = ["micro-batch", "accum", "checkpointing", "weights", "grads", "optimizer", "EMA", "autocast",
             "activations", "total", *(["host"] if host else []), "fits"]
@@ -444,11 +481,11 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
         head += ["measured", "error"]
     lines = [head]
     for r in rows:
-        line = [str(r.batch_size), str(global_batch // r.batch_size), on if r.checkpointing else "off",
+        line = [str(r.batch_size), str(global_batch // r.batch_size), r.recompute_name,
                 gib(r.weights), gib(r.gradients), gib(r.optimizer), gib(r.ema), gib(r.autocast), gib(r.activations),
                 gib(r.total), *([gib(r.host)] if host else []), "yes" if r.total <= HEADROOM * budget else "no"]
         if measured is not None:
-            m = measured.get((r.batch_size, r.checkpointing))
+            m = measured.get((r.batch_size, *r.recompute))
             line += ["-", "-"] if m is None else [gib(m), f"{(r.total - m) / m:+.0%}"]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -463,9 +500,12 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
         text.append("nothing fits: try train.adapter=lora or ttt-only, train.mixed_precision=bf16, "
                     "fewer scenes or a smaller resolution")
     else:
+        names = ("grad_checkpointing", "checkpoint_parts", "offload_checkpoints")
+        if recompute_settings(cfg) != RECOMPUTE:  # only checkpointing on or off to choose
+            names = names[:1]
+        sets = "".join(f"--set train.{n}={str(v).lower()} " for n, v in zip(names, proposal.recompute))
         text.append(f"proposal: --set train.batch_size={proposal.batch_size} "
-                    f"--set train.grad_accum_steps={global_batch // proposal.batch_size} "
-                    f"--set train.grad_checkpointing={str(proposal.checkpointing).lower()} "
+                    f"--set train.grad_accum_steps={global_batch // proposal.batch_size} {sets}"
                     f"(estimated peak {gib(proposal.total)} GiB)")
     return "\n".join(text)
 
