@@ -49,9 +49,14 @@ FUSE_MIN_ELEMENTS = 2**24  # a 3 s CogVideoX segment has 55M; a shapes-tiny batc
 _COMPILED = {}
 
 
-def _fused(fn, x, head_dim):
+def fuses(x):
+    """Whether the layer fuses its steps for an input of x's size on CUDA (`TTT_VIDEO_COMPILE`)."""
     mode = os.environ.get("TTT_VIDEO_COMPILE", "auto")
-    if not x.is_cuda or mode == "0" or (mode != "1" and x.numel() < FUSE_MIN_ELEMENTS):
+    return mode == "1" or (mode != "0" and x.numel() >= FUSE_MIN_ELEMENTS)
+
+
+def _fused(fn, x, head_dim):
+    if not (x.is_cuda and fuses(x)):
         return fn
     if (kernel := _kernel(fn, head_dim)) is not None:
         return kernel
@@ -117,7 +122,7 @@ class TTT(nn.Module):
 class BidirectionalTTT(nn.Module):
     """A TTT pass over the sequence, then one over the reversed sequence (shared TTT weights),
     each added through a tanh gate initialised small so a pretrained block starts near itself.
-    With `checkpoint_passes` set, training keeps only each pass's input and recomputes the pass in
+    With `checkpoint_passes`, training keeps only each pass's input and recomputes the pass in
     backward, so one pass's activations are held at a time (long-video training)."""
 
     def __init__(self, dim, num_heads, kind="mlp", mini_batch_size=64, base_lr=1.0, gate_init=0.1, impl=None):
@@ -127,11 +132,10 @@ class BidirectionalTTT(nn.Module):
         self.norm_bwd = nn.LayerNorm(dim, eps=1e-6)
         self.gate_fwd = nn.Parameter(torch.full((dim,), float(gate_init)))
         self.gate_bwd = nn.Parameter(torch.full((dim,), float(gate_init)))
-        self.checkpoint_passes = False
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, checkpoint_passes=False):
         for reverse in (False, True):
-            if self.checkpoint_passes and torch.is_grad_enabled():
+            if checkpoint_passes and torch.is_grad_enabled():
                 x = checkpoint(self._gated_pass, x, cos, sin, reverse, use_reentrant=False)
             else:
                 x = self._gated_pass(x, cos, sin, reverse)

@@ -392,11 +392,10 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """Attention and feed-forward run segment by segment where nothing is saved for backward
-    (inference: one segment's temporaries at a time, not the whole video's). With
-    `checkpoint_parts` set, training does the same and recomputes the block part by part in
-    backward: each segment's attention, each TTT pass and each segment's worth of feed-forward keep
-    only their inputs, so one part's activations are held at a time, for a third forward pass of
-    each part."""
+    (inference: one segment's temporaries at a time, not the whole video's). With `parts`,
+    training does the same and recomputes the block part by part in backward: each segment's
+    attention, each TTT pass and each segment's worth of feed-forward keep only their inputs, so
+    one part's activations are held at a time, for a third forward pass of each part."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -405,12 +404,11 @@ class Block(nn.Module):
         self.ttt = None
         self.norm2 = ExpertNorm(cfg.time_embed_dim, cfg.dim, cfg.norm_elementwise_affine, cfg.norm_eps)
         self.ff = FeedForward(cfg)
-        self.checkpoint_parts = False
 
-    def forward(self, video, text, emb, segments, seg_rope, ttt_rope):
+    def forward(self, video, text, emb, segments, seg_rope, ttt_rope, parts=False):
         """video `[B, F, N, D]`, text `[B, S, L, D]`, emb `[B, E]`."""
         B, S, L, D = text.shape
-        by_segment = self.checkpoint_parts or not torch.is_grad_enabled()
+        by_segment = parts or not torch.is_grad_enabled()
         part = self._part if torch.is_grad_enabled() else (lambda fn, *args: fn(*args))
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
         mod = (shift, scale, t_shift, t_scale)
@@ -425,7 +423,7 @@ class Block(nn.Module):
         text = text + t_gate * x[:, :, :L]
         if self.ttt is not None:
             x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
-            x = self.ttt(x, *ttt_rope).unflatten(1, (S, -1))
+            x = self.ttt(x, *ttt_rope, checkpoint_passes=parts).unflatten(1, (S, -1))
             text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, frames))
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm2.modulation(emb)
         n = segments.n
@@ -462,7 +460,7 @@ class CogVideoXTTT(nn.Module):
         self.norm_out = FinalNorm(cfg.time_embed_dim, dim, cfg.norm_elementwise_affine, cfg.norm_eps)
         p = cfg.patch_size * cfg.patch_size * (cfg.patch_size_t or 1)
         self.proj_out = nn.Linear(dim, p * (cfg.out_channels or cfg.in_channels))
-        self.gradient_checkpointing = self.offload_checkpoints = False
+        self.gradient_checkpointing = self.checkpoint_parts = self.offload_checkpoints = False
         if cfg.ttt is not None:
             self.add_ttt()
 
@@ -477,7 +475,6 @@ class CogVideoXTTT(nn.Module):
                                          mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr,
                                          gate_init=cfg.gate_init,
                                          impl=None if cfg.ttt_impl == "auto" else cfg.ttt_impl).to(device)
-            block.ttt.checkpoint_passes = block.checkpoint_parts
 
     def enable_gradient_checkpointing(self, enabled=True, parts=False, offload=False):
         """Training keeps only each block's inputs and recomputes the block in backward. `parts`: the
@@ -485,11 +482,7 @@ class CogVideoXTTT(nn.Module):
         for backward in pinned host memory instead of on the GPU (CUDA)."""
         if (parts or offload) and not enabled:
             raise ValueError("parts and offload refine gradient checkpointing; enable it too")
-        self.gradient_checkpointing, self.offload_checkpoints = enabled, offload
-        for block in self.transformer_blocks:
-            block.checkpoint_parts = parts
-            if block.ttt is not None:
-                block.ttt.checkpoint_passes = parts
+        self.gradient_checkpointing, self.checkpoint_parts, self.offload_checkpoints = enabled, parts, offload
         return self
 
     @property
@@ -540,7 +533,7 @@ class CogVideoXTTT(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 with host_copies(video, text) if self.offload_checkpoints else contextlib.nullcontext():
                     video, text = checkpoint(block, video, text, emb, segments, seg_rope, ttt_rope,
-                                             use_reentrant=False)
+                                             self.checkpoint_parts, use_reentrant=False)
             else:
                 video, text = block(video, text, emb, segments, seg_rope, ttt_rope)
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import config as config_lib
 from ..data.manifest import mark_scenes
 from ..encoders.pipeline import check_resolution, resolution_factor, spatial_compression
 from ..encoders.t5 import T5TextEncoder
@@ -125,7 +124,7 @@ def load_transformer(model_dir, ttt_checkpoint=None, ttt="mlp", ema=False):
                             "average for --ema")
         return CogVideoXTTT.from_pretrained(path)
     path = ckpt.resolve(path)
-    cfg = config_lib.load(path / ckpt.CONFIG_FILE)
+    cfg = ckpt.load_config(path)
     if cfg.model.arch != "cogvideox-ttt":
         raise UserError(f"checkpoint {path} is of model.arch {cfg.model.arch!r}, not cogvideox-ttt")
     if cfg.train.adapter == "lora":

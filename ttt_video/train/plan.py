@@ -237,11 +237,11 @@ class _MergeHeads(torch.autograd.Function):
 
 
 def _layer_kernels(fn, x, head_dim):
-    """What the TTT layer's `_fused` gives on a CUDA device with Triton: the layer kernels for inputs
-    of `FUSE_MIN_ELEMENTS` and more, at power-of-two head dims; else `fn` itself."""
+    """What the TTT layer's `_fused` gives on a CUDA device with Triton: the layer kernels where it
+    fuses (`layers.ttt.fuses`) at a power-of-two head dim; else `fn` itself."""
     from ..layers import ttt
 
-    if x.numel() < ttt.FUSE_MIN_ELEMENTS or head_dim & (head_dim - 1):
+    if not ttt.fuses(x) or head_dim & (head_dim - 1):
         return fn
     if fn is ttt._inner_inputs:
         return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
