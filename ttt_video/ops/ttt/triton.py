@@ -396,20 +396,35 @@ def _chain_barrier(cnt_ptr, target, patience):
 
 
 @triton.jit
+def _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n, t0, T, rows, cols, lnw, lnb, S: tl.constexpr, BS: tl.constexpr,
+                 D: tl.constexpr, eps):
+    """Output rows `rows` of mini-batch n (starting at token t0): the sum of the chain's S partial Z_q2 in
+    `xch` (slot n % 2 of the queries' half), layer-normed, plus q."""
+    zq2 = tl.zeros([BS // S, D], dtype=tl.float32)
+    for j in range(0, S):
+        at = xch_ptr + ((2 + n % 2) * S + j) * BS * D
+        zq2 += tl.load(at + rows[:, None] * D + cols[None, :], cache_modifier=".cg")
+    xhq, rstdq = _ln(zq2, D, eps)
+    _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
+
+
+@triton.jit
 def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                     cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, eps, S: tl.constexpr,
                     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
                     CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr):
     """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
-    of Z2 and Z_q2 go through `xch` `[N, 2, S, BS, D]`, with a barrier among the chain's S programs, which
-    must all be resident at once; `ok_ptr` `[N * S]` gets 0 where a barrier timed out. At S = 1 the sums
-    stay in registers."""
+    of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]`, with one barrier
+    a mini-batch among the chain's S programs, which must all be resident at once; `ok_ptr` `[N * S]`
+    gets 0 where a barrier timed out. After the barrier of mini-batch n, program s writes its BS / S
+    rows of mini-batch n - 1's output. At S = 1 the sums stay in registers."""
     pid = tl.program_id(0).to(tl.int64)
     chain = pid // S
     s = pid % S
     h = chain % H
     c0 = s * (F // S)
     rows = tl.arange(0, BS)
+    mine = s * (BS // S) + tl.arange(0, BS // S)
     cols = tl.arange(0, D)
     fcols = tl.arange(0, FC)
     tile = rows[:, None] * D + cols[None, :]
@@ -424,10 +439,11 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     v_ptr += chain * T * D
     o_ptr += chain * T * D
     eta_ptr += chain * T
-    part_ptr = xch_ptr + (chain * 2 * S + s) * BS * D
+    xch_ptr += chain * 4 * S * BS * D
     cnt_ptr += chain
     patience = pid.to(tl.int32) * 0 + (1 << 22)
-    for n in range(0, tl.cdiv(T, BS)):
+    NB = tl.cdiv(T, BS)
+    for n in range(0, NB):
         if SAVE:
             if n % G == 0:
                 c = chain * NG + n // G
@@ -450,21 +466,28 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
             part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
         if S > 1:
-            tl.store(part_ptr + tile, part)
-            patience = _chain_barrier(cnt_ptr, S * (2 * n + 1), patience)
+            tl.store(xch_ptr + ((n % 2) * S + s) * BS * D + tile, part)
+            patience = _chain_barrier(cnt_ptr, S * (n + 1), patience)
+            if n > 0:
+                _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n - 1, t0 - BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
             z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
             for j in range(0, S):
-                z2 += tl.load(xch_ptr + (chain * 2 * S + j) * BS * D + tile, cache_modifier=".cg")
+                z2 += tl.load(xch_ptr + ((n % 2) * S + j) * BS * D + tile, cache_modifier=".cg")
         else:
             z2 = part + b2
         xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
         g2 = eta[:, None] * gr  # [BS, D]
+        part = tl.zeros([BS, D], dtype=tl.float32)
         b2_old = b2
         b2 -= tl.sum(g2, 0, keep_dims=True)
         g2 = _operand(g2, LP)
+        if s == 0:  # the output bias and the ones of the second layer's scores count once
+            ones = tl.full([BS, BS], 1.0, tl.float32)
+            if CAUSAL:
+                ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
+            part += b2_old - _dot(ones, g2, LP)
         a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
         s2 = tl.zeros([BS, BS], dtype=tl.float32)
-        part = tl.zeros([BS, D], dtype=tl.float32)
         for cc in range(c0, c0 + F // S, FC):
             w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
             x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
@@ -478,23 +501,15 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         if CAUSAL:
             s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
         part -= _dot(s2, g2, LP)
+        tl.debug_barrier()  # this step's state writes before the next step's reads
         if S > 1:
-            tl.store(part_ptr + S * BS * D + tile, part)
-            patience = _chain_barrier(cnt_ptr, S * (2 * n + 2), patience)
+            tl.store(xch_ptr + ((2 + n % 2) * S + s) * BS * D + tile, part)
         else:
-            tl.debug_barrier()  # this step's state writes before the next step's reads
-        if s == 0:
-            ones = tl.full([BS, BS], 1.0, tl.float32)
-            if CAUSAL:
-                ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
-            zq2 = b2_old - _dot(ones, g2, LP)
-            if S > 1:
-                for j in range(0, S):
-                    zq2 += tl.load(xch_ptr + ((chain * 2 + 1) * S + j) * BS * D + tile, cache_modifier=".cg")
-            else:
-                zq2 += part
-            xhq, rstdq = _ln(zq2, D, eps)
+            xhq, rstdq = _ln(part, D, eps)
             _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
+    if S > 1:
+        patience = _chain_barrier(cnt_ptr, S * (NB + 1), patience)
+        _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, NB - 1, (NB - 1) * BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
     if s == 0:
         tl.store(b2_ptr + chain * D + cols[None, :], b2)
     tl.store(ok_ptr + pid, patience)
@@ -883,7 +898,7 @@ class _TTT(torch.autograd.Function):
                 common = narrow
             else:
                 S = slices(F // FC, common)
-            xch = q.new_empty((N, 2, S, bs, D), dtype=torch.float32)
+            xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
@@ -950,6 +965,11 @@ def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, ca
         raise ValueError(f"triton TTT: head dim {D} at mini-batch {mini_batch_size} in {q.dtype} needs more shared "
                          "memory than the GPU has; use a smaller mini-batch, 16-bit inputs or impl='torch'")
     N = B * H
+    mlp, dtype = "w2" in weights, q.dtype
+    if mlp and q.is_cuda and dtype == torch.float16:
+        # Triton 3.6 miscompiles the float16 builds of the MLP forward (NOTES.md, v15); its products
+        # round to bfloat16 either way
+        q, eta = q.to(torch.bfloat16), eta.to(torch.bfloat16)
     k, v = k.to(q.dtype), v.to(q.dtype)  # one activation dtype (autocast may leave them mixed)
     keys = tuple(weights)
     if initial_state is None:
@@ -957,11 +977,11 @@ def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, ca
     else:
         state0 = [initial_state[n].float().reshape(N, *initial_state[n].shape[2:]) for n in keys]
     state0 = [s.contiguous() for s in state0]
-    res = _TTT.apply("w2" in weights, mini_batch_size, causal, float(eps), checkpoint_group,
+    res = _TTT.apply(mlp, mini_batch_size, causal, float(eps), checkpoint_group,
                      q.reshape(N, T, D).contiguous(), k.reshape(N, T, D).contiguous(),
                      v.reshape(N, T, D).contiguous(), eta.reshape(N, T).contiguous(),
                      ln_weight.float().contiguous(), ln_bias.float().contiguous(), *state0)
-    out = res[0].view(B, H, T, D)
+    out = res[0].view(B, H, T, D).to(dtype)
     if not return_state:
         return out
     return out, {n: s.view(B, H, *s.shape[1:]) for n, s in zip(keys, res[1:])}
