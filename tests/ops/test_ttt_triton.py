@@ -214,9 +214,24 @@ def test_gelu_parts_are_the_tanh_gelu_and_its_derivatives(fast):
                                           (64, 128, torch.bfloat16), (64, 64, torch.float16),
                                           (128, 64, torch.bfloat16), (128, 128, torch.bfloat16)])
 def test_cuda_16bit_realistic(kind, causal, dim, mb, dtype):
-    from ttt_video.ops.ttt import torch as torch_impl
+    _check_16bit(_module(), kind, causal, dim, mb, dtype)
 
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("slices", [1, 2])
+def test_cuda_mlp_forward_split_over_fewer_programs(monkeypatch, causal, slices):
+    """Two chains get S = 4 programs each in the forward (the test above); more chains get fewer, down
+    to one (no exchange). Each S gives the reference's outputs, states and gradients."""
     triton_impl = _module()
+    most = triton_impl._mlp_slices
+    monkeypatch.setattr(triton_impl, "_mlp_slices", lambda N, m, q, key, warmup: (
+        most(N, m, q, key, warmup) if key[0] == "backward" else min(m, slices)))
+    _check_16bit(triton_impl, "mlp", causal, 64, 64, torch.bfloat16)
+
+
+def _check_16bit(triton_impl, kind, causal, dim, mb, dtype):
+    from ttt_video.ops.ttt import torch as torch_impl
 
     args = _inputs(kind, 1000, seed=3, batch=1, dim=dim, device="cuda", eta_scale=0.02)
     low = [a.to(dtype) if i < 4 else a.float() for i, a in enumerate(args)]
