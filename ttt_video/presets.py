@@ -68,9 +68,9 @@ def cogvideox_5b_ttt(seconds):
     The 3 s stage fine-tunes everything (TTT at 1e-4, the pretrained weights at 1e-5); each later
     stage starts from the previous stage's checkpoint (`train.init_from`, by default the previous
     preset's default run folder `runs/cogvideox-5b-ttt-<previous>s`) and trains the TTT layers,
-    their gates and the attention q/k/v/o at 1e-5. From 18 s on the blocks' inputs wait for backward in
-    host memory (`train.offload_checkpoints`), from 30 s on each block is also recomputed part by
-    part (`train.checkpoint_parts`). `max_steps` is a starting point, not a recipe constant: set it
+    their gates and the attention q/k/v/o at 1e-5. From 30 s on the blocks' inputs wait for backward in
+    host memory (`train.offload_checkpoints`), at 63 s each block is also recomputed part by part
+    (`train.checkpoint_parts`). `max_steps` is a starting point, not a recipe constant: set it
     for your data."""
     if seconds not in CONTEXT_STAGES:
         raise ConfigError(f"no CogVideoX-TTT stage of {seconds} s; stages: {', '.join(map(str, CONTEXT_STAGES))}")
@@ -83,7 +83,7 @@ def cogvideox_5b_ttt(seconds):
     t.ttt_lr = 1e-4 if stage == 0 else 1e-5
     t.max_steps = 5000 if stage == 0 else 1000
     # the cheapest recompute with which the stage fits one 141 GB GPU (README, "CogVideoX with TTT")
-    t.offload_checkpoints, t.checkpoint_parts = seconds >= 18, seconds >= 30
+    t.offload_checkpoints, t.checkpoint_parts = seconds >= 30, seconds >= 63
     return cfg
 
 

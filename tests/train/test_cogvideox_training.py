@@ -198,9 +198,9 @@ def test_stage_3s_checkpoint_starts_the_next_stage_with_ttt_qkvo(pipeline, manif
 
 
 def test_long_stages_recompute_blocks_part_by_part_with_the_same_losses(pipeline, manifest, tmp_path, monkeypatch):
-    """From 18 s on the stages offload the blocks' inputs (CUDA only; on the CPU they stay put), from
-    30 s on they also recompute each block part by part: the losses are those of whole blocks."""
-    for seconds, parts, offload in ((9, False, False), (18, False, True), (30, True, True), (63, True, True)):
+    """From 30 s on the stages offload the blocks' inputs (CUDA only; on the CPU they stay put), at
+    63 s they also recompute each block part by part: the losses are those of whole blocks."""
+    for seconds, parts, offload in ((9, False, False), (18, False, False), (30, False, True), (63, True, True)):
         t = get_preset(f"cogvideox-5b-ttt-{seconds}s").train
         assert (t.grad_checkpointing, t.checkpoint_parts, t.offload_checkpoints) == (True, parts, offload)
     calls = Counter()

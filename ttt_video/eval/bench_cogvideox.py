@@ -12,7 +12,7 @@ segment, 226 text tokens each):
   (printed beside it). Each block's checkpointed input is 351,168 tokens x 3072 x 2 bytes =
   2.2 GB at 63 s, and recomputing one block holds ~50 GB (TTT off) to ~100 GB (TTT on) of
   activations: `--offload` and `--checkpoint-parts` time the training step as the long-video
-  presets run it (`train.offload_checkpoints` from 18 s, `train.checkpoint_parts` from 30 s).
+  presets run it (`train.offload_checkpoints` from 30 s, `train.checkpoint_parts` at 63 s).
 Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
 reported as such.
 """

@@ -1,21 +1,26 @@
 """Peak GPU memory of a training step, and the micro-batch, accumulation and checkpointing that fit.
 
-    peak = weights + gradients + optimizer + EMA + autocast copies + activations
+    peak = weights + optimizer + EMA + S(b, D)
 
     weights      4 bytes x every parameter (fp32 master weights), 2 for frozen ones stored in
                  bf16/fp16 (train.frozen_dtype: frozen weight matrices)
-    gradients    4 x trainable parameters (the adapter decides which: LoRA and ttt-only train few)
-    optimizer    8 x trainable (AdamW's two fp32 moments)
+    optimizer    8 x trainable parameters (AdamW's two fp32 moments; the adapter decides what is
+                 trainable: LoRA and ttt-only train few)
     EMA          4 x trainable, with train.ema_decay > 0
-    autocast     2 x trainable, with bf16/fp16: the half-precision casts of trainable weights,
-                 cached for the whole step (frozen weights are cast again at each use, not cached)
-    activations  A(b, D): the peak, over one forward and backward of micro-batch b through D blocks,
-                 of the bytes held by live tensors other than parameters and their gradients
+    S(b, D)      the step: the peak, over one forward and backward of micro-batch b through D
+                 blocks, of the bytes held by live tensors other than parameters: activations,
+                 the gradients (4 x trainable once all have landed) and, with bf16/fp16, autocast's
+                 half-precision copies of the trainable weights (cached through the forward; the
+                 trainer runs backward outside autocast)
 
-A is measured, not guessed: the model is built on the `meta` device (shapes, no data) and one
+Gradients and activations are not added up: the gradients land during backward while the blocks'
+saved inputs are freed, so in a deep model the step's peak holds all of one and little of the
+other (a 42-block CogVideoX-5B step at 9 s on an H200: 81.2 GiB measured, where adding the
+gradients and autocast copies to the activation peak gave 99.1).
+
+S is measured, not guessed: the model is built on the `meta` device (shapes, no data) and one
 forward and backward runs under a dispatch mode that adds each new tensor's storage when an op
-creates it and subtracts it when Python frees it; parameter gradients are taken out of the count
-as they land. Attention runs through a stand-in that keeps what a fused (flash) kernel keeps
+creates it and subtracts it when Python frees it. Attention runs through a stand-in that keeps what a fused (flash) kernel keeps
 (q, k, v, the output and a float32 log-sum-exp per query), since the meta device would otherwise
 take the math path and count a full attention matrix; the TTT scan likewise runs through a
 stand-in keeping what its kernels keep (inputs, output, and the inner weights of every item at
@@ -24,11 +29,14 @@ TTT layer's q, k, v preparation and head merge through stand-ins keeping what it
 keep on CUDA (the projection; the heads) where a GPU run uses them. With
 bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
 precision inputs (casting float32 ones, as autocast does), norms and softmax float32, other ops
-their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical and
-every item of a batch costs the same, so A is linear in b and, past the first block, in D (the
-first block can differ: with a frozen stem its input needs no gradient). A is measured at b in {1, 2} and D in {2, 3} and extrapolated:
+their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical,
+so S is linear in D past the first block (the first block can differ: with a frozen stem its input
+needs no gradient): each block adds its saved input or its gradients, whichever is larger, since
+the peak falls where the one or the other is complete. It is not linear in b (the gradients do
+not grow with it), so S is simulated at every micro-batch b the plan compares, at D in {2, 3},
+and extrapolated:
 
-    A(b, D) = A(1, D) + (b - 1) (A(2, D) - A(1, D)),   A(n, D) = A(n, 2) + (D - 2) (A(n, 3) - A(n, 2))
+    S(b, D) = S(b, 2) + (D - 2) (S(b, 3) - S(b, 2))
 
 Gradient checkpointing keeps only each block's input and recomputes one block at a time, which
 the simulation sees because it runs the model's own checkpointed path. For CogVideoX-TTT the plan
@@ -84,18 +92,16 @@ class Estimate:
     batch_size: int
     checkpointing: bool
     weights: int
-    gradients: int
     optimizer: int
     ema: int
-    autocast: int
-    activations: int
+    step: int  # S(b, D): activations, gradients and autocast copies at their joint peak
     host: int = 0  # pinned host memory of offloaded block inputs (train.offload_checkpoints), not in total
     parts: bool = False  # with checkpointing: train.checkpoint_parts
     offload: bool = False  # with checkpointing: train.offload_checkpoints
 
     @property
     def total(self):
-        return self.weights + self.gradients + self.optimizer + self.ema + self.autocast + self.activations
+        return self.weights + self.optimizer + self.ema + self.step
 
     @property
     def recompute(self):
@@ -146,12 +152,6 @@ class _LiveBytes(TorchDispatchMode):
     def ignore(self, t):
         """Never count `t`'s storage (parameters: views of them are not new memory)."""
         self.counted[id(t.untyped_storage())] = [0, False]
-
-    def uncount(self, t):
-        entry = self.counted.get(id(t.untyped_storage()))
-        if entry and entry[1]:
-            entry[1] = False
-            self.live -= entry[0]
 
     def _free(self, key, entry):
         if entry[1]:
@@ -250,12 +250,13 @@ def _layer_kernels(fn, x, head_dim):
 
 class _Autocast(TorchFunctionMode):
     """CUDA autocast, emulated above autograd (the meta device has none): matrix products run in
-    `dtype`, with the casts of trainable parameters made once and not counted (they are the
-    'autocast' term); norms and softmax run in float32; everything else in its inputs' dtype."""
+    `dtype`, with the casts of trainable parameters made once and kept in `cached` (autocast's
+    cache, which lives as long as the outermost autocast region); norms and softmax run in float32;
+    everything else in its inputs' dtype."""
 
-    def __init__(self, dtype, tracker, cached=None):
+    def __init__(self, dtype):
         super().__init__()
-        self.dtype, self.tracker, self.cached = dtype, tracker, {} if cached is None else cached
+        self.dtype, self.cached = dtype, {}
 
     def lower(self, t):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == self.dtype:
@@ -263,7 +264,6 @@ class _Autocast(TorchFunctionMode):
         if isinstance(t, nn.Parameter) and t.requires_grad:
             if id(t) not in self.cached:
                 self.cached[id(t)] = t.to(self.dtype)
-                self.tracker.uncount(self.cached[id(t)])
             return self.cached[id(t)]
         return t.to(self.dtype)
 
@@ -299,8 +299,9 @@ def _ttt_scan(q, k, v, eta, *weights, mini_batch_size=64, **_):
 @contextlib.contextmanager
 def _stand_ins(autocast=None, host=None):
     """Route every attention and TTT op the package calls through the stand-ins above. With an
-    `_Autocast`, attention runs in its dtype and checkpointed blocks recompute under it (backward
-    does not see the caller's function modes). With a list `host`, the bytes of every set of block
+    `_Autocast`, attention runs in its dtype and each checkpointed block recomputes under an
+    `_Autocast` of its own (backward does not see the caller's function modes; on CUDA the recompute
+    is an autocast region of its own too, its cache dropped at its end). With a list `host`, the bytes of every set of block
     inputs offloaded to host memory are appended to it."""
     attention = functools.partial(_fused_attention, dtype=autocast and autocast.dtype)
     replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan,
@@ -316,7 +317,7 @@ def _stand_ins(autocast=None, host=None):
     if autocast is not None:
         replaced["checkpoint"] = functools.partial(
             torch.utils.checkpoint.checkpoint,
-            context_fn=lambda: (contextlib.nullcontext(), _Autocast(autocast.dtype, autocast.tracker, autocast.cached)))
+            context_fn=lambda: (contextlib.nullcontext(), _Autocast(autocast.dtype)))
     swaps = [(F, "scaled_dot_product_attention", attention)]
     for name, module in list(sys.modules.items()):
         if name.startswith("ttt_video.") and not name.startswith("ttt_video.ops"):
@@ -382,8 +383,11 @@ def step_inputs(cfg, model, batch_size, device="meta", dtype=torch.float32):
     return lambda m: m(x, t, text, mask).float().square().mean()
 
 
-def _simulated_activations(cfg, batch_size, depth, checkpointing):
-    """Peak bytes of activations in one simulated training step, and bytes offloaded to host memory."""
+def _simulated_step(cfg, batch_size, depth, checkpointing):
+    """Peak bytes of activations, gradients and autocast copies together over one simulated training
+    step, and bytes offloaded to host memory. Like the trainer, the forward runs under autocast and
+    backward outside it: autocast's cached copies of the trainable weights go when the forward ends,
+    except those a graph node saved."""
     from .trainer import enable_checkpointing
 
     model = build_untrained(cfg, depth)
@@ -392,30 +396,33 @@ def _simulated_activations(cfg, batch_size, depth, checkpointing):
     tracker = _LiveBytes()
     for t in [*model.parameters(), *model.buffers()]:
         tracker.ignore(t)
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.uncount(p.grad))
-             for p in model.parameters() if p.requires_grad]
     dtype = HALF.get(cfg.train.mixed_precision)
-    autocast = _Autocast(dtype, tracker) if dtype else None
+    autocast = _Autocast(dtype) if dtype else None
     host = []
-    with _stand_ins(autocast, host), tracker, autocast or contextlib.nullcontext():
-        loss_of(model).backward()
-    for h in hooks:
-        h.remove()
+    with _stand_ins(autocast, host), tracker:
+        with autocast or contextlib.nullcontext():
+            loss = loss_of(model)
+        if autocast is not None:
+            autocast.cached.clear()
+        loss.backward()
     return tracker.peak, sum(host)
 
 
-def activation_model(cfg, checkpointing, depth):
-    """A(b, D) of the module docstring as a function, from four simulated steps; it gives the
-    host memory of offloaded block inputs beside it, extrapolated alike."""
+def step_model(cfg, checkpointing, depth):
+    """S(b, D) of the module docstring as a function, from simulated steps at D = 2 and 3 for each
+    micro-batch b asked for; it gives the host memory of offloaded block inputs beside it,
+    extrapolated alike."""
     d1, d2 = min(2, depth), min(3, depth)
-    a = {(b, d): _simulated_activations(cfg, b, d, checkpointing) for b in (1, 2) for d in {d1, d2}}
 
-    def extrapolated(i, b, d):
-        per_block = {n: a[n, d2][i] - a[n, d1][i] for n in (1, 2)}
-        at_d = {n: a[n, d1][i] + (d - d1) * per_block[n] for n in (1, 2)}
-        return max(0, at_d[1] + (b - 1) * (at_d[2] - at_d[1]))
+    @functools.cache
+    def simulated(b, d):
+        return _simulated_step(cfg, b, d, checkpointing)
 
-    return lambda b, d: (extrapolated(0, b, d), extrapolated(1, b, d))
+    def extrapolated(b, d):
+        return tuple(max(0, simulated(b, d1)[i] + (d - d1) * (simulated(b, d2)[i] - simulated(b, d1)[i]))
+                     for i in (0, 1))
+
+    return extrapolated
 
 
 def parameter_counts(cfg):
@@ -427,16 +434,15 @@ def parameter_counts(cfg):
             depth)
 
 
-def estimate(cfg, batch_size, checkpointing, counts=None, activation=None):
-    """The `Estimate` of one micro-batch size; `counts` and `activation` (from `parameter_counts`
-    and `activation_model`) are computed when not given."""
+def estimate(cfg, batch_size, checkpointing, counts=None, step=None):
+    """The `Estimate` of one micro-batch size; `counts` and `step` (from `parameter_counts` and
+    `step_model`) are computed when not given."""
     weights, trainable, depth = counts or parameter_counts(cfg)
-    activation = activation or activation_model(cfg, checkpointing, depth)
+    step = step or step_model(cfg, checkpointing, depth)
     tc = cfg.train
-    activations, host = activation(batch_size, depth)
-    return Estimate(batch_size, checkpointing, weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
-                    ema=4 * trainable if tc.ema_decay else 0,
-                    autocast=2 * trainable if tc.mixed_precision in HALF else 0, activations=activations, host=host,
+    peak, host = step(batch_size, depth)
+    return Estimate(batch_size, checkpointing, weights=weights, optimizer=8 * trainable,
+                    ema=4 * trainable if tc.ema_decay else 0, step=peak, host=host,
                     parts=checkpointing and tc.checkpoint_parts, offload=checkpointing and tc.offload_checkpoints)
 
 
@@ -453,8 +459,8 @@ def plan(cfg, budget):
     rows = []
     for ckpt, parts, offload in recompute_settings(cfg):
         variant = with_recompute(cfg, parts, offload)
-        activation = activation_model(variant, ckpt, counts[2])
-        rows += [estimate(variant, b, ckpt, counts, activation) for b in micro_batches(global_batch)]
+        step = step_model(variant, ckpt, counts[2])
+        rows += [estimate(variant, b, ckpt, counts, step) for b in micro_batches(global_batch)]
     return rows, propose(rows, budget)
 
 
@@ -475,15 +481,14 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
     tc = cfg.train
     global_batch = tc.batch_size * tc.grad_accum_steps
     host = any(r.host for r in rows)
-    head = ["micro-batch", "accum", "checkpointing", "weights", "grads", "optimizer", "EMA", "autocast",
-            "activations", "total", *(["host"] if host else []), "fits"]
+    head = ["micro-batch", "accum", "checkpointing", "weights", "optimizer", "EMA", "step", "total",
+            *(["host"] if host else []), "fits"]
     if measured is not None:
         head += ["measured", "error"]
     lines = [head]
     for r in rows:
         line = [str(r.batch_size), str(global_batch // r.batch_size), r.recompute_name,
-                gib(r.weights), gib(r.gradients), gib(r.optimizer), gib(r.ema), gib(r.autocast), gib(r.activations),
-                gib(r.total), *([gib(r.host)] if host else []), "yes" if r.total <= HEADROOM * budget else "no"]
+                gib(r.weights), gib(r.optimizer), gib(r.ema), gib(r.step), gib(r.total), *([gib(r.host)] if host else []), "yes" if r.total <= HEADROOM * budget else "no"]
         if measured is not None:
             m = measured.get((r.batch_size, *r.recompute))
             line += ["-", "-"] if m is None else [gib(m), f"{(r.total - m) / m:+.0%}"]
@@ -493,6 +498,8 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append(f"memory in GiB; fits: total <= {HEADROOM:.0%} of {gib(budget)} GiB; global batch {global_batch}; "
                 f"adapter {tc.adapter}; mixed precision {tc.mixed_precision}")
+    text.append("step: the peak of activations, gradients and autocast's weight copies together over one forward "
+                "and backward")
     if host:
         text.append("host: pinned host memory a process needs for the blocks' offloaded inputs "
                     "(train.offload_checkpoints), beside the GPU total")

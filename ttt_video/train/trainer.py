@@ -434,14 +434,15 @@ def train(cfg, output_dir, resume=None, progress=True, text_cache=None):
                 text, mask = encode_captions(encoder, batch["captions"], drop)
             xt, target = objective.training_pair(x0, t.to(device), noise.to(device))
             inputs = (xt, objective.model_timestep(t.to(device)), text.to(device), mask.to(device))
-            with accelerator.accumulate(model), accelerator.autocast():
-                if cfg.model.condition_frames:
-                    if cond is None:
-                        cond = image_condition(batch, x0, vae, sampler.indices(micro), cfg.data)
-                    pred = model(*inputs, cond=cond)
-                else:
-                    pred = model(*inputs)
-                loss = objective.loss(pred, target, t.to(device))
+            with accelerator.accumulate(model):
+                with accelerator.autocast():  # backward runs outside: autocast's weight copies go first
+                    if cfg.model.condition_frames:
+                        if cond is None:
+                            cond = image_condition(batch, x0, vae, sampler.indices(micro), cfg.data)
+                        pred = model(*inputs, cond=cond)
+                    else:
+                        pred = model(*inputs)
+                    loss = objective.loss(pred, target, t.to(device))
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}; "
                                         f"last good checkpoint: {last or 'none'}")
