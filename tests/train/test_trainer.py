@@ -303,6 +303,29 @@ def test_frozen_weights_in_bf16_train_the_adapter_only(tmp_path):
     assert weights["blocks.0.ttt.ttt.qkv.weight"].dtype == torch.float32
 
 
+def test_backward_runs_outside_autocast(tmp_path):
+    """Autocast wraps the forward and the loss only (PyTorch's advice), so its cached half-precision
+    copies of the trainable weights are gone before backward's peak (`ttt-video plan` counts them so)."""
+    import os
+    import subprocess
+    import sys
+
+    sets = [a for s in TINY + ["train.max_steps=2", "train.mixed_precision=bf16", "train.device=cpu",
+                               "train.tensorboard=false"] for a in ("--set", s)]
+    script = ("import sys, accelerate, torch\n"
+              "real = accelerate.Accelerator.backward\n"
+              "def backward(self, loss, **kw):\n"
+              "    print('autocast in backward:', torch.is_autocast_enabled('cpu'))\n"
+              "    return real(self, loss, **kw)\n"
+              "accelerate.Accelerator.backward = backward\n"
+              "from ttt_video.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", script, "train", *sets, "--output-dir", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("autocast in backward: False") == 2 and "True" not in p.stdout
+
+
 def test_wandb_logging_and_resume_continue_one_run(tmp_path, monkeypatch):
     import sys
     import types

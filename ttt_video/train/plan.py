@@ -20,14 +20,14 @@ gradients and autocast copies to the activation peak gave 99.1).
 
 S is measured, not guessed: the model is built on the `meta` device (shapes, no data) and one
 forward and backward runs under a dispatch mode that adds each new tensor's storage when an op
-creates it and subtracts it when Python frees it. Attention runs through a stand-in that keeps what a fused (flash) kernel keeps
-(q, k, v, the output and a float32 log-sum-exp per query), since the meta device would otherwise
-take the math path and count a full attention matrix; the TTT scan likewise runs through a
-stand-in keeping what its kernels keep (inputs, output, and the inner weights of every item at
-every 16th mini-batch; the recompute scratch of one group in backward is not counted), and the
-TTT layer's q, k, v preparation and head merge through stand-ins keeping what its fused kernels
-keep on CUDA (the projection; the heads) where a GPU run uses them. With
-bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
+creates it and subtracts it when Python frees it. Attention runs through a stand-in that keeps
+what a fused (flash) kernel keeps (q, k, v, the output and a float32 log-sum-exp per query), since
+the meta device would otherwise take the math path and count a full attention matrix; the TTT
+scan likewise runs through a stand-in keeping what its kernels keep (inputs, output, and the
+inner weights of every item at every 16th mini-batch; the recompute scratch of one group in
+backward is not counted), and the TTT layer's q, k, v preparation and head merge through
+stand-ins keeping what its fused kernels keep on CUDA (the projection; the heads) where a GPU run
+uses them. With bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
 precision inputs (casting float32 ones, as autocast does), norms and softmax float32, other ops
 their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical,
 so S is linear in D past the first block (the first block can differ: with a frozen stem its input
@@ -300,9 +300,9 @@ def _ttt_scan(q, k, v, eta, *weights, mini_batch_size=64, **_):
 def _stand_ins(autocast=None, host=None):
     """Route every attention and TTT op the package calls through the stand-ins above. With an
     `_Autocast`, attention runs in its dtype and each checkpointed block recomputes under an
-    `_Autocast` of its own (backward does not see the caller's function modes; on CUDA the recompute
-    is an autocast region of its own too, its cache dropped at its end). With a list `host`, the bytes of every set of block
-    inputs offloaded to host memory are appended to it."""
+    `_Autocast` of its own (backward does not see the caller's function modes; on CUDA the
+    recompute is an autocast region of its own too, its cache dropped at its end). With a list
+    `host`, the bytes of every set of block inputs offloaded to host memory are appended to it."""
     attention = functools.partial(_fused_attention, dtype=autocast and autocast.dtype)
     replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan,
                 "_fused": _layer_kernels}
@@ -488,7 +488,8 @@ def format_plan(cfg, rows, proposal, budget, measured=None):
     lines = [head]
     for r in rows:
         line = [str(r.batch_size), str(global_batch // r.batch_size), r.recompute_name,
-                gib(r.weights), gib(r.optimizer), gib(r.ema), gib(r.step), gib(r.total), *([gib(r.host)] if host else []), "yes" if r.total <= HEADROOM * budget else "no"]
+                gib(r.weights), gib(r.optimizer), gib(r.ema), gib(r.step), gib(r.total),
+                *([gib(r.host)] if host else []), "yes" if r.total <= HEADROOM * budget else "no"]
         if measured is not None:
             m = measured.get((r.batch_size, *r.recompute))
             line += ["-", "-"] if m is None else [gib(m), f"{(r.total - m) / m:+.0%}"]
