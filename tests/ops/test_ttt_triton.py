@@ -270,8 +270,8 @@ def test_cuda_mlp_backward_gets_a_small_carveout_and_the_same_results():
 def test_cuda_mlp_backward_split_matches_one_program(monkeypatch, causal):
     """With few chains the MLP backward runs each chain's state recompute and queries' halves on a
     program of its own (S = 2), ahead of the program that carries the adjoint; it gives the
-    one-program (S = 1) results. Eight
-    checkpoint groups, so the two groups' buffers in flight are each reused."""
+    one-program (S = 1) results of a build with as many warps. Eight checkpoint groups, so the two
+    groups' buffers in flight are each reused."""
     triton_impl = _module()
     monkeypatch.setattr(triton_impl, "_SLICES", {})
     args = [a.to(torch.bfloat16) if i < 4 else a.float()
@@ -281,6 +281,8 @@ def test_cuda_mlp_backward_split_matches_one_program(monkeypatch, causal):
     most = triton_impl._mlp_slices
     monkeypatch.setattr(triton_impl, "_mlp_slices", lambda N, m, q, key, warmup: 1 if key[0] == "backward"
                         else most(N, m, q, key, warmup))
+    options = triton_impl._launch_options
+    monkeypatch.setattr(triton_impl, "_launch_options", lambda mlp, D, bs: {**options(mlp, D, bs), "num_warps": 4})
     one = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=causal, checkpoint_group=4)
     assert torch.equal(split[0], one[0])
     for name, a, b in zip(_names("mlp"), split[2], one[2]):

@@ -396,16 +396,22 @@ def _chain_barrier(cnt_ptr, target, patience):
 
 
 @triton.jit
+def _mlp_out_rows(zq2, q_ptr, o_ptr, t0, T, rows, cols, lnw, lnb, D: tl.constexpr, eps):
+    """Output rows `rows` of the mini-batch starting at token t0, from their Z_q2: layer-normed, plus q."""
+    xhq, rstdq = _ln(zq2, D, eps)
+    _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
+
+
+@triton.jit
 def _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n, t0, T, rows, cols, lnw, lnb, S: tl.constexpr, BS: tl.constexpr,
                  D: tl.constexpr, eps):
-    """Output rows `rows` of mini-batch n (starting at token t0): the sum of the chain's S partial Z_q2 in
-    `xch` (slot n % 2 of the queries' half), layer-normed, plus q."""
+    """Output rows `rows` of mini-batch n (starting at token t0) from the sum of the chain's S partial
+    Z_q2 in `xch` (slot n % 2 of the queries' half)."""
     zq2 = tl.zeros([BS // S, D], dtype=tl.float32)
     for j in range(0, S):
         at = xch_ptr + ((2 + n % 2) * S + j) * BS * D
         zq2 += tl.load(at + rows[:, None] * D + cols[None, :], cache_modifier=".cg")
-    xhq, rstdq = _ln(zq2, D, eps)
-    _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
+    _mlp_out_rows(zq2, q_ptr, o_ptr, t0, T, rows, cols, lnw, lnb, D, eps)
 
 
 @triton.jit
@@ -505,8 +511,7 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         if S > 1:
             tl.store(xch_ptr + ((2 + n % 2) * S + s) * BS * D + tile, part)
         else:
-            xhq, rstdq = _ln(part, D, eps)
-            _store_rows(o_ptr, _load_rows(q_ptr, t0, T, rows, cols, D) + xhq * lnw + lnb, t0, T, rows, cols, D)
+            _mlp_out_rows(part, q_ptr, o_ptr, t0, T, rows, cols, lnw, lnb, D, eps)
     if S > 1:
         patience = _chain_barrier(cnt_ptr, S * (NB + 1), patience)
         _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, NB - 1, (NB - 1) * BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
@@ -914,9 +919,17 @@ class _TTT(torch.autograd.Function):
     def backward(ctx, dout, *dstate):
         mlp, bs, causal, eps, group, NG = ctx.cfg
         q, k, v, eta, ln_w, ln_b, *ckpt = ctx.saved_tensors
-        N, T, D = q.shape
+        N, length, D = q.shape
         H = ln_w.shape[0]
         dout = dout.contiguous()
+        # the MLP backward runs T rounded up to a multiple of 16: Triton then compiles it knowing that, and
+        # on an H100 that build spills far less (v16, NOTES.md); padded tokens have eta 0 and no output
+        # gradient, so they change nothing, as the kernel's own zero-filled tail rows do
+        pad = -length % 16 if mlp else 0
+        if pad:
+            q, k, v, dout = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, dout))
+            eta = torch.nn.functional.pad(eta, (0, pad))
+        T = length + pad
         carry = [torch.zeros_like(c[:, 0]) if d is None else d.float().contiguous().clone()
                  for c, d in zip(ckpt, dstate)]
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
@@ -926,10 +939,19 @@ class _TTT(torch.autograd.Function):
             F, FC = 4 * D, _mlp_chunk_size(D, backward=True)
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
             scr = q.new_empty((N, bs * (F + D)), dtype=torch.float32)
-            key = ("backward", D, FC, tuple(sorted(common.items())))
-            S = _mlp_slices(N, 2, q, key, lambda f, i: _mlp_bwd_kernel.warmup(
-                *head, f, f, f, f, *carry, f, scr, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC,
-                grid=(1,), **common))
+
+            def slices(opts):
+                return _mlp_slices(N, 2, q, ("backward", D, FC, tuple(sorted(opts.items()))), lambda f, i: (
+                    _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, scr, dq, dk, dv, deta, f, f, i, i, T, H, NG,
+                                           eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
+
+            # as in the forward, 4 warps where that gives a chain its second program (v16, NOTES.md)
+            narrow = {**common, "num_warps": 4}
+            S = slices(narrow) if D <= 64 and bs <= 64 else 1
+            if S > 1:
+                common = narrow
+            else:
+                S = slices(common)
             scratch = [c.new_empty((N, S * group, *c.shape[2:])) for c in ckpt]
             par = q.new_empty((N, S * group if S > 1 else 1, 2 * bs * F + 2 * D * F + F + D + 3 * bs * D),
                               dtype=torch.float32)
@@ -950,7 +972,8 @@ class _TTT(torch.autograd.Function):
                     deta, dlnw, dlnb, T, H, NG, eps, **common)
         dlnw = dlnw.view(-1, H, S, D).sum((0, 2))
         dlnb = dlnb.view(-1, H, S, D).sum((0, 2))
-        return (None,) * 5 + (dq, dk, dv, deta.to(eta.dtype), dlnw, dlnb, *carry)
+        grads = (g[:, :length] for g in (dq, dk, dv, deta.to(eta.dtype)))
+        return (None,) * 5 + (*grads, dlnw, dlnb, *carry)
 
 
 def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, causal, eps, initial_state,
