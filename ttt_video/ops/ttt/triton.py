@@ -12,9 +12,10 @@ first, carrying the adjoint of the state. TTT-Linear keeps its state and the adj
 TTT-MLP keeps them in global memory (per chain, so it stays in L2) and streams the hidden dim in
 chunks of `FC` columns of W1 / rows of W2. Where the GPU has room for them all, its forward splits
 the hidden dim over several programs per chain, and its backward runs each mini-batch's queries'
-half (which needs no adjoint) on a second program per chain, ahead of the one carrying the adjoint. State, LayerNorm and gelu math are float32; matrix
-products accumulate in float32 from bf16-rounded operands for 16-bit inputs (tf32 for float32),
-and with those the gelu's tanh is the GPU's approximate instruction.
+half (which needs no adjoint) on a second program per chain, ahead of the one carrying the
+adjoint. State, LayerNorm and gelu math are float32; matrix products accumulate in float32 from
+bf16-rounded operands for 16-bit inputs (tf32 for float32), and with those the gelu's tanh is the
+GPU's approximate instruction.
 """
 
 import ctypes
