@@ -834,6 +834,21 @@ def _mlp_slices(N, most, q, key, warmup):
     return _SLICES[key]
 
 
+def _mlp_launch(N, q, key, common, most, warmup):
+    """(S, launch options) of an MLP kernel: 4 warps where that gives a chain at least two programs
+    (two such programs fit an SM: head dim <= 64, mini-batch <= 64; v14, v16 in NOTES.md), with up to
+    `most[0]` programs a chain; else `common`'s warps, with up to `most[1]`. `warmup(options)` gives
+    the compile function `_mlp_slices` takes; `key` names the kernel."""
+
+    def slices(opts, up_to):
+        return _mlp_slices(N, up_to, q, (*key, tuple(sorted(opts.items()))), warmup(opts))
+
+    narrow = {**common, "num_warps": 4}
+    if common["D"] <= 64 and common["BS"] <= 64 and (S := slices(narrow, most[0])) > 1:
+        return S, narrow
+    return slices(common, most[1]), common
+
+
 def _programs_per_sm(kernel, device):
     """How many programs of a compiled kernel one SM holds at once (registers, threads, shared memory)."""
     kernel._init_handles()
@@ -892,18 +907,8 @@ class _TTT(torch.autograd.Function):
         if mlp:
             F, FC = 4 * D, _mlp_chunk_size(D, backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
-
-            def slices(most, opts):
-                return _mlp_slices(N, most, q, (D, FC, tuple(sorted(opts.items()))), lambda f, i: (
-                    _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
-
-            # 4 warps fit two programs an SM, so a chain gets twice the programs (v14, NOTES.md)
-            narrow = {**common, "num_warps": 4}
-            S = slices(min(F // FC, 4), narrow) if D <= 64 and bs <= 64 else 1
-            if S > 1:
-                common = narrow
-            else:
-                S = slices(F // FC, common)
+            S, common = _mlp_launch(N, q, (D, FC), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
+                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
             xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
@@ -940,19 +945,9 @@ class _TTT(torch.autograd.Function):
             F, FC = 4 * D, _mlp_chunk_size(D, backward=True)
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
             scr = q.new_empty((N, bs * (F + D)), dtype=torch.float32)
-
-            def slices(opts):
-                return _mlp_slices(N, 2, q, ("backward", D, FC, tuple(sorted(opts.items()))), lambda f, i: (
-                    _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, scr, dq, dk, dv, deta, f, f, i, i, T, H, NG,
-                                           eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
-
-            # as in the forward, 4 warps where that gives a chain its second program (v16, NOTES.md)
-            narrow = {**common, "num_warps": 4}
-            S = slices(narrow) if D <= 64 and bs <= 64 else 1
-            if S > 1:
-                common = narrow
-            else:
-                S = slices(common)
+            S, common = _mlp_launch(N, q, ("backward", D, FC), common, (2, 2), lambda opts: lambda f, i: (
+                _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, scr, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps,
+                                       S=2, F=F, FC=FC, grid=(1,), **opts)))
             scratch = [c.new_empty((N, S * group, *c.shape[2:])) for c in ckpt]
             par = q.new_empty((N, S * group if S > 1 else 1, 2 * bs * F + 2 * D * F + F + D + 3 * bs * D),
                               dtype=torch.float32)
