@@ -861,28 +861,33 @@ def _programs_per_sm(kernel, device):
 
 def _launch(fn, grid, *args, **kwargs):
     """`fn[grid](*args, **kwargs)`. On a GPU a build above 48 KB of shared memory first gets the smallest
-    shared-memory carveout that still holds the programs an SM keeps: Triton asks for the largest for
-    such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md, v11)."""
+    shared-memory carveout that still holds the programs an SM must keep for this grid: Triton asks for
+    the largest for such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md, v11, v17)."""
     if args[0].is_cuda:
         kernel = fn.warmup(*args, grid=grid, **kwargs)
         kernel._init_handles()
-        if kernel.function not in _CARVEOUT:
-            _CARVEOUT[kernel.function] = _set_carveout(kernel, args[0].device)
+        _set_carveout(kernel, args[0].device, grid[0])
     fn[grid](*args, **kwargs)
 
 
-def _set_carveout(kernel, device):
-    """Percent of the SM's shared memory (rest L1) asked for; None where left to Triton and the driver."""
+def _set_carveout(kernel, device, programs):
+    """Ask for the percent of the SM's shared memory (the rest is L1) that the `programs` of a launch
+    need: as many a SM as fit, or fewer where the grid is spread over all SMs with fewer (48 chains of
+    the MLP backward: one program an SM, so ~156 KB of L1 instead of ~88 KB). Left to Triton and the
+    driver at 48 KB and below."""
     if kernel.metadata.shared <= 49152:
-        return None
-    need = _programs_per_sm(kernel, device) * (kernel.metadata.shared + 1024)
-    per_sm = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"] + 1024
-    percent = min(100, -(-100 * need // per_sm))
+        return
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_sm = min(_programs_per_sm(kernel, device), -(-programs // sms))
+    if _CARVEOUT.get(kernel.function) == per_sm:
+        return
+    need = per_sm * (kernel.metadata.shared + 1024)
+    most = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"] + 1024
+    percent = min(100, -(-100 * need // most))
     cuda = ctypes.CDLL("libcuda.so.1")
     if cuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function), _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                               ctypes.c_int(percent)) != 0:
-        return None
-    return percent
+                               ctypes.c_int(percent)) == 0:
+        _CARVEOUT[kernel.function] = per_sm
 
 
 _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
