@@ -24,12 +24,13 @@ creates it and subtracts it when Python frees it. Attention runs through a stand
 what a fused (flash) kernel keeps (q, k, v, the output and a float32 log-sum-exp per query), since
 the meta device would otherwise take the math path and count a full attention matrix; the TTT
 scan likewise runs through a stand-in keeping what its kernels keep (inputs, output, and the
-inner weights of every item at every 16th mini-batch; the recompute scratch of one group in
-backward is not counted), and the TTT layer's q, k, v preparation and head merge through
-stand-ins keeping what its fused kernels keep on CUDA (the projection; the heads) where a GPU run
-uses them. With bf16/fp16, CUDA autocast is emulated above autograd: matrix products and attention take half
-precision inputs (casting float32 ones, as autocast does), norms and softmax float32, other ops
-their inputs' dtype, so the saved tensors have the dtypes a GPU run saves. Blocks are identical,
+inner weights of every item at every 16th mini-batch; in backward also their scratch: the inner
+states recomputed for a checkpoint group or two, TTT-MLP's per-step buffers), and the TTT layer's
+q, k, v preparation and head merge through stand-ins keeping what its fused kernels keep on CUDA
+(the projection; the heads) where a GPU run uses them. With bf16/fp16, CUDA autocast is emulated
+above autograd: matrix products and attention take half precision inputs (casting float32 ones,
+as autocast does), norms and softmax float32, other ops their inputs' dtype, so the saved tensors
+have the dtypes a GPU run saves. Blocks are identical,
 so S is linear in D past the first block (the first block can differ: with a frozen stem its input
 needs no gradient): each block adds its saved input or its gradients, whichever is larger, since
 the peak falls where the one or the other is complete. It is not linear in b (the gradients do
@@ -188,7 +189,8 @@ TTT_CHECKPOINT_GROUP = 16  # mini-batches between the inner states the TTT kerne
 
 class _TTTScan(torch.autograd.Function):
     """Shapes and saved tensors of the TTT kernels (ops/ttt), no arithmetic: the inputs, the output
-    and the per-item inner weights at every `TTT_CHECKPOINT_GROUP`-th mini-batch."""
+    and the per-item inner weights at every `TTT_CHECKPOINT_GROUP`-th mini-batch; in backward also
+    the scratch the kernels hold while they run (`_ttt_backward_scratch`)."""
 
     @staticmethod
     def forward(ctx, mini_batch_size, q, k, v, eta, *weights):
@@ -198,13 +200,57 @@ class _TTTScan(torch.autograd.Function):
         out = torch.empty_like(q)
         ctx.save_for_backward(q, k, v, eta, out, *states, *weights)
         ctx.num_weights = len(weights)
+        ctx.mini_batch_size = mini_batch_size
         return out
 
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         inputs, weights = saved[:4], saved[len(saved) - ctx.num_weights:]
-        return None, *(torch.empty_like(t) for t in inputs), *(torch.empty_like(w) for w in weights)
+        scratch = _ttt_backward_scratch(inputs[0], weights[:-2], ctx.mini_batch_size)  # less the LayerNorm's
+        grads = (None, *(torch.empty_like(t) for t in inputs), *(torch.empty_like(w) for w in weights))
+        del scratch
+        return grads
+
+
+def _ttt_backward_scratch(q, weights, mini_batch_size):
+    """The buffers the TTT kernels' backward allocates besides the gradients it returns (`_TTT.backward`
+    in ops/ttt/triton.py), for the inner weights `weights` (TTT-MLP's four or TTT-Linear's two). In
+    float32: the adjoint of each chain's inner state and the states recomputed for a checkpoint group;
+    for TTT-MLP also what its queries' half leaves the keys' half (for two groups in flight where a
+    chain runs on two programs, else one mini-batch) and its step scratch. And for TTT-MLP q, k, v and
+    the output gradient padded to a multiple of 16 tokens."""
+    B, H, T, D = q.shape
+    chains, group, bs = B * H, TTT_CHECKPOINT_GROUP, mini_batch_size
+    state = sum(w[0].numel() for w in weights)  # floats of one chain's inner state
+
+    def f32(*shape):
+        return q.new_empty(shape, dtype=torch.float32)
+
+    if len(weights) == 2:
+        return [f32(chains, state), f32(chains, group, state)]
+    hidden = weights[0].shape[-1]
+    programs = _mlp_backward_programs(chains, D, bs)
+    slots = programs * group if programs > 1 else 1
+    scratch = [f32(chains, state), f32(chains, programs * group, state), f32(chains, bs * (hidden + D)),
+               f32(chains, slots, 2 * bs * hidden + 2 * D * hidden + hidden + D + 3 * bs * D)]
+    if T % 16:
+        scratch += [q.new_empty(chains, T + (-T % 16), D) for _ in range(4)]
+    return scratch
+
+
+SMS_WITHOUT_GPU = 132  # multiprocessors assumed where the plan runs without a GPU (an H100's or H200's)
+
+
+def _mlp_backward_programs(chains, head_dim, mini_batch_size):
+    """Programs a chain of the TTT-MLP backward kernel: two where all of them are resident at once (two
+    4-warp programs an SM at head dim and mini-batch <= 64, else one program of 8 or 16 warps), else
+    one. The kernels decide it from the compiled build (`_mlp_launch` in ops/ttt/triton.py); this is
+    that rule for the current GPU, or for `SMS_WITHOUT_GPU` multiprocessors without one."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else SMS_WITHOUT_GPU
+    per_sm = 2 if head_dim <= 64 and mini_batch_size <= 64 else 1
+    return 2 if 2 * chains <= per_sm * sms else 1
 
 
 class _InnerInputs(torch.autograd.Function):
