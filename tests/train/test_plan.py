@@ -187,7 +187,8 @@ def test_measured_peak_is_near_the_estimate(tmp_path, checkpointing):
 def test_ttt_stand_in_counts_what_the_kernels_backward_allocates(mlp, heads, length):
     """The memory the Triton TTT backward takes (its gradients and its scratch: recomputed states, the
     queries' results on two programs a chain at 48 chains and one at 200, the padding of 1,000 tokens
-    to 1,008) is what the plan's stand-in counts."""
+    to 1,008) is what the plan's stand-in counts (on an H100: 738.0 / 735.9 / 52.3 MB counted against
+    739.1 / 737.7 / 52.7 MB allocated)."""
     from ttt_video.ops import ttt_linear, ttt_mlp
 
     D, hidden = 64, 256 if mlp else 64
@@ -212,9 +213,12 @@ def test_ttt_stand_in_counts_what_the_kernels_backward_allocates(mlp, heads, len
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
 
-    tokens, weights, ln = inputs("meta")
-    out = plan._ttt_scan(*tokens, *weights, *ln, mini_batch_size=64)
-    tracker = plan._LiveBytes()
+    tracker = plan._LiveBytes()  # everything made inside it, so views are not counted as new storage
     with tracker:
-        out.backward(torch.empty_like(out))
-    assert abs(tracker.peak - measured) < 0.1 * measured, (tracker.peak, measured)
+        tokens, weights, ln = inputs("meta")
+        out = plan._ttt_scan(*tokens, *weights, *ln, mini_batch_size=64)
+        grad = torch.empty_like(out)
+        before = tracker.peak = tracker.live
+        out.backward(grad)
+    counted = tracker.peak - before
+    assert abs(counted - measured) < 0.02 * measured, (counted, measured)

@@ -222,7 +222,7 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     the output gradient padded to a multiple of 16 tokens."""
     B, H, T, D = q.shape
     chains, group, bs = B * H, TTT_CHECKPOINT_GROUP, mini_batch_size
-    state = sum(w[0].numel() for w in weights)  # floats of one chain's inner state
+    state = sum(w.numel() // w.shape[0] for w in weights)  # floats of one chain's inner state
 
     def f32(*shape):
         return q.new_empty(shape, dtype=torch.float32)
