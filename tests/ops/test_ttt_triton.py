@@ -230,10 +230,10 @@ def test_cuda_mlp_forward_split_over_fewer_programs(monkeypatch, causal, slices)
     _check_16bit(triton_impl, "mlp", causal, 64, 64, torch.bfloat16)
 
 
-def _check_16bit(triton_impl, kind, causal, dim, mb, dtype):
+def _check_16bit(triton_impl, kind, causal, dim, mb, dtype, batch=1):
     from ttt_video.ops.ttt import torch as torch_impl
 
-    args = _inputs(kind, 1000, seed=3, batch=1, dim=dim, device="cuda", eta_scale=0.02)
+    args = _inputs(kind, 1000, seed=3, batch=batch, dim=dim, device="cuda", eta_scale=0.02)
     low = [a.to(dtype) if i < 4 else a.float() for i, a in enumerate(args)]
     if dim == 128 and mb == 128:  # over the shared memory of an H100: refused, the PyTorch path takes it
         assert not triton_impl.supports(low[0], mlp=kind == "mlp", mini_batch_size=mb)
@@ -248,6 +248,19 @@ def _check_16bit(triton_impl, kind, causal, dim, mb, dtype):
         _check(f"state {n}", state[n], state_r[n], 1e-2)
     for name, gt, gr in zip(_names(kind), grads, grads_r):
         _check(f"grad {name}", gt, gr, 1e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_mlp_between_one_and_two_chains_an_sm_runs_4_warp_programs(monkeypatch):
+    """With more chains than SMs, one program a chain in the forward and the backward: at 4 warps (two
+    an SM) they are all resident at once, where 8-warp programs (one an SM) would run in two waves.
+    Those builds give the reference's outputs, states and gradients."""
+    triton_impl = _module()
+    monkeypatch.setattr(triton_impl, "_SLICES", {})
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=-(-(sms + 12) // H))
+    picked = {(k[3][0] == "backward", dict(k[3][-1])["num_warps"]): s for k, s in triton_impl._SLICES.items()}
+    assert picked == {(False, 4): 1, (False, 8): 0, (True, 4): 1, (True, 8): 0}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -820,7 +820,8 @@ def _bf16_products(q):
 def _mlp_slices(N, most, q, key, warmup):
     """Programs per chain of an MLP kernel: the most, up to `most` (a power of two), that keep all N * S
     programs resident at once, judged on the S = 2 build that `warmup(float32 tensor, int32 tensor)`
-    compiles. One where programs run one after another (the interpreter)."""
+    compiles; 0 where not even N programs are (one a chain would run in waves). One where programs
+    run one after another (the interpreter)."""
     if not q.is_cuda or most == 1:
         return 1
     key = (q.device, N, most, key)
@@ -830,23 +831,26 @@ def _mlp_slices(N, most, q, key, warmup):
         s = most
         while s > 1 and N * s > resident:
             s //= 2
-        _SLICES[key] = s
+        _SLICES[key] = s if N * s <= resident else 0
     return _SLICES[key]
 
 
 def _mlp_launch(N, q, key, common, most, warmup):
-    """(S, launch options) of an MLP kernel: 4 warps where that gives a chain at least two programs
-    (two such programs fit an SM: head dim <= 64, mini-batch <= 64; v14, v16 in NOTES.md), with up to
-    `most[0]` programs a chain; else `common`'s warps, with up to `most[1]`. `warmup(options)` gives
-    the compile function `_mlp_slices` takes; `key` names the kernel."""
+    """(S, launch options) of an MLP kernel. 4 warps (two such programs fit an SM: head dim <= 64,
+    mini-batch <= 64) where that gives a chain at least two programs, with up to `most[0]` (v14, v16
+    in NOTES.md), or where it gives one and only 4-warp programs are all resident at once (between
+    one and two chains an SM; v18); else `common`'s warps, with up to `most[1]` programs a chain.
+    `warmup(options)` gives the compile function `_mlp_slices` takes; `key` names the kernel."""
 
     def slices(opts, up_to):
         return _mlp_slices(N, up_to, q, (*key, tuple(sorted(opts.items()))), warmup(opts))
 
     narrow = {**common, "num_warps": 4}
-    if common["D"] <= 64 and common["BS"] <= 64 and (S := slices(narrow, most[0])) > 1:
-        return S, narrow
-    return slices(common, most[1]), common
+    if common["D"] <= 64 and common["BS"] <= 64:
+        S = slices(narrow, most[0])
+        if S > 1 or (S == 1 and slices(common, most[1]) == 0):
+            return S, narrow
+    return max(slices(common, most[1]), 1), common
 
 
 def _programs_per_sm(kernel, device):
