@@ -30,12 +30,11 @@ q, k, v preparation and head merge through stand-ins keeping what its fused kern
 (the projection; the heads) where a GPU run uses them. With bf16/fp16, CUDA autocast is emulated
 above autograd: matrix products and attention take half precision inputs (casting float32 ones,
 as autocast does), norms and softmax float32, other ops their inputs' dtype, so the saved tensors
-have the dtypes a GPU run saves. Blocks are identical,
-so S is linear in D past the first block (the first block can differ: with a frozen stem its input
-needs no gradient): each block adds its saved input or its gradients, whichever is larger, since
-the peak falls where the one or the other is complete. It is not linear in b (the gradients do
-not grow with it), so S is simulated at every micro-batch b the plan compares, at D in {2, 3},
-and extrapolated:
+have the dtypes a GPU run saves. Blocks are identical, so S is linear in D past the first block
+(the first block can differ: with a frozen stem its input needs no gradient): each block adds its
+saved input or its gradients, whichever is larger, since the peak falls where the one or the other
+is complete. It is not linear in b (the gradients do not grow with it), so S is simulated at
+every micro-batch b the plan compares, at D in {2, 3}, and extrapolated:
 
     S(b, D) = S(b, 2) + (D - 2) (S(b, 3) - S(b, 2))
 
@@ -218,8 +217,8 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     in ops/ttt/triton.py), for the inner weights `weights` (TTT-MLP's four or TTT-Linear's two). In
     float32: the adjoint of each chain's inner state and the states recomputed for a checkpoint group;
     for TTT-MLP also what its queries' half leaves the keys' half (for two groups in flight where a
-    chain runs on two programs, else one mini-batch) and its step scratch. And for TTT-MLP q, k, v and
-    the output gradient padded to a multiple of 16 tokens."""
+    chain runs on two programs, else one mini-batch) and its step scratch, and where T is not a
+    multiple of 16, q, k, v and the output gradient padded to one."""
     B, H, T, D = q.shape
     chains, group, bs = B * H, TTT_CHECKPOINT_GROUP, mini_batch_size
     state = sum(w.numel() // w.shape[0] for w in weights)  # floats of one chain's inner state

@@ -876,7 +876,7 @@ def _launch(fn, grid, *args, **kwargs):
 
 def _set_carveout(kernel, device, programs):
     """Ask for the percent of the SM's shared memory (the rest is L1) that the `programs` of a launch
-    need: as many a SM as fit, or fewer where the grid is spread over all SMs with fewer (48 chains of
+    need: as many an SM as fit, or fewer where the grid is spread over all SMs with fewer (48 chains of
     the MLP backward: one program an SM, so ~156 KB of L1 instead of ~88 KB). Left to Triton and the
     driver at 48 KB and below."""
     if kernel.metadata.shared <= 49152:
