@@ -4,7 +4,8 @@ import pytest
 
 from ttt_video.errors import UserError
 from ttt_video.eval import bench_ttt
-from ttt_video.eval.bench_ttt import HEADER, _Rows, attention_flops, format_table, kernels_at, ttt_flops
+from ttt_video.eval.bench_ttt import (HEADER, _Rows, _ttt_fn, _ttt_inputs, attention_flops, format_table, kernels_at,
+                                      ttt_flops)
 
 
 def test_flop_counts_match_the_documented_formulas():
@@ -32,3 +33,28 @@ def test_kernels_of_a_git_revision_load_as_a_module_of_their_own():
     assert module.__name__ == "triton_HEAD" and callable(module.ttt_mlp) and callable(module.ttt_linear)
     with pytest.raises(UserError, match="--against no-such-rev: no ttt_video/ops/ttt/triton.py at that revision"):
         kernels_at("no-such-rev")
+
+
+def test_modes_run_the_forward_without_and_with_gradients_and_the_backward(monkeypatch):
+    """`fwd` runs without autograd, `fwd-train` with inputs that need gradients (as a training step's
+    forward, where the kernels store checkpoints) and no backward, `fwd+bwd` both passes."""
+    from ttt_video import ops
+
+    seen = []
+    real = ops.ttt_mlp
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out.grad_fn is not None)
+        return out
+
+    monkeypatch.setattr(ops, "ttt_mlp", spy)
+    for mode in ("fwd", "fwd-train", "fwd+bwd"):
+        args = _ttt_inputs("mlp", 32, 1, 16, "cpu")
+        run = _ttt_fn("mlp", "torch", args, 16, mode)
+        grads = []
+        if args[0].requires_grad:
+            args[0].register_hook(grads.append)
+        run()
+        seen.append(len(grads))
+    assert seen == [False, 0, True, 0, True, 1]

@@ -195,7 +195,8 @@ def test_ttt_stand_in_counts_what_the_kernels_backward_allocates(mlp, heads, len
 
     def inputs(device):
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.nn.functional.normalize(torch.randn(1, heads, length, D, generator=g), dim=-1) for _ in range(3))
+        q, k, v = (torch.nn.functional.normalize(torch.randn(1, heads, length, D, generator=g), dim=-1)
+                   for _ in range(3))
         eta = torch.full((1, heads, length), 0.01)
         shapes = [(D, hidden), (1, hidden), (hidden, D), (1, D)] if mlp else [(D, D), (1, D)]
         weights = [torch.randn(heads, *s, generator=g) * 0.02 for s in shapes]

@@ -13,6 +13,8 @@ and 3.5x the attention forward.
 
 `--against REV` also times the Triton kernels as of git revision REV of this checkout (impl
 `@REV`), loaded beside the current ones: a same-process comparison of two kernel versions.
+`--train-forward` adds a TTT row `fwd-train`: the forward as a training step runs it (its inputs
+need gradients, so the kernels store the inner state every 16 mini-batches), without the backward.
 """
 
 import atexit
@@ -106,20 +108,25 @@ def kernels_at(rev):
     return module
 
 
-def _ttt_fn(op, impl, args, mini_batch_size, backward):
-    """`impl`: "triton" or "torch" through the ops' dispatch, or a kernel module (`kernels_at`)."""
+def _ttt_fn(op, impl, args, mini_batch_size, mode):
+    """`impl`: "triton" or "torch" through the ops' dispatch, or a kernel module (`kernels_at`); `mode`:
+    "fwd" (no gradients), "fwd-train" (inputs needing gradients, no backward) or "fwd+bwd"."""
     from ttt_video import ops
 
     if isinstance(impl, str):
         fn, kwargs = getattr(ops, f"ttt_{op}"), dict(mini_batch_size=mini_batch_size, impl=impl)
     else:
         fn, kwargs = getattr(impl, f"ttt_{op}"), dict(mini_batch_size=mini_batch_size)
-    if not backward:
+    if mode == "fwd":
         def run():
             with torch.no_grad():
                 fn(*args, **kwargs)
         return run
     leaves = [a.requires_grad_() for a in args]
+    if mode == "fwd-train":
+        def run():
+            fn(*leaves, **kwargs)
+        return run
     grad = torch.randn_like(args[0])
 
     def run():
@@ -145,8 +152,9 @@ def _attn_fn(segments, heads, head_dim, device, backward):
 
 
 def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("triton", "torch"), device="cuda",
-        max_estimate_s=2.0, on_row=None, against=None):
-    """Time every (length, op, impl, mode); rows carry ms, TFLOP/s and the ratio to attention.
+        max_estimate_s=2.0, on_row=None, against=None, train_forward=False):
+    """Time every (length, op, impl, mode); rows carry ms, TFLOP/s and the ratio to attention (its
+    forward for `fwd-train`, the TTT forward of a training step, timed with `train_forward`).
     `against`: {impl name: kernel module (`kernels_at`)} timed beside `impls`.
 
     A torch-path case whose time, extrapolated from the previous length, exceeds `max_estimate_s`
@@ -168,7 +176,7 @@ def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("
             torch.cuda.empty_cache()
         for op in ("mlp", "linear"):
             for impl, kernel in kernels.items():
-                for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                for mode in ("fwd", "fwd-train", "fwd+bwd") if train_forward else ("fwd", "fwd+bwd"):
                     key = (op, impl, mode)
                     row = dict(seconds=sec, T=T, op=f"ttt-{op}", impl=impl, mode=mode)
                     prev = last.get(key)
@@ -177,13 +185,14 @@ def run(seconds=(3, 18, 63), heads=48, head_dim=64, mini_batch_size=64, impls=("
                         rows.append(dict(row, ms=None, tflops=None, ratio=None, skipped=estimate))
                         continue
                     args = _ttt_inputs(op, T, heads, head_dim, device)
-                    ms = _time_ms(_ttt_fn(op, kernel, args, mini_batch_size, backward),
+                    ms = _time_ms(_ttt_fn(op, kernel, args, mini_batch_size, mode),
                                   budget_ms=300.0 if impl == "torch" else 1500.0)
                     del args
                     torch.cuda.empty_cache()
-                    flops = ttt_flops(op, T, 2 * heads, head_dim, mini_batch_size) * (3.0 if backward else 1.0)
+                    flops = ttt_flops(op, T, 2 * heads, head_dim, mini_batch_size) * (3.0 if mode == "fwd+bwd" else 1.0)
                     last[key] = (T, ms)
-                    rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9, ratio=ms / attn[mode]))
+                    ratio = ms / attn["fwd" if mode == "fwd-train" else mode]
+                    rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9, ratio=ratio))
     return rows
 
 
@@ -198,11 +207,11 @@ class _Rows(list):
             self.on_row(row)
 
 
-HEADER = f"{'len':>4} {'T':>8} {'op':<11} {'impl':<7} {'mode':<8} {'ms':>10} {'TFLOP/s':>8} {'x attn':>7}"
+HEADER = f"{'len':>4} {'T':>8} {'op':<11} {'impl':<7} {'mode':<9} {'ms':>10} {'TFLOP/s':>8} {'x attn':>7}"
 
 
 def format_row(r):
-    head = f"{r['seconds']:>3}s {r['T']:>8} {r['op']:<11} {r['impl']:<7} {r['mode']:<8}"
+    head = f"{r['seconds']:>3}s {r['T']:>8} {r['op']:<11} {r['impl']:<7} {r['mode']:<9}"
     if r.get("skipped") is not None:
         return f"{head} skipped (est. {r['skipped']:.1f} s)"
     return f"{head} {r['ms']:>10.2f} {r['tflops']:>8.1f} {r['ratio']:>7.3f}"
@@ -223,6 +232,8 @@ def main(argv=None):
                    help="skip a torch-path case whose extrapolated time per call exceeds this")
     p.add_argument("--against", nargs="+", default=[], metavar="REV",
                    help="also time the Triton kernels of these git revisions of this checkout (impl @REV)")
+    p.add_argument("--train-forward", action="store_true",
+                   help="also time the TTT forward as a training step runs it (checkpoints stored, no backward)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.exit(2, "ttt-video bench ttt: needs a CUDA device\n")
@@ -236,7 +247,8 @@ def main(argv=None):
           f"mini-batch {args.mini_batch_size}, TTT both directions in one call, bf16")
     print(HEADER, flush=True)
     run(tuple(args.seconds), args.heads, args.head_dim, args.mini_batch_size, tuple(args.impls),
-        max_estimate_s=args.max_estimate_s, on_row=lambda row: print(format_row(row), flush=True), against=against)
+        max_estimate_s=args.max_estimate_s, on_row=lambda row: print(format_row(row), flush=True), against=against,
+        train_forward=args.train_forward)
     return 0
 
 

@@ -450,69 +450,71 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     cnt_ptr += chain
     patience = pid.to(tl.int32) * 0 + (1 << 22)
     NB = tl.cdiv(T, BS)
-    for n in range(0, NB):
+    # with checkpoints, one checkpoint group of G mini-batches an iteration, its checkpoint stored first
+    # (out of the mini-batch loop, which then spills less at S = 4: v19); without, a single iteration
+    for n0 in range(0, NB if SAVE else 1, G if SAVE else 1):
         if SAVE:
-            if n % G == 0:
-                c = chain * NG + n // G
-                for cc in range(c0, c0 + F // S, FC):
-                    w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
-                    _mlp_store_chunk(cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D, cc, w1, b1, w2,
-                                     cols, fcols, D, F)
-                if s == 0:
-                    tl.store(cb2_ptr + c * D + cols[None, :], b2)
-        t0 = n * BS
-        q = _load_rows(q_ptr, t0, T, rows, cols, D)
-        k = _load_rows(k_ptr, t0, T, rows, cols, D)
-        v = _load_rows(v_ptr, t0, T, rows, cols, D)
-        eta = _load_eta(eta_ptr, t0, T, rows)
-        target = v - k
-        k = _operand(k, LP)
-        q = _operand(q, LP)
-        part = tl.zeros([BS, D], dtype=tl.float32)
-        for cc in range(c0, c0 + F // S, FC):
-            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
-            part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
-        if S > 1:
-            tl.store(xch_ptr + ((n % 2) * S + s) * BS * D + tile, part)
-            patience = _chain_barrier(cnt_ptr, S * (n + 1), patience)
-            if n > 0:
-                _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n - 1, t0 - BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
-            z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
-            for j in range(0, S):
-                z2 += tl.load(xch_ptr + ((n % 2) * S + j) * BS * D + tile, cache_modifier=".cg")
-        else:
-            z2 = part + b2
-        xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
-        g2 = eta[:, None] * gr  # [BS, D]
-        part = tl.zeros([BS, D], dtype=tl.float32)
-        b2_old = b2
-        b2 -= tl.sum(g2, 0, keep_dims=True)
-        g2 = _operand(g2, LP)
-        if s == 0:  # the output bias and the ones of the second layer's scores count once
-            ones = tl.full([BS, BS], 1.0, tl.float32)
+            c = chain * NG + n0 // G
+            for cc in range(c0, c0 + F // S, FC):
+                w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
+                _mlp_store_chunk(cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D, cc, w1, b1, w2,
+                                 cols, fcols, D, F)
+            if s == 0:
+                tl.store(cb2_ptr + c * D + cols[None, :], b2)
+        for n in range(n0, tl.minimum(n0 + G, NB) if SAVE else NB):
+            t0 = n * BS
+            q = _load_rows(q_ptr, t0, T, rows, cols, D)
+            k = _load_rows(k_ptr, t0, T, rows, cols, D)
+            v = _load_rows(v_ptr, t0, T, rows, cols, D)
+            eta = _load_eta(eta_ptr, t0, T, rows)
+            target = v - k
+            k = _operand(k, LP)
+            q = _operand(q, LP)
+            part = tl.zeros([BS, D], dtype=tl.float32)
+            for cc in range(c0, c0 + F // S, FC):
+                w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
+                part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
+            if S > 1:
+                tl.store(xch_ptr + ((n % 2) * S + s) * BS * D + tile, part)
+                patience = _chain_barrier(cnt_ptr, S * (n + 1), patience)
+                if n > 0:
+                    _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n - 1, t0 - BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
+                z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
+                for j in range(0, S):
+                    z2 += tl.load(xch_ptr + ((n % 2) * S + j) * BS * D + tile, cache_modifier=".cg")
+            else:
+                z2 = part + b2
+            xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
+            g2 = eta[:, None] * gr  # [BS, D]
+            part = tl.zeros([BS, D], dtype=tl.float32)
+            b2_old = b2
+            b2 -= tl.sum(g2, 0, keep_dims=True)
+            g2 = _operand(g2, LP)
+            if s == 0:  # the output bias and the ones of the second layer's scores count once
+                ones = tl.full([BS, BS], 1.0, tl.float32)
+                if CAUSAL:
+                    ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
+                part += b2_old - _dot(ones, g2, LP)
+            a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
+            s2 = tl.zeros([BS, BS], dtype=tl.float32)
+            for cc in range(c0, c0 + F // S, FC):
+                w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
+                x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
+                g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
+                xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
+                part += _dot(xq, w2, LP)
+                s2 += _dot(xq, tl.trans(x2), LP)
+                tl.store(w1_ptr + cols[:, None] * F + (cc + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
+                tl.store(b1_ptr + cc + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
+                tl.store(w2_ptr + (cc + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
             if CAUSAL:
-                ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
-            part += b2_old - _dot(ones, g2, LP)
-        a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
-        s2 = tl.zeros([BS, BS], dtype=tl.float32)
-        for cc in range(c0, c0 + F // S, FC):
-            w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
-            x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
-            g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-            xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
-            part += _dot(xq, w2, LP)
-            s2 += _dot(xq, tl.trans(x2), LP)
-            tl.store(w1_ptr + cols[:, None] * F + (cc + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
-            tl.store(b1_ptr + cc + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
-            tl.store(w2_ptr + (cc + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
-        if CAUSAL:
-            s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
-        part -= _dot(s2, g2, LP)
-        tl.debug_barrier()  # this step's state writes before the next step's reads
-        if S > 1:
-            tl.store(xch_ptr + ((2 + n % 2) * S + s) * BS * D + tile, part)
-        else:
-            _mlp_out_rows(part, q_ptr, o_ptr, t0, T, rows, cols, lnw, lnb, D, eps)
+                s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
+            part -= _dot(s2, g2, LP)
+            tl.debug_barrier()  # this step's state writes before the next step's reads
+            if S > 1:
+                tl.store(xch_ptr + ((2 + n % 2) * S + s) * BS * D + tile, part)
+            else:
+                _mlp_out_rows(part, q_ptr, o_ptr, t0, T, rows, cols, lnw, lnb, D, eps)
     if S > 1:
         patience = _chain_barrier(cnt_ptr, S * (NB + 1), patience)
         _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, NB - 1, (NB - 1) * BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
