@@ -70,6 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UserError
 from ..models import build_model
+from ..ops.ttt.buffers import mlp_backward_padding, mlp_backward_scratch
 from .adapters import apply_adapter, cast_frozen
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,9 +217,9 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     """The buffers the TTT kernels' backward allocates besides the gradients it returns (`_TTT.backward`
     in ops/ttt/triton.py), for the inner weights `weights` (TTT-MLP's four or TTT-Linear's two). In
     float32: the adjoint of each chain's inner state and the states recomputed for a checkpoint group;
-    for TTT-MLP also what its queries' half leaves the keys' half (for two groups in flight where a
-    chain runs on two programs, else one mini-batch) and its step scratch, and where T is not a
-    multiple of 16, q, k, v and the output gradient padded to one."""
+    for TTT-MLP the shapes the kernels take from `ops.ttt.buffers` (the recomputed states, what its
+    queries' half leaves the keys' half, its step scratch, and q, k, v and the output gradient padded
+    to a multiple of 16 tokens)."""
     B, H, T, D = q.shape
     chains, group, bs = B * H, TTT_CHECKPOINT_GROUP, mini_batch_size
     state = sum(w.numel() // w.shape[0] for w in weights)  # floats of one chain's inner state
@@ -228,13 +229,11 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
 
     if len(weights) == 2:
         return [f32(chains, state), f32(chains, group, state)]
-    hidden = weights[0].shape[-1]
-    programs = _mlp_backward_programs(chains, D, bs)
-    slots = programs * group if programs > 1 else 1
-    scratch = [f32(chains, state), f32(chains, programs * group, state), f32(chains, bs * (hidden + D)),
-               f32(chains, slots, 2 * bs * hidden + 2 * D * hidden + hidden + D + 3 * bs * D)]
-    if T % 16:
-        scratch += [q.new_empty(chains, T + (-T % 16), D) for _ in range(4)]
+    states, par, scr = mlp_backward_scratch(chains, _mlp_backward_programs(chains, D, bs), group, bs, D,
+                                            weights[0].shape[-1])
+    scratch = [f32(chains, state), f32(*states, state), f32(*par), f32(*scr)]
+    if pad := mlp_backward_padding(T):
+        scratch += [q.new_empty(chains, T + pad, D) for _ in range(4)]
     return scratch
 
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .buffers import mlp_backward_padding, mlp_backward_scratch
+
 MLP_KEYS = ("w1", "b1", "w2", "b2")
 LINEAR_KEYS = ("w1", "b1")
 HEAD_DIMS = (16, 32, 64, 128)
@@ -939,10 +941,9 @@ class _TTT(torch.autograd.Function):
         N, length, D = q.shape
         H = ln_w.shape[0]
         dout = dout.contiguous()
-        # the MLP backward runs T rounded up to a multiple of 16: Triton then compiles it knowing that, and
-        # on an H100 that build spills far less (v16, NOTES.md); padded tokens have eta 0 and no output
-        # gradient, so they change nothing, as the kernel's own zero-filled tail rows do
-        pad = -length % 16 if mlp else 0
+        # padded tokens (`mlp_backward_padding`) have eta 0 and no output gradient, so they change nothing,
+        # as the kernel's own zero-filled tail rows do
+        pad = mlp_backward_padding(length) if mlp else 0
         if pad:
             q, k, v, dout = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, dout))
             eta = torch.nn.functional.pad(eta, (0, pad))
@@ -955,13 +956,12 @@ class _TTT(torch.autograd.Function):
         if mlp:
             F, FC = 4 * D, _mlp_chunk_size(D, backward=True)
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
-            scr = q.new_empty((N, bs * (F + D)), dtype=torch.float32)
             S, common = _mlp_launch(N, q, ("backward", D, FC), common, (2, 2), lambda opts: lambda f, i: (
-                _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, scr, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps,
+                _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps,
                                        S=2, F=F, FC=FC, grid=(1,), **opts)))
-            scratch = [c.new_empty((N, S * group, *c.shape[2:])) for c in ckpt]
-            par = q.new_empty((N, S * group if S > 1 else 1, 2 * bs * F + 2 * D * F + F + D + 3 * bs * D),
-                              dtype=torch.float32)
+            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F)
+            scratch = [c.new_empty((*states, *c.shape[2:])) for c in ckpt]
+            par, scr = (q.new_empty(shape, dtype=torch.float32) for shape in (par, scr))
             dlnw = q.new_empty((N * S, D), dtype=torch.float32)
             dlnb = torch.empty_like(dlnw)
             cnt = torch.zeros((N, 2), dtype=torch.int32, device=q.device)
