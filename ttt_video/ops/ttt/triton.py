@@ -493,10 +493,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             b2 -= tl.sum(g2, 0, keep_dims=True)
             g2 = _operand(g2, LP)
             if s == 0:  # the output bias and the ones of the second layer's scores count once
-                ones = tl.full([BS, BS], 1.0, tl.float32)
                 if CAUSAL:
-                    ones = tl.where(rows[:, None] >= rows[None, :], ones, 0.0)
-                part += b2_old - _dot(ones, g2, LP)
+                    part += b2_old - _dot(tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0), g2, LP)
+                else:  # every row sums all of g2: the updated bias (v20)
+                    part += b2
             a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
             s2 = tl.zeros([BS, BS], dtype=tl.float32)
             for cc in range(c0, c0 + F // S, FC):
