@@ -92,7 +92,8 @@ KERNELS = "ttt_video/ops/ttt/triton.py"
 
 def kernels_at(rev):
     """The Triton kernel module (`KERNELS`) as of git revision `rev` of the checkout this package
-    runs from, loaded as a module of its own beside the current one."""
+    runs from, loaded as a module of its own beside the current one, in the current one's package
+    (its relative imports take the current package's modules)."""
     root = Path(__file__).resolve().parents[2]
     git = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{KERNELS}"], capture_output=True, text=True)
     if git.returncode:
@@ -102,7 +103,7 @@ def kernels_at(rev):
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the source until it compiles
     path = Path(folder) / f"triton_{rev.replace('/', '_')}.py"
     path.write_text(git.stdout)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec = importlib.util.spec_from_file_location(f"ttt_video.ops.ttt.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
