@@ -22,6 +22,7 @@ import importlib.util
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -92,19 +93,34 @@ KERNELS = "ttt_video/ops/ttt/triton.py"
 
 def kernels_at(rev):
     """The Triton kernel module (`KERNELS`) as of git revision `rev` of the checkout this package
-    runs from, loaded as a module of its own beside the current one, in the current one's package
-    (its relative imports take the current package's modules)."""
+    runs from, loaded as a module of its own beside the current one, in a package of its own that
+    holds that revision's other modules of the folder (what its relative imports take)."""
     root = Path(__file__).resolve().parents[2]
-    git = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{KERNELS}"], capture_output=True, text=True)
+
+    def show(path):
+        return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, text=True)
+
+    git = show(KERNELS)
     if git.returncode:
         raise UserError(f"--against {rev}: no {KERNELS} at that revision of {root} "
                         f"({git.stderr.strip().splitlines()[-1] if git.stderr.strip() else 'git failed'})")
     folder = tempfile.mkdtemp(prefix="ttt-kernels-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the source until it compiles
-    path = Path(folder) / f"triton_{rev.replace('/', '_')}.py"
-    path.write_text(git.stdout)
-    spec = importlib.util.spec_from_file_location(f"ttt_video.ops.ttt.{path.stem}", path)
+    package = f"ttt_kernels_{''.join(c if c.isalnum() else '_' for c in rev)}"
+    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, f"{Path(KERNELS).parent}/"],
+                           capture_output=True, text=True).stdout.split()
+    home = Path(folder) / package
+    home.mkdir()
+    (home / "__init__.py").write_text("")
+    for name in names:
+        if name.endswith(".py") and not name.endswith("__init__.py"):
+            (home / Path(name).name).write_text(show(name).stdout)
+    parent = importlib.util.spec_from_file_location(package, home / "__init__.py",
+                                                    submodule_search_locations=[str(home)])
+    sys.modules[package] = importlib.util.module_from_spec(parent)
+    spec = importlib.util.spec_from_file_location(f"{package}.triton", home / "triton.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
