@@ -36,6 +36,12 @@ def test_kernels_of_a_git_revision_load_as_a_module_of_their_own():
         kernels_at("no-such-rev")
 
 
+def test_kernels_of_a_revision_without_git_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="--against HEAD: git could not run"):
+        kernels_at("HEAD")
+
+
 def test_modes_run_the_forward_without_and_with_gradients_and_the_backward(monkeypatch):
     """`fwd` runs without autograd, `fwd-train` with inputs that need gradients (as a training step's
     forward, where the kernels store checkpoints) and no backward, `fwd+bwd` both passes."""

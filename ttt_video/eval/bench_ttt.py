@@ -100,7 +100,10 @@ def kernels_at(rev):
     def show(path):
         return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, text=True)
 
-    git = show(KERNELS)
+    try:
+        git = show(KERNELS)
+    except OSError as e:
+        raise UserError(f"--against {rev}: git could not run ({e})") from e
     if git.returncode:
         raise UserError(f"--against {rev}: no {KERNELS} at that revision of {root} "
                         f"({git.stderr.strip().splitlines()[-1] if git.stderr.strip() else 'git failed'})")
