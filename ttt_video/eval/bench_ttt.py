@@ -117,7 +117,7 @@ def kernels_at(rev):
     (home / "__init__.py").write_text("")
     for name in names:
         if name.endswith(".py") and not name.endswith("__init__.py"):
-            (home / Path(name).name).write_text(show(name).stdout)
+            (home / Path(name).name).write_text(git.stdout if name == KERNELS else show(name).stdout)
     parent = importlib.util.spec_from_file_location(package, home / "__init__.py",
                                                     submodule_search_locations=[str(home)])
     sys.modules[package] = importlib.util.module_from_spec(parent)
