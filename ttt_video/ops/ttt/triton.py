@@ -694,6 +694,61 @@ def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
 
 
 @triton.jit
+def _mlp_bwd_rows(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, t0, T, D: tl.constexpr, BS: tl.constexpr):
+    """What both halves of the backward load for the mini-batch at token t0: rows, cols, the
+    LayerNorm's weight and bias `[1, D]`, k and v `[BS, D]`, eta `[BS, 1]`."""
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    lnw = tl.load(lnw_ptr + cols)[None, :]
+    lnb = tl.load(lnb_ptr + cols)[None, :]
+    k = _load_rows(k_ptr, t0, T, rows, cols, D)
+    v = _load_rows(v_ptr, t0, T, rows, cols, D)
+    return rows, cols, lnw, lnb, k, v, _load_eta(eta_ptr, t0, T, rows)[:, None]
+
+
+@triton.jit
+def _add_rows(a_ptr, b_ptr, a, b, cols):
+    """Adds the rows a and b to the rows at a_ptr and b_ptr."""
+    tl.store(a_ptr + cols, tl.load(a_ptr + cols) + a)
+    tl.store(b_ptr + cols, tl.load(b_ptr + cols) + b)
+
+
+@triton.jit(noinline=True)
+def _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, lnb_ptr, dlnw_ptr, dlnb_ptr,
+                        w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, t0, T, D: tl.constexpr, F: tl.constexpr,
+                        FC: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
+    """`_mlp_bwd_queries` on the mini-batch at token t0: dq stored, the LayerNorm gradients added at
+    dlnw_ptr / dlnb_ptr. A function of its own in the compiled code (not inlined), as is
+    `_mlp_bwd_keys_at`: ptxas then allocates each half's registers apart, and the backward's speed
+    no longer rests on how it allocates the whole kernel (NOTES.md, v21)."""
+    rows, cols, lnw, lnb, k, v, eta = _mlp_bwd_rows(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, t0, T, D, BS)
+    q = _load_rows(q_ptr, t0, T, rows, cols, D)
+    do = _load_rows(do_ptr, t0, T, rows, cols, D)
+    tl.debug_barrier()
+    dq, dlnw, dlnb = _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, rows,
+                                      cols, D, F, FC, BS, CAUSAL, LP, eps)
+    _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
+    _add_rows(dlnw_ptr, dlnb_ptr, dlnw, dlnb, cols)
+
+
+@triton.jit(noinline=True)
+def _mlp_bwd_keys_at(k_ptr, v_ptr, eta_ptr, dk_ptr, dv_ptr, deta_ptr, lnw_ptr, lnb_ptr, dlnw_ptr, dlnb_ptr,
+                     w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr, t0, T,
+                     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr,
+                     CM: tl.constexpr, eps):
+    """`_mlp_bwd_keys` on the mini-batch at token t0: dk, dv, deta stored, the LayerNorm gradients
+    added at dlnw_ptr / dlnb_ptr; not inlined (`_mlp_bwd_queries_at`)."""
+    rows, cols, lnw, lnb, k, v, eta = _mlp_bwd_rows(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, t0, T, D, BS)
+    tl.debug_barrier()
+    dk, dv, deta, dlnw, dlnb = _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr,
+                                             dw2_ptr, db2_ptr, par_ptr, scr_ptr, rows, cols, D, F, FC, BS, LP, CM, eps)
+    _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
+    _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
+    tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+    _add_rows(dlnw_ptr, dlnb_ptr, dlnw, dlnb, cols)
+
+
+@triton.jit
 def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
                     sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr,
                     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, cnt_ptr, ok_ptr, T, H, NG, eps,
@@ -716,8 +771,8 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
     lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
     lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
-    dlnw = tl.zeros([D], dtype=tl.float32)
-    dlnb = tl.zeros([D], dtype=tl.float32)
+    tl.store(dlnw_ptr + pid * D + cols, tl.zeros([D], dtype=tl.float32))
+    tl.store(dlnb_ptr + pid * D + cols, tl.zeros([D], dtype=tl.float32))
     dw1_ptr += chain * D * F
     db1_ptr += chain * F
     dw2_ptr += chain * F * D
@@ -760,42 +815,22 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
             at = slot + j
             par_j = par_ptr + (at if S > 1 else 0) * P_END
             if role == S - 1:
-                q = _load_rows(q_ptr, t0, T, rows, cols, D)
-                k = _load_rows(k_ptr, t0, T, rows, cols, D)
-                v = _load_rows(v_ptr, t0, T, rows, cols, D)
-                do = _load_rows(do_ptr, t0, T, rows, cols, D)
-                eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
-                tl.debug_barrier()
-                dq, dlnw_j, dlnb_j = _mlp_bwd_queries(
-                    q, k, v, eta, do, lnw, lnb, sw1_ptr + at * D * F, sb1_ptr + at * F, sw2_ptr + at * F * D,
-                    sb2_ptr + at * D, par_j, rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
-                dlnw += dlnw_j
-                dlnb += dlnb_j
-                _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
+                _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr + h * D, lnb_ptr + h * D,
+                                    dlnw_ptr + pid * D, dlnb_ptr + pid * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
+                                    sw2_ptr + at * F * D, sb2_ptr + at * D, par_j, t0, T, D, F, FC, BS, CAUSAL, LP, eps)
                 if S > 1:
                     _signal(done_ptr)
             if role == 0:
                 if S > 1:
                     patience = _wait(done_ptr, done + jj + 1, patience)
-                k = _load_rows(k_ptr, t0, T, rows, cols, D)
-                v = _load_rows(v_ptr, t0, T, rows, cols, D)
-                eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
-                tl.debug_barrier()
-                dk, dv, deta, dlnw_j, dlnb_j = _mlp_bwd_keys(
-                    k, v, eta, lnw, lnb, sw1_ptr + at * D * F, sb1_ptr + at * F, sw2_ptr + at * F * D,
-                    sb2_ptr + at * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_j, scr_ptr, rows, cols, D, F, FC, BS,
-                    LP, ".cg" if S > 1 else "", eps)
-                dlnw += dlnw_j
-                dlnb += dlnb_j
-                _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
-                _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
-                tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+                _mlp_bwd_keys_at(k_ptr, v_ptr, eta_ptr, dk_ptr, dv_ptr, deta_ptr, lnw_ptr + h * D, lnb_ptr + h * D,
+                                 dlnw_ptr + pid * D, dlnb_ptr + pid * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
+                                 sw2_ptr + at * F * D, sb2_ptr + at * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_j,
+                                 scr_ptr, t0, T, D, F, FC, BS, LP, ".cg" if S > 1 else "", eps)
         if S > 1:
             if role == 0:
                 _signal(freed_ptr)
         done += L
-    tl.store(dlnw_ptr + pid * D + cols, dlnw)
-    tl.store(dlnb_ptr + pid * D + cols, dlnb)
     tl.store(ok_ptr + pid, patience)
 
 
