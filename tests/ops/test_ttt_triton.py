@@ -42,7 +42,7 @@ def _module():
 def _kernels(monkeypatch):
     triton_impl = _module()
     monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.full_like(x, float("nan")))
-    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d, backward: 16)  # several hidden chunks at D=16
+    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d, bs, backward: 16)  # several hidden chunks at D=16
     return triton_impl
 
 
@@ -120,7 +120,7 @@ def test_head_dim_128_matches_reference(monkeypatch, kind):
 
     chunk = _module()._mlp_chunk_size
     tri = _kernels(monkeypatch)
-    monkeypatch.setattr(tri, "_mlp_chunk_size", chunk)  # the GPU's chunks: 64 in the forward, 128 backward
+    monkeypatch.setattr(tri, "_mlp_chunk_size", chunk)  # the GPU's chunks: 64 units
     args = _inputs(kind, 20, seed=11, batch=1, dim=128, eta_scale=0.02)
     out_r, state_r, grads_r = _run(reference, kind, args, mini_batch_size=16, causal=False)
     out, state, grads = _run(tri, kind, [a.float().to(DEVICE) for a in args], mini_batch_size=16, causal=False)

@@ -834,11 +834,12 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     tl.store(ok_ptr + pid, patience)
 
 
-def _mlp_chunk_size(D, backward):
-    """Hidden units per chunk of the MLP loops (F = 4 D). The forward takes D / 2: at head dim 64 it
-    spills 168 bytes a thread against 660 at D (NOTES.md). The backward takes D: at D / 2 its build
-    hit an illegal address on an H100."""
-    return D if backward else max(D // 2, 16)
+def _mlp_chunk_size(D, bs, backward):
+    """Hidden units per chunk of the MLP loops (F = 4 D): D / 2, at least 16. At head dim 64 the forward
+    spills 168 bytes a thread against 660 at D (v9), the backward's halves about half as much as at D
+    (v22; NOTES.md). The backward at mini-batch 128 (16 warps) keeps D: its D / 2 build hits an illegal
+    address on an H100, as every D / 2 backward did while its halves were inlined (before v21)."""
+    return D if backward and bs >= 128 else max(D // 2, 16)
 
 
 def _launch_options(mlp, D, bs):
@@ -953,7 +954,7 @@ class _TTT(torch.autograd.Function):
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
                       **_launch_options(mlp, D, bs))
         if mlp:
-            F, FC = 4 * D, _mlp_chunk_size(D, backward=False)
+            F, FC = 4 * D, _mlp_chunk_size(D, bs, backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             S, common = _mlp_launch(N, q, (D, FC), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
                 _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
@@ -989,7 +990,7 @@ class _TTT(torch.autograd.Function):
         deta = _empty_like(eta.float())
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
         if mlp:
-            F, FC = 4 * D, _mlp_chunk_size(D, backward=True)
+            F, FC = 4 * D, _mlp_chunk_size(D, bs, backward=True)
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
             S, common = _mlp_launch(N, q, ("backward", D, FC), common, (2, 2), lambda opts: lambda f, i: (
                 _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps,
