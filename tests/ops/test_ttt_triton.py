@@ -42,7 +42,7 @@ def _module():
 def _kernels(monkeypatch):
     triton_impl = _module()
     monkeypatch.setattr(triton_impl, "_empty_like", lambda x: torch.full_like(x, float("nan")))
-    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d, bs, backward: 16)  # several hidden chunks at D=16
+    monkeypatch.setattr(triton_impl, "_mlp_chunk_size", lambda d, warps, backward: 16)  # several hidden chunks at D=16
     return triton_impl
 
 
@@ -279,16 +279,21 @@ def test_cuda_mlp_stays_near_float32_over_18_seconds_of_tokens():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_mlp_between_one_and_two_chains_an_sm_runs_4_warp_programs(monkeypatch):
-    """With more chains than SMs, one program a chain in the forward and the backward: at 4 warps (two
-    an SM) they are all resident at once, where 8-warp programs (one an SM) would run in two waves.
-    Those builds give the reference's outputs, states and gradients."""
+@pytest.mark.parametrize("per_sm,warps", [(1, 4), (2, 8)])
+def test_cuda_mlp_with_more_chains_than_sms_runs_one_program_a_chain(monkeypatch, per_sm, warps):
+    """With more chains than SMs, one program a chain in the forward and the backward. Up to two chains
+    an SM they run at 4 warps (two an SM), all resident at once, where 8-warp programs (one an SM) would
+    run in two waves; above, neither build keeps them all resident, and they run at 8 warps, the
+    backward with 64-unit hidden chunks (its 32-unit build reads shared memory out of bounds). Those
+    builds give the reference's outputs, states and gradients."""
     triton_impl = _module()
     monkeypatch.setattr(triton_impl, "_SLICES", {})
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=-(-(sms + 12) // H))
-    picked = {(k[3][0] == "backward", dict(k[3][-1])["num_warps"]): s for k, s in triton_impl._SLICES.items()}
-    assert picked == {(False, 4): 1, (False, 8): 0, (True, 4): 1, (True, 8): 0}
+    _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=-(-(per_sm * sms + 12) // H))
+    picked = {(k[3][0] == "backward", dict(k[3][-1])["num_warps"], dict(k[3][-1])["FC"]): s
+              for k, s in triton_impl._SLICES.items()}
+    fits = 1 if warps == 4 else 0
+    assert picked == {(False, 4, 32): fits, (False, 8, 32): 0, (True, 4, 32): fits, (True, 8, 64): 0}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -834,12 +834,15 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     tl.store(ok_ptr + pid, patience)
 
 
-def _mlp_chunk_size(D, bs, backward):
+def _mlp_chunk_size(D, warps, backward):
     """Hidden units per chunk of the MLP loops (F = 4 D): D / 2, at least 16. At head dim 64 the forward
     spills 168 bytes a thread against 660 at D (v9), the backward's halves about half as much as at D
-    (v22; NOTES.md). The backward at mini-batch 128 (16 warps) keeps D: its D / 2 build hits an illegal
-    address on an H100, as every D / 2 backward did while its halves were inlined (before v21)."""
-    return D if backward and bs >= 128 else max(D // 2, 16)
+    (v22; NOTES.md). A backward of more than 4 warps takes chunks of at least 64 units (at most D): its
+    build with 32-unit chunks reads shared memory out of bounds in its state recompute on an H100 (16
+    warps at mini-batch 128, 8 warps at head dim 64; NOTES.md, after v22)."""
+    if backward and warps > 4:
+        return min(D, max(D // 2, 64))
+    return max(D // 2, 16)
 
 
 def _launch_options(mlp, D, bs):
@@ -875,17 +878,21 @@ def _mlp_slices(N, most, q, key, warmup):
     return _SLICES[key]
 
 
-def _mlp_launch(N, q, key, common, most, warmup):
+def _mlp_launch(N, q, key, common, most, warmup, backward):
     """(S, launch options) of an MLP kernel. 4 warps (two such programs fit an SM: head dim <= 64,
     mini-batch <= 64) where that gives a chain at least two programs, with up to `most[0]` (v14, v16
     in NOTES.md), or where it gives one and only 4-warp programs are all resident at once (between
     one and two chains an SM; v18); else `common`'s warps, with up to `most[1]` programs a chain.
-    `warmup(options)` gives the compile function `_mlp_slices` takes; `key` names the kernel."""
+    The options carry the hidden chunk FC for their warps (`_mlp_chunk_size`). `warmup(options)` gives
+    the compile function `_mlp_slices` takes; `key` names the kernel."""
 
     def slices(opts, up_to):
         return _mlp_slices(N, up_to, q, (*key, tuple(sorted(opts.items()))), warmup(opts))
 
-    narrow = {**common, "num_warps": 4}
+    def at(warps):
+        return {**common, "num_warps": warps, "FC": _mlp_chunk_size(common["D"], warps, backward)}
+
+    narrow, common = at(4), at(common["num_warps"])
     if common["D"] <= 64 and common["BS"] <= 64:
         S = slices(narrow, most[0])
         if S > 1 or (S == 1 and slices(common, most[1]) == 0):
@@ -954,14 +961,14 @@ class _TTT(torch.autograd.Function):
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
                       **_launch_options(mlp, D, bs))
         if mlp:
-            F, FC = 4 * D, _mlp_chunk_size(D, bs, backward=False)
+            F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
-            S, common = _mlp_launch(N, q, (D, FC), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
-                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, FC=FC, grid=(1,), **opts)))
+            S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
+                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,), **opts)), False)
             xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
+            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
@@ -990,11 +997,11 @@ class _TTT(torch.autograd.Function):
         deta = _empty_like(eta.float())
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
         if mlp:
-            F, FC = 4 * D, _mlp_chunk_size(D, bs, backward=True)
+            F = 4 * D
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
-            S, common = _mlp_launch(N, q, ("backward", D, FC), common, (2, 2), lambda opts: lambda f, i: (
+            S, common = _mlp_launch(N, q, ("backward", D), common, (2, 2), lambda opts: lambda f, i: (
                 _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps,
-                                       S=2, F=F, FC=FC, grid=(1,), **opts)))
+                                       S=2, F=F, grid=(1,), **opts)), True)
             states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F)
             scratch = [c.new_empty((*states, *c.shape[2:])) for c in ckpt]
             par, scr = (q.new_empty(shape, dtype=torch.float32) for shape in (par, scr))
@@ -1003,7 +1010,7 @@ class _TTT(torch.autograd.Function):
             cnt = torch.zeros((N, 2), dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             _launch(_mlp_bwd_kernel, (N * S,), *head, *scratch, *carry, par, scr, dq, dk, dv, deta, dlnw, dlnb, cnt,
-                    ok, T, H, NG, eps, S=S, F=F, FC=FC, **common)
+                    ok, T, H, NG, eps, S=S, F=F, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError("TTT-MLP backward: the 2 programs of a chain were not resident together")
         else:
