@@ -212,7 +212,9 @@ def test_gelu_parts_are_the_tanh_gelu_and_its_derivatives(fast):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dim,mb,dtype", [(64, 64, torch.bfloat16), (64, 16, torch.bfloat16),
                                           (64, 128, torch.bfloat16), (64, 64, torch.float16),
-                                          (128, 64, torch.bfloat16), (128, 128, torch.bfloat16)])
+                                          (128, 64, torch.bfloat16), (128, 128, torch.bfloat16),
+                                          (32, 64, torch.bfloat16), (32, 128, torch.bfloat16),
+                                          (16, 16, torch.bfloat16)])
 def test_cuda_16bit_realistic(kind, causal, dim, mb, dtype):
     _check_16bit(_module(), kind, causal, dim, mb, dtype)
 
