@@ -25,9 +25,10 @@ def rope_3d(frames, height, width, head_dim, theta=10000.0):
 
 
 def with_text(cos, sin, text_len, num_segments):
-    """Tables for `num_segments` segments of [text_len text tokens, video tokens]; positions restart per segment."""
-    one = torch.ones(text_len, cos.shape[1])
-    zero = torch.zeros(text_len, cos.shape[1])
+    """Tables for `num_segments` segments of [text_len text tokens, video tokens]; positions restart per segment.
+    Built on cos / sin's device: move one segment's tables there first, not the whole video's."""
+    one = cos.new_ones(text_len, cos.shape[1])
+    zero = sin.new_zeros(text_len, sin.shape[1])
     return torch.cat([one, cos], 0).repeat(num_segments, 1), torch.cat([zero, sin], 0).repeat(num_segments, 1)
 
 

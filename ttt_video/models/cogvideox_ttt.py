@@ -523,12 +523,12 @@ class CogVideoXTTT(nn.Module):
         if video_pos is not None:
             video = segments.merge(segments.split(video) + video_pos.to(video.dtype))
 
-        cos, sin = cogvideox_rope(cfg, n, gh, gw)
+        cos, sin = (t.to(video.device) for t in cogvideox_rope(cfg, n, gh, gw))
         seg_rope = ttt_rope = None
         if cfg.use_rotary_positional_embeddings:
-            seg_rope = tuple(t.to(video.device) for t in with_text(cos, sin, L, 1))
+            seg_rope = with_text(cos, sin, L, 1)
         if cfg.ttt is not None:
-            ttt_rope = tuple(t.to(video.device) for t in with_text(cos, sin, L, S))
+            ttt_rope = with_text(cos, sin, L, S)
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 with host_copies(video, text) if self.offload_checkpoints else contextlib.nullcontext():

@@ -75,9 +75,8 @@ class TinyDiT(VideoDiT):
         video = video + self.type_embed[1]  # [B, S, Lv, D]
         x = torch.cat([txt + self.type_embed[0], video], 2).flatten(1, 2)  # [B, S*(Lt+Lv), D]
 
-        cos, sin = rope_3d(gt, gh, gw, self.cfg.dim // self.cfg.num_heads)
-        seg_rope = tuple(t.to(x.device) for t in with_text(cos, sin, Lt, 1))
-        full_rope = tuple(t.to(x.device) for t in with_text(cos, sin, Lt, S))
+        cos, sin = (t.to(x.device) for t in rope_3d(gt, gh, gw, self.cfg.dim // self.cfg.num_heads))
+        seg_rope, full_rope = with_text(cos, sin, Lt, 1), with_text(cos, sin, Lt, S)
         key_mask = None
         if text_mask is not None:
             video_mask = torch.ones(B, S, video.shape[2], dtype=torch.bool, device=x.device)

@@ -73,8 +73,8 @@ class TitansDiT(VideoDiT):
         tokens = torch.cat([txt + self.type_embed[0], video], 2)  # [B, S, Lt+Lv, D]
 
         num_context = self.cfg.num_persistent_tokens + self.cfg.num_memory_tokens
-        cos, sin = rope_3d(gt, gh, gw, self.cfg.dim // self.cfg.num_heads)
-        cos, sin = (t.to(tokens.device) for t in with_text(cos, sin, num_context + Lt, 1))
+        cos, sin = (t.to(tokens.device) for t in rope_3d(gt, gh, gw, self.cfg.dim // self.cfg.num_heads))
+        cos, sin = with_text(cos, sin, num_context + Lt, 1)
         key_mask = None
         if text_mask is not None:
             always = torch.ones(B, S, num_context, dtype=torch.bool, device=tokens.device)
