@@ -217,9 +217,9 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     """The buffers the TTT kernels' backward allocates besides the gradients it returns (`_TTT.backward`
     in ops/ttt/triton.py), for the inner weights `weights` (TTT-MLP's four or TTT-Linear's two). In
     float32: the adjoint of each chain's inner state and the states recomputed for a checkpoint group;
-    for TTT-MLP the shapes the kernels take from `ops.ttt.buffers` (the recomputed states, what its
-    queries' half leaves the keys' half, its step scratch, and q, k, v and the output gradient padded
-    to a multiple of 16 tokens)."""
+    for TTT-MLP the shapes the kernels take from `ops.ttt.buffers` (the recomputed states, their W1 and
+    W2 in bf16 for 16-bit q, what its queries' half leaves the keys' half, its step scratch, and q, k, v
+    and the output gradient padded to a multiple of 16 tokens)."""
     B, H, T, D = q.shape
     chains, group, bs = B * H, TTT_CHECKPOINT_GROUP, mini_batch_size
     state = sum(w.numel() // w.shape[0] for w in weights)  # floats of one chain's inner state
@@ -229,9 +229,12 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
 
     if len(weights) == 2:
         return [f32(chains, state), f32(chains, group, state)]
+    low = q.dtype != torch.float32  # bf16 products: the recomputed W1 and W2 are kept in bf16
     states, par, scr = mlp_backward_scratch(chains, _mlp_backward_programs(chains, D, bs), group, bs, D,
-                                            weights[0].shape[-1])
-    scratch = [f32(chains, state), f32(*states, state), f32(*par), f32(*scr)]
+                                            weights[0].shape[-1], low)
+    matrices = sum(w.numel() // w.shape[0] for w in weights if w.shape[-2] > 1)  # W1, W2 (b1, b2 are [1, n])
+    scratch = [f32(chains, state), q.new_empty(*states, matrices, dtype=torch.bfloat16 if low else torch.float32),
+               f32(*states, state - matrices), f32(*par), f32(*scr)]
     if pad := mlp_backward_padding(T):
         scratch += [q.new_empty(chains, T + pad, D) for _ in range(4)]
     return scratch

@@ -9,14 +9,17 @@ def mlp_backward_padding(length):
     return -length % 16
 
 
-def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hidden):
-    """Float32 shapes of the TTT-MLP backward's scratch for `programs` per chain (1 or 2) and checkpoint
-    groups of `group` mini-batches: the recomputed states (two groups in flight at two programs a chain;
-    the leading dims, each inner weight's shape follows), what the queries' half leaves the keys' half
-    (`_par_offsets` in triton.py: one mini-batch's worth per recomputed state at two programs, else one),
-    and the keys' half's step scratch (a `[mini-batch, hidden]` partial dZ1 and the `[mini-batch, head
-    dim]` target)."""
+def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hidden, low_precision):
+    """Shapes of the TTT-MLP backward's scratch for `programs` per chain (1 or 2) and checkpoint groups of
+    `group` mini-batches, where `low_precision` says the products are bfloat16: the recomputed states (two
+    groups in flight at two programs a chain; the leading dims, each inner weight's shape follows; W1 and
+    W2 in bfloat16 where the products are, as they are only products' operands, b1 and b2 float32), what
+    the queries' half leaves the keys' half (float32 slots; `_par_offsets` in triton.py: one mini-batch's
+    worth per recomputed state at two programs, else one; its four largest parts in bfloat16 where the
+    products are), and float32 step scratch: the keys' half's (a `[mini-batch, hidden]` partial dZ1 and
+    the `[mini-batch, head dim]` target), then the state the recompute steps (W1, b1, W2, b2)."""
     bs, D, F = mini_batch_size, head_dim, hidden
     slots = programs * group if programs > 1 else 1
-    par = 2 * bs * F + 2 * D * F + F + D + 3 * bs * D
-    return (chains, programs * group), (chains, slots, par), (chains, bs * (F + D))
+    low = 2 * bs * F + 2 * D * F
+    par = (low // 2 if low_precision else low) + F + D + 3 * bs * D
+    return (chains, programs * group), (chains, slots, par), (chains, bs * (F + D) + 2 * D * F + F + D)

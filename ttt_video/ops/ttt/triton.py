@@ -15,7 +15,8 @@ the hidden dim over several programs per chain, and its backward runs each mini-
 half (which needs no adjoint) on a second program per chain, ahead of the one carrying the
 adjoint. State, LayerNorm and gelu math are float32; matrix products accumulate in float32 from
 bf16-rounded operands for 16-bit inputs (tf32 for float32), and with those the gelu's tanh is the
-GPU's approximate instruction.
+GPU's approximate instruction; what the MLP backward keeps in memory only as products' operands (the
+recomputed W1 and W2, the largest parts the queries' half leaves the keys' half) it then keeps in bf16.
 """
 
 import ctypes
@@ -348,8 +349,8 @@ def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr
 @triton.jit
 def _mlp_step(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr, cols,
               D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr, eps):
-    """The state after one mini-batch, from the state at w*_ptr to ow*_ptr: the update needs only the
-    keys' path (the queries' output is not formed)."""
+    """The state after one mini-batch, updated in place at w*_ptr (float32) and copied to ow*_ptr (whose
+    W1 and W2 may be bfloat16): the update needs only the keys' path (the queries' output is not formed)."""
     fcols = tl.arange(0, FC)
     target = v - k
     k = _operand(k, LP)
@@ -360,15 +361,20 @@ def _mlp_step(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_
         z2 += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
     xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
     g2 = eta[:, None] * gr  # [BS, D]
-    tl.store(ob2_ptr + cols[None, :], b2 - tl.sum(g2, 0, keep_dims=True))
+    b2 -= tl.sum(g2, 0, keep_dims=True)
+    tl.store(b2_ptr + cols[None, :], b2)
+    tl.store(ob2_ptr + cols[None, :], b2)
     g2 = _operand(g2, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
         g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1 - _dot(tl.trans(k), g1, LP),
-                         b1 - tl.sum(g1, 0, keep_dims=True), w2 - _dot(tl.trans(x2), g2, LP), cols, fcols, D, F)
+        w1 -= _dot(tl.trans(k), g1, LP)
+        b1 -= tl.sum(g1, 0, keep_dims=True)
+        w2 -= _dot(tl.trans(x2), g2, LP)
+        _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D, F)
+        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1, b1, w2, cols, fcols, D, F)
 
 
 @triton.jit
@@ -526,19 +532,28 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
 
 
 @triton.jit
-def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr):
-    """Layout of what the queries' half leaves for the keys' half (float32): gradient parts at G1
-    `[BS, F]` (offset 0) and X2 `[BS, F]`, adjoint parts W1 `[D, F]`, b1 `[F]`, W2 `[F, D]`, b2 `[D]`,
-    gradient part at G2 `[BS, D]`, Z2 `[BS, D]`, dk part `[BS, D]`; the last value is the size."""
+def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr):
+    """Layout of what the queries' half leaves for the keys' half. First, in the products' precision
+    (bfloat16 where LP, each value then half a float32 slot), the offsets below in its own units: the
+    gradient parts at G1 `[BS, F]` (offset 0) and X2 `[BS, F]`, the adjoint parts W1 `[D, F]` and
+    W2 `[F, D]`. Then float32, at float32 offsets from the start: adjoint parts b1 `[F]` and b2 `[D]`,
+    gradient part at G2 `[BS, D]`, Z2 `[BS, D]`, dk part `[BS, D]`; the last value is the size in
+    float32 slots."""
     P_X2: tl.constexpr = BS * F
     P_W1: tl.constexpr = 2 * BS * F
-    P_B1: tl.constexpr = P_W1 + D * F
-    P_W2: tl.constexpr = P_B1 + F
-    P_B2: tl.constexpr = P_W2 + F * D
+    P_W2: tl.constexpr = P_W1 + D * F
+    P_B1: tl.constexpr = (P_W2 + F * D) // 2 if LP else P_W2 + F * D
+    P_B2: tl.constexpr = P_B1 + F
     P_G2: tl.constexpr = P_B2 + D
     P_Z2: tl.constexpr = P_G2 + BS * D
     P_DK: tl.constexpr = P_Z2 + BS * D
     return P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_DK + BS * D
+
+
+@triton.jit
+def _par_low(par_ptr, LP: tl.constexpr):
+    """The pointer to the low-precision part of `_par_offsets`."""
+    return par_ptr.to(tl.pointer_type(tl.bfloat16 if LP else tl.float32), bitcast=True)
 
 
 @triton.jit
@@ -554,7 +569,7 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
     causal = rows[:, None] >= rows[None, :]
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
     target = v - k
     k = _operand(k, LP)
     q = _operand(q, LP)
@@ -595,6 +610,7 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     dzq2 = _operand(dzq2, LP)
     dq = do
     ds1 = tl.zeros([BS, BS], dtype=tl.float32)
+    low_ptr = _par_low(par_ptr, LP)
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
@@ -603,9 +619,9 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         dzq1 = (_dot(dzq2, tl.trans(w2), LP) + _dot(ds2, x2, LP)) * gpq  # [BS, FC]
         dq += _dot(dzq1, tl.trans(w1), LP)
         ds1 -= _dot(dzq1, tl.trans(g1), LP)
-        tl.store(par_ptr + fofs + c, -_dot(tl.trans(a1), dzq1, LP))
-        tl.store(par_ptr + P_X2 + fofs + c, _dot(tl.trans(ds2), xq, LP))
-        _mlp_store_chunk(par_ptr + P_W1, par_ptr + P_B1, par_ptr + P_W2, c, _dot(tl.trans(q), dzq1, LP),
+        tl.store(low_ptr + fofs + c, -_dot(tl.trans(a1), dzq1, LP))
+        tl.store(low_ptr + P_X2 + fofs + c, _dot(tl.trans(ds2), xq, LP))
+        _mlp_store_chunk(low_ptr + P_W1, par_ptr + P_B1, low_ptr + P_W2, c, _dot(tl.trans(q), dzq1, LP),
                          tl.sum(dzq1, 0, keep_dims=True), _dot(tl.trans(xq), dzq2, LP), cols, fcols, D, F)
     if CAUSAL:
         ds1 = tl.where(causal, ds1, 0.0)
@@ -626,7 +642,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     fcols = tl.arange(0, FC)
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
     target = v - k
     tl.store(scr_ptr + BS * F + tile, target)
     k = _operand(k, LP)
@@ -636,6 +652,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     db2 = tl.load(db2_ptr + cols)[None, :]
     dg2 = tl.load(par_ptr + P_G2 + tile, cache_modifier=".cg") - db2
     dk = tl.load(par_ptr + P_DK + tile, cache_modifier=".cg")
+    low_ptr = _par_low(par_ptr, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
@@ -643,14 +660,14 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
         x2, gp, gpp = _gelu_parts(_dot(k, w1, LP) + b1, LP)
         p = _dot(g2, tl.trans(w2), LP)
         g1 = p * gp
-        dg1 = tl.load(par_ptr + fofs + c, cache_modifier=".cg") - _dot(k, dw1, LP) - db1
+        dg1 = tl.load(low_ptr + fofs + c, cache_modifier=".cg") - _dot(k, dw1, LP) - db1
         dk -= _dot(g1, tl.trans(dw1), LP)
-        dx2 = tl.load(par_ptr + P_X2 + fofs + c, cache_modifier=".cg") - _dot(g2, tl.trans(dw2), LP)
+        dx2 = tl.load(low_ptr + P_X2 + fofs + c, cache_modifier=".cg") - _dot(g2, tl.trans(dw2), LP)
         dg2 -= _dot(x2, dw2, LP)
         dp = dg1 * gp
         dg2 += _dot(dp, w2, LP)
         tl.store(scr_ptr + fofs + c, dg1 * p * gpp + dx2 * gp)
-        qw1, qb1, qw2 = _mlp_chunk(par_ptr + P_W1, par_ptr + P_B1, par_ptr + P_W2, c, cols, fcols, D, F, ".cg")
+        qw1, qb1, qw2 = _mlp_chunk(low_ptr + P_W1, par_ptr + P_B1, low_ptr + P_W2, c, cols, fcols, D, F, ".cg")
         _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + qw1, db1 + qb1, dw2 + qw2 + _dot(tl.trans(dp), g2, LP),
                          cols, fcols, D, F)
     # reverse mode of the inner gradient, then the key path
@@ -676,11 +693,17 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
 
 @triton.jit
 def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,
-                      n0, L, T, lnw, lnb, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
+                      run_ptr, n0, L, T, lnw, lnb, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
                       BS: tl.constexpr, LP: tl.constexpr, eps):
     """The states before each of a checkpoint group's L mini-batches (from mini-batch n0), from its
-    checkpoint at cw*_ptr into the scratch at sw*_ptr."""
+    checkpoint at cw*_ptr into the scratch at sw*_ptr, stepping a float32 copy at run_ptr (W1, b1, W2,
+    b2 one after another)."""
+    rw1_ptr = run_ptr
+    rb1_ptr = rw1_ptr + D * F
+    rw2_ptr = rb1_ptr + F
+    rb2_ptr = rw2_ptr + F * D
     tl.debug_barrier()
+    _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, cols, D, F, FC)
     _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
     for j in range(0, L - 1):
         t0 = (n0 + j) * BS
@@ -688,9 +711,8 @@ def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
         v = _load_rows(v_ptr, t0, T, rows, cols, D)
         eta = _load_eta(eta_ptr, t0, T, rows)
         tl.debug_barrier()
-        _mlp_step(k, v, eta, lnw, lnb, sw1_ptr + j * D * F, sb1_ptr + j * F, sw2_ptr + j * F * D, sb2_ptr + j * D,
-                  sw1_ptr + (j + 1) * D * F, sb1_ptr + (j + 1) * F, sw2_ptr + (j + 1) * F * D,
-                  sb2_ptr + (j + 1) * D, cols, D, F, FC, BS, LP, eps)
+        _mlp_step(k, v, eta, lnw, lnb, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, sw1_ptr + (j + 1) * D * F,
+                  sb1_ptr + (j + 1) * F, sw2_ptr + (j + 1) * F * D, sb2_ptr + (j + 1) * D, cols, D, F, FC, BS, LP, eps)
 
 
 @triton.jit
@@ -768,7 +790,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     h = chain % H
     rows = tl.arange(0, BS)
     cols = tl.arange(0, D)
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
     lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
     lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
     tl.store(dlnw_ptr + pid * D + cols, tl.zeros([D], dtype=tl.float32))
@@ -782,7 +804,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     sw2_ptr += chain * S * G * F * D
     sb2_ptr += chain * S * G * D
     par_ptr += chain * (S * G if S > 1 else 1) * P_END
-    scr_ptr += chain * BS * (F + D)
+    scr_ptr += chain * (BS * (F + D) + 2 * D * F + F + D)
     q_ptr += chain * T * D
     k_ptr += chain * T * D
     v_ptr += chain * T * D
@@ -808,7 +830,8 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
             c = chain * NG + NG - 1 - gi
             _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D,
                               cb2_ptr + c * D, sw1_ptr + slot * D * F, sb1_ptr + slot * F, sw2_ptr + slot * F * D,
-                              sb2_ptr + slot * D, n0, L, T, lnw, lnb, rows, cols, D, F, FC, BS, LP, eps)
+                              sb2_ptr + slot * D, scr_ptr + BS * (F + D), n0, L, T, lnw, lnb, rows, cols, D, F, FC,
+                              BS, LP, eps)
         for jj in range(0, L):
             j = L - 1 - jj
             t0 = (n0 + j) * BS
@@ -998,12 +1021,14 @@ class _TTT(torch.autograd.Function):
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
         if mlp:
             F = 4 * D
+            low = torch.bfloat16 if common["LP"] else torch.float32  # the recomputed W1 and W2: products' operands
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
             S, common = _mlp_launch(N, q, ("backward", D), common, (2, 2), lambda opts: lambda f, i: (
-                _mlp_bwd_kernel.warmup(*head, f, f, f, f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T, H, NG, eps,
-                                       S=2, F=F, grid=(1,), **opts)), True)
-            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F)
-            scratch = [c.new_empty((*states, *c.shape[2:])) for c in ckpt]
+                _mlp_bwd_kernel.warmup(*head, f.to(low), f, f.to(low), f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T,
+                                       H, NG, eps, S=2, F=F, grid=(1,), **opts)), True)
+            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F, common["LP"])
+            scratch = [c.new_empty((*states, *c.shape[2:]), dtype=low if name in ("w1", "w2") else torch.float32)
+                       for name, c in zip(MLP_KEYS, ckpt)]
             par, scr = (q.new_empty(shape, dtype=torch.float32) for shape in (par, scr))
             dlnw = q.new_empty((N * S, D), dtype=torch.float32)
             dlnb = torch.empty_like(dlnw)
