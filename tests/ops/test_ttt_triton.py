@@ -18,10 +18,26 @@ STALE = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRE
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 DEVICE = "cuda" if CUDA else "cpu"
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 B, H, D, MB = 2, 2, 16, 16
 TOL = 2e-3 if CUDA else 1e-4  # float32 matrix products run as tf32 on GPU
+
+
+@triton.jit
+def _exact_tanh(x, FAST: tl.constexpr):
+    """The kernels' `_tanh` without the GPU's instruction, which the interpreter lacks."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _rounded_operand(x, LP: tl.constexpr):
+    """The kernels' `_operand` for the interpreter, whose bf16 `tl.dot` is wrong: operands rounded to
+    bf16 as on the GPU, multiplied in float32."""
+    if LP:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    return x
 
 
 @pytest.mark.skipif(not STALE, reason="triton not imported before the interpreter was switched on")
@@ -111,6 +127,28 @@ def test_matches_reference(monkeypatch, kind, causal, T, mb):
         _check(f"state {n}", state[n], state_r[n], TOL)
     for name, gt, gr in zip(_names(kind), grads, grads_r):
         _check(f"grad {name}", gt, gr, TOL)
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run the bf16 builds themselves")
+@pytest.mark.parametrize("causal", [False, True])
+def test_mlp_bf16_product_builds_match_reference(monkeypatch, causal):
+    """The builds for 16-bit inputs, whose MLP backward keeps its recomputed W1, W2 and the queries'
+    half's largest results in bf16 buffers (layouts of their own), in the interpreter."""
+    from ttt_video.ops.ttt import reference
+
+    tri = _kernels(monkeypatch)
+    monkeypatch.setattr(tri, "_tanh", _exact_tanh)
+    monkeypatch.setattr(tri, "_operand", _rounded_operand)
+    monkeypatch.setattr(tri, "_bf16_products", lambda q: True)
+    args = _inputs("mlp", 37, seed=3)
+    out_r, state_r, grads_r = _run(reference, "mlp", args, mini_batch_size=16, causal=causal)
+    out, state, grads = _run(tri, "mlp", [a.float() for a in args], mini_batch_size=16, causal=causal,
+                             checkpoint_group=2)
+    _check("out", out, out_r, 3e-2)  # one bf16 rounding of every product's operands: ~1e-2 here
+    for n in state_r:
+        _check(f"state {n}", state[n], state_r[n], 3e-2)
+    for name, gt, gr in zip(_names("mlp"), grads, grads_r):
+        _check(f"grad {name}", gt, gr, 3e-2)
 
 
 @pytest.mark.skipif(CUDA, reason="float32 at head dim 128 is the PyTorch path on GPUs; see the 16-bit CUDA test")

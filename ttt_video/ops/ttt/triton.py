@@ -15,8 +15,8 @@ the hidden dim over several programs per chain, and its backward runs each mini-
 half (which needs no adjoint) on a second program per chain, ahead of the one carrying the
 adjoint. State, LayerNorm and gelu math are float32; matrix products accumulate in float32 from
 bf16-rounded operands for 16-bit inputs (tf32 for float32), and with those the gelu's tanh is the
-GPU's approximate instruction; what the MLP backward keeps in memory only as products' operands (the
-recomputed W1 and W2, the largest parts the queries' half leaves the keys' half) it then keeps in bf16.
+GPU's approximate instruction; with those the MLP backward also keeps in bf16 the recomputed W1 and W2
+(only products' operands) and the largest parts the queries' half leaves the keys' half.
 """
 
 import ctypes
