@@ -16,8 +16,9 @@ def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hid
     W2 in bfloat16 where the products are, as they are only products' operands, b1 and b2 float32), what
     the queries' half leaves the keys' half (float32 slots; `_par_offsets` in triton.py: one mini-batch's
     worth per recomputed state at two programs, else one; its four largest parts in bfloat16 where the
-    products are), and float32 step scratch: the keys' half's (a `[mini-batch, hidden]` partial dZ1 and
-    the `[mini-batch, head dim]` target), then the state the recompute steps (W1, b1, W2, b2)."""
+    products are), and step scratch in float32 slots: the keys' half's (a `[mini-batch, hidden]` partial
+    dZ1, bfloat16 where the products are, and the `[mini-batch, head dim]` target), then the float32
+    state the recompute steps (W1, b1, W2, b2)."""
     bs, D, F = mini_batch_size, head_dim, hidden
     slots = programs * group if programs > 1 else 1
     low = 2 * bs * F + 2 * D * F

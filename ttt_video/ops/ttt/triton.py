@@ -551,9 +551,9 @@ def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr, LP: tl.cons
 
 
 @triton.jit
-def _par_low(par_ptr, LP: tl.constexpr):
-    """The pointer to the low-precision part of `_par_offsets`."""
-    return par_ptr.to(tl.pointer_type(tl.bfloat16 if LP else tl.float32), bitcast=True)
+def _low_ptr(ptr, LP: tl.constexpr):
+    """A float32 pointer as one to the products' precision (bfloat16 where LP)."""
+    return ptr.to(tl.pointer_type(tl.bfloat16 if LP else tl.float32), bitcast=True)
 
 
 @triton.jit
@@ -610,7 +610,7 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     dzq2 = _operand(dzq2, LP)
     dq = do
     ds1 = tl.zeros([BS, BS], dtype=tl.float32)
-    low_ptr = _par_low(par_ptr, LP)
+    low_ptr = _low_ptr(par_ptr, LP)
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
@@ -637,8 +637,9 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     `par_ptr`: the adjoint at dw*_ptr moves from the state after the mini-batch to the state before
     it (at w*_ptr, loaded with cache modifier CM). Returns dk, dv, deta and the inner LayerNorm's
     weight and bias gradients.
-    `scr_ptr` holds a `[BS, F]` partial dZ1 between the two passes over the hidden dim, then the
-    target `[BS, D]`, parked there instead of held in registers through the first pass."""
+    `scr_ptr` holds a `[BS, F]` partial dZ1 between the two passes over the hidden dim (in the products'
+    precision: it feeds products and the float32 b1 sum), then, at float32 slot BS * F, the target
+    `[BS, D]`, parked there instead of held in registers through the first pass."""
     fcols = tl.arange(0, FC)
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
@@ -652,7 +653,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     db2 = tl.load(db2_ptr + cols)[None, :]
     dg2 = tl.load(par_ptr + P_G2 + tile, cache_modifier=".cg") - db2
     dk = tl.load(par_ptr + P_DK + tile, cache_modifier=".cg")
-    low_ptr = _par_low(par_ptr, LP)
+    low_ptr = _low_ptr(par_ptr, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
@@ -666,7 +667,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
         dg2 -= _dot(x2, dw2, LP)
         dp = dg1 * gp
         dg2 += _dot(dp, w2, LP)
-        tl.store(scr_ptr + fofs + c, dg1 * p * gpp + dx2 * gp)
+        tl.store(_low_ptr(scr_ptr, LP) + fofs + c, dg1 * p * gpp + dx2 * gp)
         qw1, qb1, qw2 = _mlp_chunk(low_ptr + P_W1, par_ptr + P_B1, low_ptr + P_W2, c, cols, fcols, D, F, ".cg")
         _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + qw1, db1 + qb1, dw2 + qw2 + _dot(tl.trans(dp), g2, LP),
                          cols, fcols, D, F)
@@ -684,7 +685,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
-        dz1 = tl.load(scr_ptr + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
+        dz1 = tl.load(_low_ptr(scr_ptr, LP) + fofs + c) + _dot(dz2, tl.trans(w2), LP) * gp
         dk += _dot(dz1, tl.trans(w1), LP)
         _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + _dot(tl.trans(k), dz1, LP),
                          db1 + tl.sum(dz1, 0, keep_dims=True), dw2 + _dot(tl.trans(x2), dz2, LP), cols, fcols, D, F)
