@@ -109,13 +109,9 @@ def _check(name, got, ref, tol):
     assert _rel(got, ref) < tol, f"{name}: rel err {_rel(got, ref):.2e}"
 
 
-@pytest.mark.parametrize("kind", ["mlp", "linear"])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("T,mb", [(37, 16), (75, 32)])
-def test_matches_reference(monkeypatch, kind, causal, T, mb):
+def _assert_matches_reference(tri, kind, causal, T, mb):
     from ttt_video.ops.ttt import reference
 
-    tri = _kernels(monkeypatch)
     args = _inputs(kind, T, seed=T + causal)
     out_r, state_r, grads_r = _run(reference, kind, args, mini_batch_size=mb, causal=causal)
     args32 = [a.float().to(DEVICE) for a in args]
@@ -129,6 +125,22 @@ def test_matches_reference(monkeypatch, kind, causal, T, mb):
         _check(f"grad {name}", gt, gr, TOL)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("T,mb", [(37, 16), (75, 32)])
+def test_matches_reference(monkeypatch, kind, causal, T, mb):
+    _assert_matches_reference(_kernels(monkeypatch), kind, causal, T, mb)
+
+
+@pytest.mark.parametrize("primal", [False, True])
+@pytest.mark.parametrize("T,mb", [(37, 16), (75, 32)])
+def test_mlp_forward_forms_match_reference(monkeypatch, primal, T, mb):
+    """Both forms of the non-causal MLP forward (`_mlp_primal`), whichever warps the launch picks."""
+    tri = _kernels(monkeypatch)
+    monkeypatch.setattr(tri, "_mlp_primal", lambda causal, warps: primal)
+    _assert_matches_reference(tri, "mlp", False, T, mb)
+
+
 @pytest.mark.skipif(CUDA, reason="the CUDA tests run the bf16 builds themselves")
 @pytest.mark.parametrize("causal", [False, True])
 def test_mlp_bf16_product_builds_match_reference(monkeypatch, causal):
@@ -140,6 +152,7 @@ def test_mlp_bf16_product_builds_match_reference(monkeypatch, causal):
     monkeypatch.setattr(tri, "_tanh", _exact_tanh)
     monkeypatch.setattr(tri, "_operand", _rounded_operand)
     monkeypatch.setattr(tri, "_bf16_products", lambda q: True)
+    monkeypatch.setattr(tri, "_mlp_primal", lambda causal, warps: not causal)  # as the GPU's 4-warp builds
     args = _inputs("mlp", 37, seed=3)
     out_r, state_r, grads_r = _run(reference, "mlp", args, mini_batch_size=16, causal=causal)
     out, state, grads = _run(tri, "mlp", [a.float() for a in args], mini_batch_size=16, causal=causal,

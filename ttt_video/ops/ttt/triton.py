@@ -184,10 +184,13 @@ def _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D: tl.constexpr, CAUSAL: tl
     z = _dot(k, w, LP) + b  # [BS, D]
     xh, rstd, dy, dxh, gr = _inner_grad(z, v - k, lnw, lnb, D, eps)
     g = eta[:, None] * gr
-    zq = _dot(q, w, LP) + b - _dot(_scores(q, k, rows, CAUSAL, LP), g, LP)
-    xhq, rstdq = _ln(zq, D, eps)
+    if CAUSAL:  # dual form: row i sees the updates of rows <= i
+        zq = _dot(q, w, LP) + b - _dot(_scores(q, k, rows, CAUSAL, LP), g, LP)
     w = w - _dot(tl.trans(k), g, LP)
     b = b - tl.sum(g, 0, keep_dims=True)
+    if not CAUSAL:  # every row sees the whole update (v25)
+        zq = _dot(q, w, LP) + b
+    xhq, rstdq = _ln(zq, D, eps)
     return q + xhq * lnw + lnb, w, b
 
 
@@ -427,8 +430,9 @@ def _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n, t0, T, rows, cols, lnw, lnb, S: tl.co
 def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                     cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, eps, S: tl.constexpr,
                     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
-                    CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr):
-    """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
+                    CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr):
+    """PRIMAL (not CAUSAL only): the queries' output through the updated state (`_mlp_primal`), else the
+    dual form's scores. Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
     of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]`, with one barrier
     a mini-batch among the chain's S programs, which must all be resident at once; `ok_ptr` `[N * S]`
     gets 0 where a barrier timed out. After the barrier of mini-batch n, program s writes its BS / S
@@ -503,21 +507,27 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                     part += b2_old - _dot(tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0), g2, LP)
                 else:  # every row sums all of g2: the updated bias (v20)
                     part += b2
-            a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
-            s2 = tl.zeros([BS, BS], dtype=tl.float32)
+            if not PRIMAL:
+                a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
+                s2 = tl.zeros([BS, BS], dtype=tl.float32)
             for cc in range(c0, c0 + F // S, FC):
                 w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
                 x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
                 g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-                xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
-                part += _dot(xq, w2, LP)
-                s2 += _dot(xq, tl.trans(x2), LP)
-                tl.store(w1_ptr + cols[:, None] * F + (cc + fcols)[None, :], w1 - _dot(tl.trans(k), g1, LP))
-                tl.store(b1_ptr + cc + fcols[None, :], b1 - tl.sum(g1, 0, keep_dims=True))
-                tl.store(w2_ptr + (cc + fcols)[:, None] * D + cols[None, :], w2 - _dot(tl.trans(x2), g2, LP))
-            if CAUSAL:
-                s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
-            part -= _dot(s2, g2, LP)
+                if not PRIMAL:  # dual form: row i sees the updates of rows <= i (of all rows without CAUSAL)
+                    xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
+                    part += _dot(xq, w2, LP)
+                    s2 += _dot(xq, tl.trans(x2), LP)
+                w1 -= _dot(tl.trans(k), g1, LP)
+                b1 -= tl.sum(g1, 0, keep_dims=True)
+                w2 -= _dot(tl.trans(x2), g2, LP)
+                _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, cc, w1, b1, w2, cols, fcols, D, F)
+                if PRIMAL:  # every row sees the whole update: the queries through the updated chunk
+                    part += _dot(_gelu(_dot(q, w1, LP) + b1, LP), w2, LP)
+            if not PRIMAL:
+                if CAUSAL:
+                    s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
+                part -= _dot(s2, g2, LP)
             tl.debug_barrier()  # this step's state writes before the next step's reads
             if S > 1:
                 tl.store(xch_ptr + ((2 + n % 2) * S + s) * BS * D + tile, part)
@@ -879,6 +889,15 @@ def _launch_options(mlp, D, bs):
     return dict(num_warps=warps, num_stages=1 if mlp else 2)
 
 
+def _mlp_primal(causal, warps):
+    """Whether the MLP forward forms a non-causal mini-batch's output through the updated state (every
+    row sees the whole mini-batch's update), which takes two of its eight products a hidden chunk, the
+    scores and their accumulator (v25). Only in the 4-warp builds: on Triton 3.6 its 16-warp build
+    (mini-batch 128) leaves a wrong final state and its 8-warp build at 16-unit chunks (head dim 32)
+    reads out of bounds on an H100, where the dual form's builds are right (NOTES.md)."""
+    return not causal and warps == 4
+
+
 def _bf16_products(q):
     """Round matrix-product operands to bfloat16 for 16-bit activations (state stays float32)."""
     return q.is_cuda and q.dtype != torch.float32
@@ -988,11 +1007,13 @@ class _TTT(torch.autograd.Function):
             F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
-                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,), **opts)), False)
+                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,),
+                                       PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
             xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, **common)
+            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F,
+                    PRIMAL=_mlp_primal(causal, common["num_warps"]), **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
