@@ -134,8 +134,8 @@ def test_matches_reference(monkeypatch, kind, causal, T, mb):
 
 @pytest.mark.parametrize("primal", [False, True])
 @pytest.mark.parametrize("T,mb", [(37, 16), (75, 32)])
-def test_mlp_forward_forms_match_reference(monkeypatch, primal, T, mb):
-    """Both forms of the non-causal MLP forward (`_mlp_primal`), whichever warps the launch picks."""
+def test_mlp_forms_match_reference(monkeypatch, primal, T, mb):
+    """Both forms of the non-causal MLP kernels (`_mlp_primal`), whichever warps the launch picks."""
     tri = _kernels(monkeypatch)
     monkeypatch.setattr(tri, "_mlp_primal", lambda causal, warps: primal)
     _assert_matches_reference(tri, "mlp", False, T, mb)

@@ -11,8 +11,9 @@ def mlp_backward_padding(length):
 
 def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hidden, low_precision):
     """Shapes of the TTT-MLP backward's scratch for `programs` per chain (1 or 2) and checkpoint groups of
-    `group` mini-batches, where `low_precision` says the products are bfloat16: the recomputed states (two
-    groups in flight at two programs a chain; the leading dims, each inner weight's shape follows; W1 and
+    `group` mini-batches, where `low_precision` says the products are bfloat16: the recomputed states (group + 1
+    a group, the states before its mini-batches and the one after them; two groups in flight at two programs
+    a chain; the leading dims, each inner weight's shape follows; W1 and
     W2 in bfloat16 where the products are, as they are only products' operands, b1 and b2 float32), what
     the queries' half leaves the keys' half (float32 slots; `_par_offsets` in triton.py: one mini-batch's
     worth per recomputed state at two programs, else one; its four largest parts in bfloat16 where the
@@ -23,4 +24,4 @@ def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hid
     slots = programs * group if programs > 1 else 1
     low = 2 * bs * F + 2 * D * F
     par = (low // 2 if low_precision else low) + F + D + 3 * bs * D
-    return (chains, programs * group), (chains, slots, par), (chains, bs * (F + D) + 2 * D * F + F + D)
+    return (chains, programs * (group + 1)), (chains, slots, par), (chains, bs * (F + D) + 2 * D * F + F + D)

@@ -640,13 +640,57 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 
 
 @triton.jit
+def _mlp_bwd_queries_primal(q, k, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, rows, cols,
+                            D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr,
+                            eps):
+    """`_mlp_bwd_queries` where every row sees the whole mini-batch's update (`_mlp_primal`): the output
+    is the updated state's MLP of q, so the query path reaches the update only through that state, at
+    the next slot (w*_ptr plus one state). Leaves in `par_ptr` Z2 and this half's part of the adjoint
+    of the state after the mini-batch (the gradient parts at G1, X2, G2 and k are zero)."""
+    fcols = tl.arange(0, FC)
+    tile = rows[:, None] * D + cols[None, :]
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
+    u1_ptr = w1_ptr + D * F
+    ub1_ptr = b1_ptr + F
+    u2_ptr = w2_ptr + F * D
+    k = _operand(k, LP)
+    q = _operand(q, LP)
+    z2 = tl.zeros([BS, D], dtype=tl.float32) + tl.load(b2_ptr + cols)[None, :]
+    zq2 = tl.zeros([BS, D], dtype=tl.float32) + tl.load(b2_ptr + D + cols)[None, :]
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
+        z2 += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
+        w1, b1, w2 = _mlp_chunk(u1_ptr, ub1_ptr, u2_ptr, c, cols, fcols, D, F, "")
+        zq2 += _dot(_gelu(_dot(q, w1, LP) + b1, LP), w2, LP)
+    tl.store(par_ptr + P_Z2 + tile, z2)
+    xhq, rstdq = _ln(zq2, D, eps)
+    dlnw = tl.sum(do * xhq, 0)
+    dlnb = tl.sum(do, 0)
+    dzq2 = _ln_bwd(do * lnw, xhq, rstdq, D)  # [BS, D]
+    tl.store(par_ptr + P_B2 + cols[None, :], tl.sum(dzq2, 0, keep_dims=True))
+    dzq2 = _operand(dzq2, LP)
+    dq = do
+    low_ptr = _low_ptr(par_ptr, LP)
+    for c in range(0, F, FC):
+        w1, b1, w2 = _mlp_chunk(u1_ptr, ub1_ptr, u2_ptr, c, cols, fcols, D, F, "")
+        xq, gpq = _gelu_d(_dot(q, w1, LP) + b1, LP)
+        dzq1 = _dot(dzq2, tl.trans(w2), LP) * gpq  # [BS, FC]
+        dq += _dot(dzq1, tl.trans(w1), LP)
+        _mlp_store_chunk(low_ptr + P_W1, par_ptr + P_B1, low_ptr + P_W2, c, _dot(tl.trans(q), dzq1, LP),
+                         tl.sum(dzq1, 0, keep_dims=True), _dot(tl.trans(xq), dzq2, LP), cols, fcols, D, F)
+    return dq, dlnw, dlnb
+
+
+@triton.jit
 def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr,
                   scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                  LP: tl.constexpr, CM: tl.constexpr, eps):
+                  LP: tl.constexpr, CM: tl.constexpr, PRIMAL: tl.constexpr, eps):
     """The keys' half of reverse mode through one mini-batch, with the queries' half's results at
     `par_ptr`: the adjoint at dw*_ptr moves from the state after the mini-batch to the state before
-    it (at w*_ptr, loaded with cache modifier CM). Returns dk, dv, deta and the inner LayerNorm's
-    weight and bias gradients.
+    it (at w*_ptr, loaded with cache modifier CM). The queries' part of the adjoint is of the state
+    before (the dual form) or, with PRIMAL, of the state after, which the reverse step then carries
+    whole (`_mlp_bwd_queries_primal`). Returns dk, dv, deta and the inner LayerNorm's weight and bias
+    gradients.
     `scr_ptr` holds a `[BS, F]` partial dZ1 between the two passes over the hidden dim (in the products'
     precision: it feeds products and the float32 b1 sum), then, at float32 slot BS * F, the target
     `[BS, D]`, parked there instead of held in registers through the first pass."""
@@ -661,33 +705,50 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
                                         D, eps)
     g2 = _operand(eta * gr, LP)  # [BS, D]
     db2 = tl.load(db2_ptr + cols)[None, :]
-    dg2 = tl.load(par_ptr + P_G2 + tile, cache_modifier=".cg") - db2
-    dk = tl.load(par_ptr + P_DK + tile, cache_modifier=".cg")
+    if PRIMAL:
+        db2 += tl.load(par_ptr + P_B2 + cols[None, :], cache_modifier=".cg")
+        dg2 = tl.zeros([BS, D], dtype=tl.float32) - db2
+        dk = tl.zeros([BS, D], dtype=tl.float32)
+    else:
+        dg2 = tl.load(par_ptr + P_G2 + tile, cache_modifier=".cg") - db2
+        dk = tl.load(par_ptr + P_DK + tile, cache_modifier=".cg")
     low_ptr = _low_ptr(par_ptr, LP)
     tl.debug_barrier()
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
+        qw1, qb1, qw2 = _mlp_chunk(low_ptr + P_W1, par_ptr + P_B1, low_ptr + P_W2, c, cols, fcols, D, F, ".cg")
+        if PRIMAL:
+            dw1 += qw1
+            db1 += qb1
+            dw2 += qw2
         x2, gp, gpp = _gelu_parts(_dot(k, w1, LP) + b1, LP)
         p = _dot(g2, tl.trans(w2), LP)
         g1 = p * gp
-        dg1 = tl.load(low_ptr + fofs + c, cache_modifier=".cg") - _dot(k, dw1, LP) - db1
+        dg1 = -_dot(k, dw1, LP) - db1
+        dx2 = -_dot(g2, tl.trans(dw2), LP)
+        if not PRIMAL:
+            dg1 += tl.load(low_ptr + fofs + c, cache_modifier=".cg")
+            dx2 += tl.load(low_ptr + P_X2 + fofs + c, cache_modifier=".cg")
         dk -= _dot(g1, tl.trans(dw1), LP)
-        dx2 = tl.load(low_ptr + P_X2 + fofs + c, cache_modifier=".cg") - _dot(g2, tl.trans(dw2), LP)
         dg2 -= _dot(x2, dw2, LP)
         dp = dg1 * gp
         dg2 += _dot(dp, w2, LP)
         tl.store(_low_ptr(scr_ptr, LP) + fofs + c, dg1 * p * gpp + dx2 * gp)
-        qw1, qb1, qw2 = _mlp_chunk(low_ptr + P_W1, par_ptr + P_B1, low_ptr + P_W2, c, cols, fcols, D, F, ".cg")
-        _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1 + qw1, db1 + qb1, dw2 + qw2 + _dot(tl.trans(dp), g2, LP),
-                         cols, fcols, D, F)
+        if not PRIMAL:
+            dw1 += qw1
+            db1 += qb1
+            dw2 += qw2
+        _mlp_store_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, dw1, db1, dw2 + _dot(tl.trans(dp), g2, LP), cols, fcols, D, F)
     # reverse mode of the inner gradient, then the key path
     tl.debug_barrier()
     xh, rstd, dy, dxh, gr = _inner_grad(tl.load(par_ptr + P_Z2 + tile, cache_modifier=".cg"),
                                         tl.load(scr_ptr + BS * F + tile), lnw, lnb, D, eps)
     deta = tl.sum(dg2 * gr, 1)
     dz2, d_dy, dlnw, dlnb = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
-    db2 += tl.load(par_ptr + P_B2 + cols[None, :], cache_modifier=".cg") + tl.sum(dz2, 0, keep_dims=True)
+    if not PRIMAL:
+        db2 += tl.load(par_ptr + P_B2 + cols[None, :], cache_modifier=".cg")
+    db2 += tl.sum(dz2, 0, keep_dims=True)
     tl.store(db2_ptr + cols[None, :], db2)
     dz2 = _operand(dz2, LP)
     tl.debug_barrier()
@@ -706,9 +767,9 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
 def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,
                       run_ptr, n0, L, T, lnw, lnb, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
                       BS: tl.constexpr, LP: tl.constexpr, eps):
-    """The states before each of a checkpoint group's L mini-batches (from mini-batch n0), from its
-    checkpoint at cw*_ptr into the scratch at sw*_ptr, stepping a float32 copy at run_ptr (W1, b1, W2,
-    b2 one after another)."""
+    """The states before each of L steps from mini-batch n0 on and the one after them (L + 1 states), from
+    the checkpoint at cw*_ptr into the scratch at sw*_ptr, stepping a float32 copy at run_ptr (W1, b1,
+    W2, b2 one after another)."""
     rw1_ptr = run_ptr
     rb1_ptr = rw1_ptr + D * F
     rw2_ptr = rb1_ptr + F
@@ -716,7 +777,7 @@ def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
     tl.debug_barrier()
     _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, cols, D, F, FC)
     _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
-    for j in range(0, L - 1):
+    for j in range(0, L):
         t0 = (n0 + j) * BS
         k = _load_rows(k_ptr, t0, T, rows, cols, D)
         v = _load_rows(v_ptr, t0, T, rows, cols, D)
@@ -749,8 +810,10 @@ def _add_rows(a_ptr, b_ptr, a, b, cols):
 @triton.jit(noinline=True)
 def _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, lnb_ptr, dlnw_ptr, dlnb_ptr,
                         w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, t0, T, D: tl.constexpr, F: tl.constexpr,
-                        FC: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, eps):
-    """`_mlp_bwd_queries` on the mini-batch at token t0: dq stored, the LayerNorm gradients added at
+                        FC: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr,
+                        PRIMAL: tl.constexpr, eps):
+    """`_mlp_bwd_queries` (`_mlp_bwd_queries_primal` where PRIMAL) on the mini-batch at token t0: dq
+    stored, the LayerNorm gradients added at
     dlnw_ptr / dlnb_ptr. A function of its own in the compiled code (not inlined), as is
     `_mlp_bwd_keys_at`: ptxas then allocates each half's registers apart, and the backward's speed
     no longer rests on how it allocates the whole kernel (NOTES.md, v21)."""
@@ -758,8 +821,12 @@ def _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     q = _load_rows(q_ptr, t0, T, rows, cols, D)
     do = _load_rows(do_ptr, t0, T, rows, cols, D)
     tl.debug_barrier()
-    dq, dlnw, dlnb = _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, rows,
-                                      cols, D, F, FC, BS, CAUSAL, LP, eps)
+    if PRIMAL:
+        dq, dlnw, dlnb = _mlp_bwd_queries_primal(q, k, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr, rows,
+                                                 cols, D, F, FC, BS, LP, eps)
+    else:
+        dq, dlnw, dlnb = _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, par_ptr,
+                                          rows, cols, D, F, FC, BS, CAUSAL, LP, eps)
     _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
     _add_rows(dlnw_ptr, dlnb_ptr, dlnw, dlnb, cols)
 
@@ -768,13 +835,14 @@ def _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
 def _mlp_bwd_keys_at(k_ptr, v_ptr, eta_ptr, dk_ptr, dv_ptr, deta_ptr, lnw_ptr, lnb_ptr, dlnw_ptr, dlnb_ptr,
                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr, t0, T,
                      D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr,
-                     CM: tl.constexpr, eps):
+                     CM: tl.constexpr, PRIMAL: tl.constexpr, eps):
     """`_mlp_bwd_keys` on the mini-batch at token t0: dk, dv, deta stored, the LayerNorm gradients
     added at dlnw_ptr / dlnb_ptr; not inlined (`_mlp_bwd_queries_at`)."""
     rows, cols, lnw, lnb, k, v, eta = _mlp_bwd_rows(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, t0, T, D, BS)
     tl.debug_barrier()
     dk, dv, deta, dlnw, dlnb = _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr,
-                                             dw2_ptr, db2_ptr, par_ptr, scr_ptr, rows, cols, D, F, FC, BS, LP, CM, eps)
+                                             dw2_ptr, db2_ptr, par_ptr, scr_ptr, rows, cols, D, F, FC, BS, LP, CM,
+                                             PRIMAL, eps)
     _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
     _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
     tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
@@ -786,15 +854,16 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                     sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr,
                     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, cnt_ptr, ok_ptr, T, H, NG, eps,
                     S: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                    G: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr):
-    """Reverse mode through the groups, newest first: the group's states are recomputed into the
+                    G: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr):
+    """Reverse mode through the groups, newest first: the group's states (G + 1 slots a group: with
+    PRIMAL the queries' half reads the state after its mini-batch too) are recomputed into the
     scratch at sw*_ptr, then each mini-batch, newest first, runs its queries' half (`_mlp_bwd_queries`)
     and its keys' half (`_mlp_bwd_keys`). At S = 1 one program per chain does all of it. At S = 2
     program (chain, 1) recomputes the states and runs the queries' halves, ahead of program
     (chain, 0), which runs the keys' halves: they keep two groups of states and of the queries'
-    results in flight (scratch `[N, S * G, ...]`), ordered by two counters a chain (`cnt_ptr`
-    `[N, 2]`: groups freed by the keys' half, mini-batches done by the queries' half); both programs
-    must be resident at once, and `ok_ptr` `[N * S]` gets 0 where a wait timed out."""
+    results in flight (scratch `[N, S * (G + 1), ...]` and `[N, S * G, ...]`), ordered by two counters
+    a chain (`cnt_ptr` `[N, 2]`: groups freed by the keys' half, mini-batches done by the queries' half);
+    both programs must be resident at once, and `ok_ptr` `[N * S]` gets 0 where a wait timed out."""
     pid = tl.program_id(0).to(tl.int64)
     chain = pid // S
     role = pid % S
@@ -810,10 +879,10 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     db1_ptr += chain * F
     dw2_ptr += chain * F * D
     db2_ptr += chain * D
-    sw1_ptr += chain * S * G * D * F
-    sb1_ptr += chain * S * G * F
-    sw2_ptr += chain * S * G * F * D
-    sb2_ptr += chain * S * G * D
+    sw1_ptr += chain * S * (G + 1) * D * F
+    sb1_ptr += chain * S * (G + 1) * F
+    sw2_ptr += chain * S * (G + 1) * F * D
+    sb2_ptr += chain * S * (G + 1) * D
     par_ptr += chain * (S * G if S > 1 else 1) * P_END
     scr_ptr += chain * (BS * (F + D) + 2 * D * F + F + D)
     q_ptr += chain * T * D
@@ -833,7 +902,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     for gi in range(0, NG):
         n0 = (NG - 1 - gi) * G
         L = tl.minimum(G, NM - n0)
-        slot = (gi % S) * G
+        slot = (gi % S) * (G + 1)
         if role == S - 1:
             if S > 1:
                 if gi >= S:  # the keys' half is done with the group that last used this slot
@@ -841,17 +910,18 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
             c = chain * NG + NG - 1 - gi
             _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr + c * D * F, cb1_ptr + c * F, cw2_ptr + c * F * D,
                               cb2_ptr + c * D, sw1_ptr + slot * D * F, sb1_ptr + slot * F, sw2_ptr + slot * F * D,
-                              sb2_ptr + slot * D, scr_ptr + BS * (F + D), n0, L, T, lnw, lnb, rows, cols, D, F, FC,
-                              BS, LP, eps)
+                              sb2_ptr + slot * D, scr_ptr + BS * (F + D), n0, L if PRIMAL else L - 1, T, lnw, lnb,
+                              rows, cols, D, F, FC, BS, LP, eps)
         for jj in range(0, L):
             j = L - 1 - jj
             t0 = (n0 + j) * BS
             at = slot + j
-            par_j = par_ptr + (at if S > 1 else 0) * P_END
+            par_j = par_ptr + ((gi % S) * G + j if S > 1 else 0) * P_END
             if role == S - 1:
                 _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr + h * D, lnb_ptr + h * D,
                                     dlnw_ptr + pid * D, dlnb_ptr + pid * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
-                                    sw2_ptr + at * F * D, sb2_ptr + at * D, par_j, t0, T, D, F, FC, BS, CAUSAL, LP, eps)
+                                    sw2_ptr + at * F * D, sb2_ptr + at * D, par_j, t0, T, D, F, FC, BS, CAUSAL, LP,
+                                    PRIMAL, eps)
                 if S > 1:
                     _signal(done_ptr)
             if role == 0:
@@ -860,7 +930,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                 _mlp_bwd_keys_at(k_ptr, v_ptr, eta_ptr, dk_ptr, dv_ptr, deta_ptr, lnw_ptr + h * D, lnb_ptr + h * D,
                                  dlnw_ptr + pid * D, dlnb_ptr + pid * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
                                  sw2_ptr + at * F * D, sb2_ptr + at * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_j,
-                                 scr_ptr, t0, T, D, F, FC, BS, LP, ".cg" if S > 1 else "", eps)
+                                 scr_ptr, t0, T, D, F, FC, BS, LP, ".cg" if S > 1 else "", PRIMAL, eps)
         if S > 1:
             if role == 0:
                 _signal(freed_ptr)
@@ -1047,7 +1117,8 @@ class _TTT(torch.autograd.Function):
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
             S, common = _mlp_launch(N, q, ("backward", D), common, (2, 2), lambda opts: lambda f, i: (
                 _mlp_bwd_kernel.warmup(*head, f.to(low), f, f.to(low), f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T,
-                                       H, NG, eps, S=2, F=F, grid=(1,), **opts)), True)
+                                       H, NG, eps, S=2, F=F, grid=(1,), PRIMAL=_mlp_primal(causal, opts["num_warps"]),
+                                       **opts)), True)
             states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F, common["LP"])
             scratch = [c.new_empty((*states, *c.shape[2:]), dtype=low if name in ("w1", "w2") else torch.float32)
                        for name, c in zip(MLP_KEYS, ckpt)]
@@ -1057,7 +1128,7 @@ class _TTT(torch.autograd.Function):
             cnt = torch.zeros((N, 2), dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             _launch(_mlp_bwd_kernel, (N * S,), *head, *scratch, *carry, par, scr, dq, dk, dv, deta, dlnw, dlnb, cnt,
-                    ok, T, H, NG, eps, S=S, F=F, **common)
+                    ok, T, H, NG, eps, S=S, F=F, PRIMAL=_mlp_primal(causal, common["num_warps"]), **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError("TTT-MLP backward: the 2 programs of a chain were not resident together")
         else:
