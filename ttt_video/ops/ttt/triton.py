@@ -4,6 +4,8 @@ Layout: q, k, v `[B, H, T, D]`; eta `[B, H, T]`; inside, chains `N = B * H`, tok
 and inner state in float32 `[N, ...]`. Semantics are those of `reference.py`, computed in the
 dual form of `torch.py`: with `G` the eta-scaled inner gradient at a mini-batch's pre-activations,
     Z_q = Q W + b - (M * (Q X^T + 1)) G,   W' = W - X^T G,   b' = b - sum(G).
+Without the causal mask M that is Z_q = Q W' + b', which TTT-Linear's forward and the 4-warp builds
+of TTT-MLP compute instead (the primal form: fewer products; `_mlp_primal`).
 
 Forward walks the mini-batches and stores the inner state at every `checkpoint_group`-th
 mini-batch border. Backward walks the groups in reverse: it recomputes the states inside a group
