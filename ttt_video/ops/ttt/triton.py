@@ -433,12 +433,12 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                     cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, eps, S: tl.constexpr,
                     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
                     CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr):
-    """PRIMAL (not CAUSAL only): the queries' output through the updated state (`_mlp_primal`), else the
-    dual form's scores. Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
+    """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
     of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]`, with one barrier
     a mini-batch among the chain's S programs, which must all be resident at once; `ok_ptr` `[N * S]`
     gets 0 where a barrier timed out. After the barrier of mini-batch n, program s writes its BS / S
-    rows of mini-batch n - 1's output. At S = 1 the sums stay in registers."""
+    rows of mini-batch n - 1's output. At S = 1 the sums stay in registers. PRIMAL (not CAUSAL only):
+    the queries' output through the updated state (`_mlp_primal`), else the dual form's scores."""
     pid = tl.program_id(0).to(tl.int64)
     chain = pid // S
     s = pid % S
