@@ -3,12 +3,12 @@
 Layout: q, k, v `[B, H, T, D]`; eta `[B, H, T]`; state tensors `[B*H, ...]` inside.
 Inner weights and arithmetic are float32 for any activation dtype (float64 stays float64).
 
-One mini-batch in closed ("dual") form. With G the eta-scaled gradient of the inner loss
-at each token's pre-activation, the update is W' = W - X^T G, b' = b - sum(G), and the
-query's pre-activation under the updated weights is
-    Z_q = Q W + b - (M * (Q X^T + 1)) G
-where M is all ones (non-causal: every token sees the whole mini-batch's update) or the
-lower triangle (causal: token t sees the updates of tokens s <= t).
+One mini-batch in closed form. With G the eta-scaled gradient of the inner loss at each
+token's pre-activation, the update is W' = W - X^T G, b' = b - sum(G). Non-causal, every
+token sees the whole mini-batch's update: the queries go through the updated weights,
+Z_q = Q W' + b'. Causal, token t sees the updates of tokens s <= t (M the lower triangle),
+in the dual form
+    Z_q = Q W + b - (M * (Q X^T + 1)) G.
 
 Training memory: the scan runs in groups of `checkpoint_group` mini-batches under
 activation checkpointing, so only the inner state at group borders is kept.
@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .reference import inner_model
 
 MLP_KEYS = ("w1", "b1", "w2", "b2")
 LINEAR_KEYS = ("w1", "b1")
@@ -46,7 +48,8 @@ def _gelu_tanh_grad(z):
 
 
 def _minibatch(state, q, k, v, eta, ln_w, ln_b, eps, mask):
-    """q, k, v `[N, b, D]`, eta `[N, b, 1]`, ln `[N, 1, D]`, mask `[b, b]`; returns out, new state."""
+    """q, k, v `[N, b, D]`, eta `[N, b, 1]`, ln `[N, 1, D]`, causal mask `[b, b]` (None: non-causal);
+    returns out, new state."""
     mlp = "w2" in state
     w1, b1 = state["w1"], state["b1"]
     z1 = k @ w1 + b1  # [N, b, D1]
@@ -58,18 +61,22 @@ def _minibatch(state, q, k, v, eta, ln_w, ln_b, eps, mask):
     y, xhat, rstd = _ln_fwd(z2, ln_w, ln_b, eps)
     g2 = eta * _ln_bwd(y - (v - k), xhat, rstd, ln_w)  # [N, b, D]
 
-    ones = torch.ones_like(mask)
     if mlp:
         g1 = (g2 @ state["w2"].transpose(-1, -2)) * _gelu_tanh_grad(z1)  # [N, b, D1]
     else:
         g1 = g2
-    zq = q @ w1 + b1 - (mask * (q @ k.transpose(-1, -2) + ones)) @ g1
     new = {"w1": w1 - k.transpose(-1, -2) @ g1, "b1": b1 - g1.sum(-2, keepdim=True)}
     if mlp:
-        xq = F.gelu(zq, approximate="tanh")
-        zq = xq @ state["w2"] + state["b2"] - (mask * (xq @ x2.transpose(-1, -2) + ones)) @ g2
         new["w2"] = state["w2"] - x2.transpose(-1, -2) @ g2
         new["b2"] = state["b2"] - g2.sum(-2, keepdim=True)
+    if mask is None:
+        zq = inner_model(new, q)
+    else:
+        ones = torch.ones_like(mask)
+        zq = q @ w1 + b1 - (mask * (q @ k.transpose(-1, -2) + ones)) @ g1
+        if mlp:
+            xq = F.gelu(zq, approximate="tanh")
+            zq = xq @ state["w2"] + state["b2"] - (mask * (xq @ x2.transpose(-1, -2) + ones)) @ g2
     out, _, _ = _ln_fwd(zq, ln_w, ln_b, eps)
     return q + out, new
 
@@ -78,9 +85,7 @@ def _scan(keys, q, k, v, eta, ln_w, ln_b, eps, causal, *state):
     """Sequential scan over mini-batches: q, k, v `[N, n, b, D]`, eta `[N, n, b, 1]`."""
     state = dict(zip(keys, state))
     b = q.shape[2]
-    mask = torch.ones(b, b, device=q.device, dtype=q.dtype)
-    if causal:
-        mask = torch.tril(mask)
+    mask = torch.tril(torch.ones(b, b, device=q.device, dtype=q.dtype)) if causal else None
     outs = []
     for i in range(q.shape[1]):
         o, state = _minibatch(state, q[:, i], k[:, i], v[:, i], eta[:, i], ln_w, ln_b, eps, mask)
