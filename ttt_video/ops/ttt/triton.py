@@ -815,10 +815,9 @@ def _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
                         FC: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr,
                         PRIMAL: tl.constexpr, eps):
     """`_mlp_bwd_queries` (`_mlp_bwd_queries_primal` where PRIMAL) on the mini-batch at token t0: dq
-    stored, the LayerNorm gradients added at
-    dlnw_ptr / dlnb_ptr. A function of its own in the compiled code (not inlined), as is
-    `_mlp_bwd_keys_at`: ptxas then allocates each half's registers apart, and the backward's speed
-    no longer rests on how it allocates the whole kernel (NOTES.md, v21)."""
+    stored, the LayerNorm gradients added at dlnw_ptr / dlnb_ptr. A function of its own in the compiled
+    code (not inlined), as is `_mlp_bwd_keys_at`: ptxas then allocates each half's registers apart, and
+    the backward's speed no longer rests on how it allocates the whole kernel (NOTES.md, v21)."""
     rows, cols, lnw, lnb, k, v, eta = _mlp_bwd_rows(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, t0, T, D, BS)
     q = _load_rows(q_ptr, t0, T, rows, cols, D)
     do = _load_rows(do_ptr, t0, T, rows, cols, D)
