@@ -249,7 +249,6 @@ def test_mlp_hidden_chunks_follow_the_launch_warps():
     assert (S, opts["num_warps"], opts["FC"]) == (1, 8, 64)  # one program a chain where programs run in turn
 
 
-
 @pytest.mark.parametrize("fast", [False, True] if CUDA else [False])
 def test_gelu_parts_are_the_tanh_gelu_and_its_derivatives(fast):
     """The kernels' GELU value, first and second derivative against autograd of PyTorch's tanh GELU;
