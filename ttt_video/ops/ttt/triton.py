@@ -342,13 +342,17 @@ def _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D: tl.c
 
 
 @triton.jit
-def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, ow1_ptr, ob1_ptr, ow2_ptr, ob2_ptr, cols,
-              D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
+def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, aw1_ptr, ab1_ptr, aw2_ptr, ab2_ptr, bw1_ptr, bb1_ptr, bw2_ptr, bb2_ptr,
+              cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
+    """A state copied to two places, loaded once."""
     fcols = tl.arange(0, FC)
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
-        _mlp_store_chunk(ow1_ptr, ob1_ptr, ow2_ptr, c, w1, b1, w2, cols, fcols, D, F)
-    tl.store(ob2_ptr + cols, tl.load(b2_ptr + cols))
+        _mlp_store_chunk(aw1_ptr, ab1_ptr, aw2_ptr, c, w1, b1, w2, cols, fcols, D, F)
+        _mlp_store_chunk(bw1_ptr, bb1_ptr, bw2_ptr, c, w1, b1, w2, cols, fcols, D, F)
+    b2 = tl.load(b2_ptr + cols)
+    tl.store(ab2_ptr + cols, b2)
+    tl.store(bb2_ptr + cols, b2)
 
 
 @triton.jit
@@ -777,8 +781,8 @@ def _mlp_group_states(k_ptr, v_ptr, eta_ptr, cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr,
     rw2_ptr = rb1_ptr + F
     rb2_ptr = rw2_ptr + F * D
     tl.debug_barrier()
-    _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, cols, D, F, FC)
-    _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, cols, D, F, FC)
+    _mlp_copy(cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, sw1_ptr, sb1_ptr, sw2_ptr,
+              sb2_ptr, cols, D, F, FC)
     for j in range(0, L):
         t0 = (n0 + j) * BS
         k = _load_rows(k_ptr, t0, T, rows, cols, D)
