@@ -344,7 +344,8 @@ def _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D: tl.c
 @triton.jit
 def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, aw1_ptr, ab1_ptr, aw2_ptr, ab2_ptr, bw1_ptr, bb1_ptr, bw2_ptr, bb2_ptr,
               cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
-    """A state copied to two places, loaded once."""
+    """The state at w*_ptr and b2_ptr copied to a*_ptr and b*_ptr (each store casts to its buffer's
+    dtype), loaded once."""
     fcols = tl.arange(0, FC)
     for c in range(0, F, FC):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, "")
