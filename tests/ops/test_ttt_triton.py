@@ -239,7 +239,8 @@ def test_supports_and_errors():
 def test_mlp_hidden_chunks_follow_the_launch_warps():
     """Hidden chunks of D / 2 (at least 16), but a backward of more than 4 warps never below 64 units
     (at most D): its 32-unit builds read shared memory out of bounds on an H100 (8 warps at head dim
-    64, 16 warps at mini-batch 128). The launch options carry the chunk chosen for their warps."""
+    64, 16 warps at mini-batch 128). The launch options carry the chunk chosen for their warps, and
+    the backward's the stages of its keys' second pass."""
     chunk = _module()._mlp_chunk_size
     assert [chunk(d, 4, True) for d in (16, 32, 64, 128)] == [16, 16, 32, 64]
     assert [chunk(d, w, True) for d, w in ((16, 8), (32, 8), (64, 8), (64, 16), (128, 8))] == [16, 32, 64, 64, 64]
@@ -247,6 +248,8 @@ def test_mlp_hidden_chunks_follow_the_launch_warps():
     common = dict(D=64, BS=64, num_warps=8)
     S, opts = _module()._mlp_launch(4, torch.zeros(1), ("backward", 64), common, (2, 2), lambda opts: None, True)
     assert (S, opts["num_warps"], opts["FC"]) == (1, 8, 64)  # one program a chain where programs run in turn
+    # the backward's options carry the stages of its keys' second pass: pipelined in the 4-warp builds only
+    assert opts["KS"] == 1 and [_module()._mlp_keys_stages(w) for w in (4, 8, 16)] == [2, 1, 1]
 
 
 @pytest.mark.parametrize("fast", [False, True] if CUDA else [False])

@@ -691,7 +691,7 @@ def _mlp_bwd_queries_primal(q, k, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
 @triton.jit
 def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr,
                   scr_ptr, rows, cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                  LP: tl.constexpr, CM: tl.constexpr, PRIMAL: tl.constexpr, eps):
+                  LP: tl.constexpr, CM: tl.constexpr, PRIMAL: tl.constexpr, KS: tl.constexpr, eps):
     """The keys' half of reverse mode through one mini-batch, with the queries' half's results at
     `par_ptr`: the adjoint at dw*_ptr moves from the state after the mini-batch to the state before
     it (at w*_ptr, loaded with cache modifier CM). The queries' part of the adjoint is of the state
@@ -700,7 +700,8 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     gradients.
     `scr_ptr` holds a `[BS, F]` partial dZ1 between the two passes over the hidden dim (in the products'
     precision: it feeds products and the float32 b1 sum), then, at float32 slot BS * F, the target
-    `[BS, D]`, parked there instead of held in registers through the first pass."""
+    `[BS, D]`, parked there instead of held in registers through the first pass. KS software-pipelines
+    the second pass's loads (`_mlp_keys_stages`)."""
     fcols = tl.arange(0, FC)
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
@@ -759,7 +760,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     tl.store(db2_ptr + cols[None, :], db2)
     dz2 = _operand(dz2, LP)
     tl.debug_barrier()
-    for c in range(0, F, FC):
+    for c in tl.range(0, F, FC, num_stages=KS):
         w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D, F, CM)
         dw1, db1, dw2 = _mlp_chunk(dw1_ptr, db1_ptr, dw2_ptr, c, cols, fcols, D, F, "")
         x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
@@ -841,14 +842,14 @@ def _mlp_bwd_queries_at(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
 def _mlp_bwd_keys_at(k_ptr, v_ptr, eta_ptr, dk_ptr, dv_ptr, deta_ptr, lnw_ptr, lnb_ptr, dlnw_ptr, dlnb_ptr,
                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr, t0, T,
                      D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr,
-                     CM: tl.constexpr, PRIMAL: tl.constexpr, eps):
+                     CM: tl.constexpr, PRIMAL: tl.constexpr, KS: tl.constexpr, eps):
     """`_mlp_bwd_keys` on the mini-batch at token t0: dk, dv, deta stored, the LayerNorm gradients
     added at dlnw_ptr / dlnb_ptr; not inlined (`_mlp_bwd_queries_at`)."""
     rows, cols, lnw, lnb, k, v, eta = _mlp_bwd_rows(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, t0, T, D, BS)
     tl.debug_barrier()
     dk, dv, deta, dlnw, dlnb = _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, db1_ptr,
                                              dw2_ptr, db2_ptr, par_ptr, scr_ptr, rows, cols, D, F, FC, BS, LP, CM,
-                                             PRIMAL, eps)
+                                             PRIMAL, KS, eps)
     _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
     _store_rows(dv_ptr, dv, t0, T, rows, cols, D)
     tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
@@ -860,7 +861,8 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                     sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, scr_ptr,
                     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, cnt_ptr, ok_ptr, T, H, NG, eps,
                     S: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
-                    G: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr):
+                    G: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr,
+                    KS: tl.constexpr):
     """Reverse mode through the groups, newest first: the group's states (G + 1 slots a group: with
     PRIMAL the queries' half reads the state after its mini-batch too) are recomputed into the
     scratch at sw*_ptr, then each mini-batch, newest first, runs its queries' half (`_mlp_bwd_queries`)
@@ -936,7 +938,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                 _mlp_bwd_keys_at(k_ptr, v_ptr, eta_ptr, dk_ptr, dv_ptr, deta_ptr, lnw_ptr + h * D, lnb_ptr + h * D,
                                  dlnw_ptr + pid * D, dlnb_ptr + pid * D, sw1_ptr + at * D * F, sb1_ptr + at * F,
                                  sw2_ptr + at * F * D, sb2_ptr + at * D, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_j,
-                                 scr_ptr, t0, T, D, F, FC, BS, LP, ".cg" if S > 1 else "", PRIMAL, eps)
+                                 scr_ptr, t0, T, D, F, FC, BS, LP, ".cg" if S > 1 else "", PRIMAL, KS, eps)
         if S > 1:
             if role == 0:
                 _signal(freed_ptr)
@@ -955,8 +957,17 @@ def _mlp_chunk_size(D, warps, backward):
     return max(D // 2, 16)
 
 
+def _mlp_keys_stages(warps):
+    """Software-pipeline stages of the loop of the MLP backward keys' half's second pass: two in its
+    4-warp builds, whose chunk loads are otherwise on the step's critical path (v27: -6.5 % forward+
+    backward at 48 chains, 63 s; the build's shared memory 27 -> 62 KB). One in the 8- and 16-warp
+    builds, whose larger tiles it would multiply (not measured there)."""
+    return 2 if warps == 4 else 1
+
+
 def _launch_options(mlp, D, bs):
-    """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory.
+    """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory
+    (the one loop that is, the MLP backward keys' second pass, sets its own: `_mlp_keys_stages`).
     TTT-Linear at head dim 128 holds a 128 x 128 state (and its adjoint) in registers: 8 warps.
     TTT-MLP at mini-batch 128 needs 16: at 8 its compiled backward gave a wrong dk on an H100
     (relative error 0.5; correct in the interpreter, at 16 warps and with no recompute inside a
@@ -1002,14 +1013,16 @@ def _mlp_launch(N, q, key, common, most, warmup, backward):
     mini-batch <= 64) where that gives a chain at least two programs, with up to `most[0]` (v14, v16
     in NOTES.md), or where it gives one and only 4-warp programs are all resident at once (between
     one and two chains an SM; v18); else `common`'s warps, with up to `most[1]` programs a chain.
-    The options carry the hidden chunk FC for their warps (`_mlp_chunk_size`). `warmup(options)` gives
+    The options carry the hidden chunk FC for their warps (`_mlp_chunk_size`) and, for the backward,
+    the stages of its keys' second pass (KS, `_mlp_keys_stages`). `warmup(options)` gives
     the compile function `_mlp_slices` takes; `key` names the kernel."""
 
     def slices(opts, up_to):
         return _mlp_slices(N, up_to, q, (*key, tuple(sorted(opts.items()))), warmup(opts))
 
     def at(warps):
-        return {**common, "num_warps": warps, "FC": _mlp_chunk_size(common["D"], warps, backward)}
+        return {**common, "num_warps": warps, "FC": _mlp_chunk_size(common["D"], warps, backward),
+                **({"KS": _mlp_keys_stages(warps)} if backward else {})}
 
     narrow, common = at(4), at(common["num_warps"])
     if common["D"] <= 64 and common["BS"] <= 64:
