@@ -967,7 +967,7 @@ def _mlp_keys_stages(warps):
 
 def _launch_options(mlp, D, bs):
     """num_warps / num_stages; one stage keeps the hidden-chunk loops from multi-buffering shared memory
-    (the one loop that is, the MLP backward keys' second pass, sets its own: `_mlp_keys_stages`).
+    (all but the MLP backward keys' second pass, which sets its own: `_mlp_keys_stages`).
     TTT-Linear at head dim 128 holds a 128 x 128 state (and its adjoint) in registers: 8 warps.
     TTT-MLP at mini-batch 128 needs 16: at 8 its compiled backward gave a wrong dk on an H100
     (relative error 0.5; correct in the interpreter, at 16 warps and with no recompute inside a
