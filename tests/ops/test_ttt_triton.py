@@ -239,8 +239,8 @@ def test_supports_and_errors():
 def test_mlp_hidden_chunks_follow_the_launch_warps():
     """Hidden chunks of D / 2 (at least 16), but a backward of more than 4 warps never below 64 units
     (at most D): its 32-unit builds read shared memory out of bounds on an H100 (8 warps at head dim
-    64, 16 warps at mini-batch 128). The launch options carry the chunk chosen for their warps, and
-    the backward's the stages of its keys' second pass."""
+    64, 16 warps at mini-batch 128). The launch options carry the chunk chosen for their warps; the
+    backward's also carry the stages of its keys' second pass."""
     chunk = _module()._mlp_chunk_size
     assert [chunk(d, 4, True) for d in (16, 32, 64, 128)] == [16, 16, 32, 64]
     assert [chunk(d, w, True) for d, w in ((16, 8), (32, 8), (64, 8), (64, 16), (128, 8))] == [16, 32, 64, 64, 64]
