@@ -9,6 +9,7 @@ CUDA the same small cases run compiled on the GPU, plus realistic sizes in bfloa
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -296,6 +297,35 @@ def test_cuda_mlp_forward_split_over_fewer_programs(monkeypatch, causal, slices)
     monkeypatch.setattr(triton_impl, "_mlp_slices", lambda N, m, q, key, warmup: (
         most(N, m, q, key, warmup) if key[0] == "backward" else min(m, slices)))
     _check_16bit(triton_impl, "mlp", causal, 64, 64, torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="needs thread-block clusters")
+def test_cuda_mlp_forward_cluster_barrier_matches_the_counters(monkeypatch):
+    """On a GPU with thread-block clusters a chain's programs in the split forward are one cluster and meet
+    at its barrier; the portable build (a counter a chain in global memory) gives the same outputs and
+    final states, bit for bit."""
+    triton_impl = _module()
+    args = [a.to(torch.bfloat16) if i < 4 else a.float()
+            for i, a in enumerate(_inputs("mlp", 1000, seed=6, batch=1, dim=64, device="cuda", eta_scale=0.02))]
+    assert triton_impl._cluster_size(args[0], 4) == 4
+    clustered = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=False)
+    monkeypatch.setattr(triton_impl, "_cluster_size", lambda q, S: 1)
+    counted = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=False)
+    assert torch.equal(clustered[0], counted[0])
+    for name in clustered[1]:
+        assert torch.equal(clustered[1][name], counted[1][name]), name
+
+
+def test_mlp_forward_clusters_where_the_gpu_has_them(monkeypatch):
+    """`_cluster_size`: a split forward's S programs a chain form one cluster on compute capability 9 and
+    up, up to 8 (the portable cluster size); one program a chain, older GPUs and the CPU keep the counters."""
+    triton_impl = _module()
+    gpu = types.SimpleNamespace(is_cuda=True, device=0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert [triton_impl._cluster_size(gpu, S) for S in (1, 2, 4, 8, 16)] == [1, 2, 4, 8, 1]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert triton_impl._cluster_size(gpu, 4) == 1
+    assert triton_impl._cluster_size(torch.zeros(1), 4) == 1
 
 
 def _check_16bit(triton_impl, kind, causal, dim, mb, dtype, batch=1):

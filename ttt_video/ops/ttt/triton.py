@@ -22,6 +22,7 @@ GPU's approximate instruction; with those the MLP backward also keeps in bf16 th
 """
 
 import ctypes
+import types
 
 import torch
 import triton
@@ -408,6 +409,16 @@ def _wait(cnt_ptr, target, patience):
 
 
 @triton.jit
+def _cluster_barrier(x):
+    """Barrier of the thread-block cluster (Hopper and newer) with release / acquire order, so the global
+    writes of every program in it before are seen by all after; returns x (what depends on it comes
+    after the barrier)."""
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n\tmov.u32 $0, $1;",
+        "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _chain_barrier(cnt_ptr, target, patience):
     """Wait until all the programs of this chain have counted themselves at the counter (`target`)."""
     _signal(cnt_ptr)
@@ -437,11 +448,13 @@ def _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n, t0, T, rows, cols, lnw, lnb, S: tl.co
 def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                     cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, cnt_ptr, ok_ptr, T, H, NG, eps, S: tl.constexpr,
                     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
-                    CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr):
+                    CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr,
+                    CLUSTER: tl.constexpr):
     """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
     of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]`, with one barrier
-    a mini-batch among the chain's S programs, which must all be resident at once; `ok_ptr` `[N * S]`
-    gets 0 where a barrier timed out. After the barrier of mini-batch n, program s writes its BS / S
+    a mini-batch among the chain's S programs, which must all be resident at once: where CLUSTER, the
+    chain is a thread-block cluster and the barrier its hardware one (`_cluster_barrier`, v28), else a
+    counter a chain in global memory; `ok_ptr` `[N * S]` gets 0 where a counter's barrier timed out. After the barrier of mini-batch n, program s writes its BS / S
     rows of mini-batch n - 1's output. At S = 1 the sums stay in registers. PRIMAL (not CAUSAL only):
     the queries' output through the updated state (`_mlp_primal`), else the dual form's scores."""
     pid = tl.program_id(0).to(tl.int64)
@@ -495,7 +508,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
             if S > 1:
                 tl.store(xch_ptr + ((n % 2) * S + s) * BS * D + tile, part)
-                patience = _chain_barrier(cnt_ptr, S * (n + 1), patience)
+                if CLUSTER:
+                    patience = _cluster_barrier(patience)
+                else:
+                    patience = _chain_barrier(cnt_ptr, S * (n + 1), patience)
                 if n > 0:
                     _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, n - 1, t0 - BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
                 z2 = tl.zeros([BS, D], dtype=tl.float32) + b2
@@ -541,7 +557,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             else:
                 _mlp_out_rows(part, q_ptr, o_ptr, t0, T, rows, cols, lnw, lnb, D, eps)
     if S > 1:
-        patience = _chain_barrier(cnt_ptr, S * (NB + 1), patience)
+        if CLUSTER:
+            patience = _cluster_barrier(patience)
+        else:
+            patience = _chain_barrier(cnt_ptr, S * (NB + 1), patience)
         _mlp_fwd_out(xch_ptr, q_ptr, o_ptr, NB - 1, (NB - 1) * BS, T, mine, cols, lnw, lnb, S, BS, D, eps)
     if s == 0:
         tl.store(b2_ptr + chain * D + cols[None, :], b2)
@@ -1042,15 +1061,49 @@ def _programs_per_sm(kernel, device):
     return min(65536 // regs, threads // (32 * warps), smem // (kernel.metadata.shared + 1024))
 
 
-def _launch(fn, grid, *args, **kwargs):
+def _launch(fn, grid, *args, cluster=1, **kwargs):
     """`fn[grid](*args, **kwargs)`. On a GPU a build above 48 KB of shared memory first gets the smallest
     shared-memory carveout that still holds the programs an SM must keep for this grid: Triton asks for
-    the largest for such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md, v11, v17)."""
-    if args[0].is_cuda:
-        kernel = fn.warmup(*args, grid=grid, **kwargs)
-        kernel._init_handles()
-        _set_carveout(kernel, args[0].device, grid[0])
-    fn[grid](*args, **kwargs)
+    the largest for such builds, which leaves ~28 KB of L1 for their register spills (NOTES.md, v11, v17).
+    With `cluster` > 1 (`_cluster_size`), each `cluster` consecutive programs launch as one thread-block
+    cluster. Triton launches clusters only for builds that split one program over several blocks
+    (`num_ctas`), so this build, of one block a program, is launched with the cluster size in the launch
+    metadata that Triton's launcher reads (`(num_warps, num_ctas, shared)`: it then starts grid x
+    cluster blocks, in clusters)."""
+    if not args[0].is_cuda:
+        fn[grid](*args, **kwargs)
+        return
+    kernel = fn.warmup(*args, grid=grid, **kwargs)
+    kernel._init_handles()
+    _set_carveout(kernel, args[0].device, grid[0])
+    if cluster == 1:
+        fn[grid](*args, **kwargs)
+        return
+    packed = kernel.packed_metadata
+    kernel.packed_metadata = (packed[0], cluster, packed[2])
+    try:
+        kernel[(grid[0] // cluster, 1, 1)](*args, *(kwargs[name] for name in fn.arg_names[len(args):]))
+    finally:
+        kernel.packed_metadata = packed
+
+
+def _cluster_size(q, S):
+    """Programs a chain as one thread-block cluster for the split MLP forward: S on GPUs that have clusters
+    (compute capability 9 and up; S <= 8, which every such GPU takes) where Triton packs the launch
+    metadata as `_launch` rewrites it, else 1 (a counter in global memory). The cluster's barrier took the
+    forward at 63 s from 77.4 / 78.3 to 74.6 / 74.7 ms at 48 chains and from 120.3 to 115.5 / 116.4 ms at
+    96 on an H100 (v28, NOTES.md)."""
+    if S == 1 or S > 8 or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return 1
+    if "packs" not in _CLUSTERS:
+        try:
+            from triton.backends.nvidia.compiler import CUDABackend
+
+            meta = types.SimpleNamespace(num_warps=4, num_ctas=2, shared=3)
+            _CLUSTERS["packs"] = CUDABackend.pack_metadata(None, meta) == (4, 2, 3)
+        except Exception:  # another Triton's launcher: keep the counters
+            _CLUSTERS["packs"] = False
+    return S if _CLUSTERS["packs"] else 1
 
 
 def _set_carveout(kernel, device, programs):
@@ -1075,6 +1128,7 @@ def _set_carveout(kernel, device, programs):
 
 _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
 _CARVEOUT = {}
+_CLUSTERS = {}
 _SLICES = {}
 
 
@@ -1096,13 +1150,14 @@ class _TTT(torch.autograd.Function):
             F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
-                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,),
+                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,), CLUSTER=False,
                                        PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
             xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F,
-                    PRIMAL=_mlp_primal(causal, common["num_warps"]), **common)
+            cluster = _cluster_size(q, S)
+            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, cluster=cluster,
+                    PRIMAL=_mlp_primal(causal, common["num_warps"]), CLUSTER=cluster > 1, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
