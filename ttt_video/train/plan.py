@@ -230,8 +230,8 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     if len(weights) == 2:
         return [f32(chains, state), f32(chains, group, state)]
     low = q.dtype != torch.float32  # bf16 products: the recomputed W1 and W2 are kept in bf16
-    states, par, scr = mlp_backward_scratch(chains, _mlp_backward_programs(chains, D, bs), group, bs, D,
-                                            weights[0].shape[-1], low)
+    programs, primal = _mlp_backward_build(chains, D, bs)
+    states, par, scr = mlp_backward_scratch(chains, programs, group, bs, D, weights[0].shape[-1], low, primal)
     matrices = sum(w.numel() // w.shape[0] for w in weights if w.shape[-2] > 1)  # W1, W2 (b1, b2 are [1, n])
     scratch = [f32(chains, state), q.new_empty(*states, matrices, dtype=torch.bfloat16 if low else torch.float32),
                f32(*states, state - matrices), f32(*par), f32(*scr)]
@@ -243,15 +243,19 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
 SMS_WITHOUT_GPU = 132  # multiprocessors assumed where the plan runs without a GPU (an H100's or H200's)
 
 
-def _mlp_backward_programs(chains, head_dim, mini_batch_size):
-    """Programs a chain of the TTT-MLP backward kernel: two where all of them are resident at once (two
-    4-warp programs an SM at head dim and mini-batch <= 64, else one program of 8 or 16 warps), else
-    one. The kernels decide it from the compiled build (`_mlp_launch` in ops/ttt/triton.py); this is
-    that rule for the current GPU, or for `SMS_WITHOUT_GPU` multiprocessors without one."""
+def _mlp_backward_build(chains, head_dim, mini_batch_size):
+    """(programs a chain, primal form) of the TTT-MLP backward kernel. Two programs where all of them are
+    resident at once (two 4-warp programs an SM at head dim and mini-batch <= 64, else one program of 8
+    or 16 warps), else one; the primal form in the 4-warp builds (the model's TTT layers are not causal),
+    which run where the chain has two programs or where only they keep every chain resident (at most two
+    chains an SM). The kernels decide it from the compiled build (`_mlp_launch` and `_mlp_primal` in
+    ops/ttt/triton.py); this is that rule for the current GPU, or for `SMS_WITHOUT_GPU` multiprocessors
+    without one."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
         if torch.cuda.is_available() else SMS_WITHOUT_GPU
-    per_sm = 2 if head_dim <= 64 and mini_batch_size <= 64 else 1
-    return 2 if 2 * chains <= per_sm * sms else 1
+    narrow = head_dim <= 64 and mini_batch_size <= 64
+    programs = 2 if 2 * chains <= (2 if narrow else 1) * sms else 1
+    return programs, narrow and chains <= 2 * sms
 
 
 class _InnerInputs(torch.autograd.Function):

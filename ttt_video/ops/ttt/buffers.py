@@ -9,19 +9,21 @@ def mlp_backward_padding(length):
     return -length % 16
 
 
-def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hidden, low_precision):
+def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hidden, low_precision, primal):
     """Shapes of the TTT-MLP backward's scratch for `programs` per chain (1 or 2) and checkpoint groups of
-    `group` mini-batches, where `low_precision` says the products are bfloat16: the recomputed states (group + 1
-    a group, the states before its mini-batches and the one after them; two groups in flight at two programs
+    `group` mini-batches, where `low_precision` says the products are bfloat16 and `primal` that the build
+    takes the primal form (`_mlp_primal` in triton.py): the recomputed states (group a group, the states
+    before its mini-batches, and with `primal` the one after them too; two groups in flight at two programs
     a chain; the leading dims, each inner weight's shape follows; W1 and
     W2 in bfloat16 where the products are, as they are only products' operands, b1 and b2 float32), what
     the queries' half leaves the keys' half (float32 slots; `_par_offsets` in triton.py: one mini-batch's
-    worth per recomputed state at two programs, else one; its four largest parts in bfloat16 where the
-    products are), and step scratch in float32 slots: the keys' half's (a `[mini-batch, hidden]` partial
-    dZ1, bfloat16 where the products are, and the `[mini-batch, head dim]` target), then the float32
-    state the recompute steps (W1, b1, W2, b2)."""
+    worth per recomputed state at two programs, else one; its largest parts in bfloat16 where the
+    products are; the primal form's has no gradient parts), and step scratch in float32 slots: the keys'
+    half's (a `[mini-batch, hidden]` partial dZ1, bfloat16 where the products are, and the
+    `[mini-batch, head dim]` target), then the float32 state the recompute steps (W1, b1, W2, b2)."""
     bs, D, F = mini_batch_size, head_dim, hidden
     slots = programs * group if programs > 1 else 1
-    low = 2 * bs * F + 2 * D * F
-    par = (low // 2 if low_precision else low) + F + D + 3 * bs * D
-    return (chains, programs * (group + 1)), (chains, slots, par), (chains, bs * (F + D) + 2 * D * F + F + D)
+    low = (0 if primal else 2 * bs * F) + 2 * D * F
+    par = (low // 2 if low_precision else low) + F + D + (1 if primal else 3) * bs * D
+    states = programs * (group + 1 if primal else group)
+    return (chains, states), (chains, slots, par), (chains, bs * (F + D) + 2 * D * F + F + D)

@@ -568,22 +568,23 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
 
 
 @triton.jit
-def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr):
-    """Layout of what the queries' half leaves for the keys' half. First, in the products' precision
-    (bfloat16 where LP, each value then half a float32 slot), the offsets below in its own units: the
-    gradient parts at G1 `[BS, F]` (offset 0) and X2 `[BS, F]`, the adjoint parts W1 `[D, F]` and
-    W2 `[F, D]`. Then float32, at float32 offsets from the start: adjoint parts b1 `[F]` and b2 `[D]`,
-    gradient part at G2 `[BS, D]`, Z2 `[BS, D]`, dk part `[BS, D]`; the last value is the size in
-    float32 slots."""
+def _par_offsets(D: tl.constexpr, F: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr):
+    """Layout of what the queries' half leaves for the keys' half (`mlp_backward_scratch` sizes it).
+    First, in the products' precision (bfloat16 where LP, each value then half a float32 slot), at
+    offsets in its own units: in the dual form the gradient parts at G1 `[BS, F]` (offset 0) and X2
+    `[BS, F]` (offset P_X2), then the adjoint parts W1 `[D, F]` and W2 `[F, D]`. Then float32, at
+    float32 offsets from the start: the adjoint parts b1 `[F]` and b2 `[D]`, Z2 `[BS, D]`, and in the
+    dual form the gradient part at G2 `[BS, D]` and the dk part `[BS, D]`. The primal form's queries'
+    half leaves no gradient parts (they are zero there). The last value is the size in float32 slots."""
     P_X2: tl.constexpr = BS * F
-    P_W1: tl.constexpr = 2 * BS * F
+    P_W1: tl.constexpr = 0 if PRIMAL else 2 * BS * F
     P_W2: tl.constexpr = P_W1 + D * F
     P_B1: tl.constexpr = (P_W2 + F * D) // 2 if LP else P_W2 + F * D
     P_B2: tl.constexpr = P_B1 + F
-    P_G2: tl.constexpr = P_B2 + D
-    P_Z2: tl.constexpr = P_G2 + BS * D
-    P_DK: tl.constexpr = P_Z2 + BS * D
-    return P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_DK + BS * D
+    P_Z2: tl.constexpr = P_B2 + D
+    P_G2: tl.constexpr = P_Z2 + BS * D
+    P_DK: tl.constexpr = P_G2 + BS * D
+    return P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_G2 if PRIMAL else P_DK + BS * D
 
 
 @triton.jit
@@ -605,7 +606,7 @@ def _mlp_bwd_queries(q, k, v, eta, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
     causal = rows[:, None] >= rows[None, :]
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP, False)
     target = v - k
     k = _operand(k, LP)
     q = _operand(q, LP)
@@ -675,7 +676,7 @@ def _mlp_bwd_queries_primal(q, k, do, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
     of the state after the mini-batch (the gradient parts at G1, X2, G2 and k are zero)."""
     fcols = tl.arange(0, FC)
     tile = rows[:, None] * D + cols[None, :]
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP, True)
     u1_ptr = w1_ptr + D * F
     ub1_ptr = b1_ptr + F
     u2_ptr = w2_ptr + F * D
@@ -724,7 +725,7 @@ def _mlp_bwd_keys(k, v, eta, lnw, lnb, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw1_ptr, 
     fcols = tl.arange(0, FC)
     fofs = rows[:, None] * F + fcols[None, :]
     tile = rows[:, None] * D + cols[None, :]
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP, PRIMAL)
     target = v - k
     tl.store(scr_ptr + BS * F + tile, target)
     k = _operand(k, LP)
@@ -882,13 +883,13 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
                     S: tl.constexpr, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BS: tl.constexpr,
                     G: tl.constexpr, CAUSAL: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr,
                     KS: tl.constexpr):
-    """Reverse mode through the groups, newest first: the group's states (G + 1 slots a group: with
-    PRIMAL the queries' half reads the state after its mini-batch too) are recomputed into the
+    """Reverse mode through the groups, newest first: the group's states (G slots a group, G + 1 with
+    PRIMAL, where the queries' half reads the state after its mini-batch too) are recomputed into the
     scratch at sw*_ptr, then each mini-batch, newest first, runs its queries' half (`_mlp_bwd_queries`)
     and its keys' half (`_mlp_bwd_keys`). At S = 1 one program per chain does all of it. At S = 2
     program (chain, 1) recomputes the states and runs the queries' halves, ahead of program
     (chain, 0), which runs the keys' halves: they keep two groups of states and of the queries'
-    results in flight (scratch `[N, S * (G + 1), ...]` and `[N, S * G, ...]`), ordered by two counters
+    results in flight (scratch `[N, S * GS, ...]` and `[N, S * G, ...]`), ordered by two counters
     a chain (`cnt_ptr` `[N, 2]`: groups freed by the keys' half, mini-batches done by the queries' half);
     both programs must be resident at once, and `ok_ptr` `[N * S]` gets 0 where a wait timed out."""
     pid = tl.program_id(0).to(tl.int64)
@@ -897,7 +898,8 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     h = chain % H
     rows = tl.arange(0, BS)
     cols = tl.arange(0, D)
-    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP)
+    P_X2, P_W1, P_B1, P_W2, P_B2, P_G2, P_Z2, P_DK, P_END = _par_offsets(D, F, BS, LP, PRIMAL)
+    GS: tl.constexpr = G + 1 if PRIMAL else G  # state slots a group
     lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
     lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
     tl.store(dlnw_ptr + pid * D + cols, tl.zeros([D], dtype=tl.float32))
@@ -906,10 +908,10 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     db1_ptr += chain * F
     dw2_ptr += chain * F * D
     db2_ptr += chain * D
-    sw1_ptr += chain * S * (G + 1) * D * F
-    sb1_ptr += chain * S * (G + 1) * F
-    sw2_ptr += chain * S * (G + 1) * F * D
-    sb2_ptr += chain * S * (G + 1) * D
+    sw1_ptr += chain * S * GS * D * F
+    sb1_ptr += chain * S * GS * F
+    sw2_ptr += chain * S * GS * F * D
+    sb2_ptr += chain * S * GS * D
     par_ptr += chain * (S * G if S > 1 else 1) * P_END
     scr_ptr += chain * (BS * (F + D) + 2 * D * F + F + D)
     q_ptr += chain * T * D
@@ -929,7 +931,7 @@ def _mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw1_
     for gi in range(0, NG):
         n0 = (NG - 1 - gi) * G
         L = tl.minimum(G, NM - n0)
-        slot = (gi % S) * (G + 1)
+        slot = (gi % S) * GS
         if role == S - 1:
             if S > 1:
                 if gi >= S:  # the keys' half is done with the group that last used this slot
@@ -1193,7 +1195,8 @@ class _TTT(torch.autograd.Function):
                 _mlp_bwd_kernel.warmup(*head, f.to(low), f, f.to(low), f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T,
                                        H, NG, eps, S=2, F=F, grid=(1,), PRIMAL=_mlp_primal(causal, opts["num_warps"]),
                                        **opts)), True)
-            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F, common["LP"])
+            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F, common["LP"],
+                                                    _mlp_primal(causal, common["num_warps"]))
             scratch = [c.new_empty((*states, *c.shape[2:]), dtype=low if name in ("w1", "w2") else torch.float32)
                        for name, c in zip(MLP_KEYS, ckpt)]
             par, scr = (q.new_empty(shape, dtype=torch.float32) for shape in (par, scr))
