@@ -187,8 +187,8 @@ def test_measured_peak_is_near_the_estimate(tmp_path, checkpointing):
 def test_ttt_stand_in_counts_what_the_kernels_backward_allocates(mlp, heads, length):
     """The memory the Triton TTT backward takes (its gradients and its scratch: recomputed states, the
     queries' results on two programs a chain at 48 chains and one at 200, the padding of 1,000 tokens
-    to 1,008) is what the plan's stand-in counts (on an H100: 738.0 / 735.9 / 52.3 MB counted against
-    739.1 / 737.7 / 52.7 MB allocated)."""
+    to 1,008) is what the plan's stand-in counts (on an H100: 297.8 / 520.1 / 52.3 MB counted against
+    300.8 / 522.1 / 52.7 MB allocated; the primal form's buffers at both MLP sizes)."""
     from ttt_video.ops import ttt_linear, ttt_mlp
 
     D, hidden = 64, 256 if mlp else 64
