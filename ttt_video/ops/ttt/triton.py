@@ -454,9 +454,10 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]`, with one barrier
     a mini-batch among the chain's S programs, which must all be resident at once: where CLUSTER, the
     chain is a thread-block cluster and the barrier its hardware one (`_cluster_barrier`, v28), else a
-    counter a chain in global memory; `ok_ptr` `[N * S]` gets 0 where a counter's barrier timed out. After the barrier of mini-batch n, program s writes its BS / S
-    rows of mini-batch n - 1's output. At S = 1 the sums stay in registers. PRIMAL (not CAUSAL only):
-    the queries' output through the updated state (`_mlp_primal`), else the dual form's scores."""
+    counter a chain in global memory; `ok_ptr` `[N * S]` gets 0 where a counter's barrier timed out.
+    After the barrier of mini-batch n, program s writes its BS / S rows of mini-batch n - 1's output.
+    At S = 1 the sums stay in registers. PRIMAL (not CAUSAL only): the queries' output through the
+    updated state (`_mlp_primal`), else the dual form's scores."""
     pid = tl.program_id(0).to(tl.int64)
     chain = pid // S
     s = pid % S
