@@ -22,6 +22,7 @@ GPU's approximate instruction; with those the MLP backward also keeps in bf16 th
 """
 
 import ctypes
+import functools
 import types
 
 import torch
@@ -1098,15 +1099,20 @@ def _cluster_size(q, S):
     96 on an H100 (v28, NOTES.md)."""
     if S == 1 or S > 8 or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return 1
-    if "packs" not in _CLUSTERS:
-        try:
-            from triton.backends.nvidia.compiler import CUDABackend
+    return S if _launcher_takes_cluster_size() else 1
 
-            meta = types.SimpleNamespace(num_warps=4, num_ctas=2, shared=3)
-            _CLUSTERS["packs"] = CUDABackend.pack_metadata(None, meta) == (4, 2, 3)
-        except Exception:  # another Triton's launcher: keep the counters
-            _CLUSTERS["packs"] = False
-    return S if _CLUSTERS["packs"] else 1
+
+@functools.cache
+def _launcher_takes_cluster_size():
+    """Whether this Triton packs the launch metadata as `(num_warps, num_ctas, shared)`, which `_launch`
+    rewrites to launch clusters."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        meta = types.SimpleNamespace(num_warps=4, num_ctas=2, shared=3)
+        return CUDABackend.pack_metadata(None, meta) == (4, 2, 3)
+    except Exception:  # another Triton's launcher: keep the counters
+        return False
 
 
 def _set_carveout(kernel, device, programs):
@@ -1131,7 +1137,6 @@ def _set_carveout(kernel, device, programs):
 
 _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
 _CARVEOUT = {}
-_CLUSTERS = {}
 _SLICES = {}
 
 
@@ -1196,8 +1201,8 @@ class _TTT(torch.autograd.Function):
                 _mlp_bwd_kernel.warmup(*head, f.to(low), f, f.to(low), f, *carry, f, f, dq, dk, dv, deta, f, f, i, i, T,
                                        H, NG, eps, S=2, F=F, grid=(1,), PRIMAL=_mlp_primal(causal, opts["num_warps"]),
                                        **opts)), True)
-            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F, common["LP"],
-                                                    _mlp_primal(causal, common["num_warps"]))
+            primal = _mlp_primal(causal, common["num_warps"])
+            states, par, scr = mlp_backward_scratch(N, S, group, bs, D, F, common["LP"], primal)
             scratch = [c.new_empty((*states, *c.shape[2:]), dtype=low if name in ("w1", "w2") else torch.float32)
                        for name, c in zip(MLP_KEYS, ckpt)]
             par, scr = (q.new_empty(shape, dtype=torch.float32) for shape in (par, scr))
@@ -1206,7 +1211,7 @@ class _TTT(torch.autograd.Function):
             cnt = torch.zeros((N, 2), dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             _launch(_mlp_bwd_kernel, (N * S,), *head, *scratch, *carry, par, scr, dq, dk, dv, deta, dlnw, dlnb, cnt,
-                    ok, T, H, NG, eps, S=S, F=F, PRIMAL=_mlp_primal(causal, common["num_warps"]), **common)
+                    ok, T, H, NG, eps, S=S, F=F, PRIMAL=primal, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError("TTT-MLP backward: the 2 programs of a chain were not resident together")
         else:
