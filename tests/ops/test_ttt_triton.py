@@ -307,25 +307,55 @@ def test_cuda_mlp_forward_cluster_barrier_matches_the_counters(monkeypatch):
     triton_impl = _module()
     args = [a.to(torch.bfloat16) if i < 4 else a.float()
             for i, a in enumerate(_inputs("mlp", 1000, seed=6, batch=1, dim=64, device="cuda", eta_scale=0.02))]
-    assert triton_impl._cluster_size(args[0], 4) == 4
+    clusters = []
+    launch = triton_impl._launch
+    monkeypatch.setattr(triton_impl, "_launch", lambda fn, grid, *a, cluster=1, **kw: (
+        clusters.append(cluster) if fn is triton_impl._mlp_fwd_kernel else None, launch(fn, grid, *a, cluster=cluster, **kw)))
     clustered = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=False)
-    monkeypatch.setattr(triton_impl, "_cluster_size", lambda q, S: 1)
+    monkeypatch.setattr(triton_impl, "_cluster_size", lambda q, N, S, build: 1)
     counted = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=False)
+    assert clusters == [4, 1]
     assert torch.equal(clustered[0], counted[0])
     for name in clustered[1]:
         assert torch.equal(clustered[1][name], counted[1][name]), name
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="needs thread-block clusters")
+def test_cuda_driver_places_the_forward_clusters(monkeypatch):
+    """The driver's count of the split forward's clusters that fit at once (`_max_active_clusters`): on one
+    GPU, at least the 48 (S = 4) and 96 (S = 2) chains of the 48-head layer, which then launch as
+    clusters; none of a size beyond the portable 8, which the driver does not place."""
+    triton_impl = _module()
+    seen = []
+    size = triton_impl._cluster_size
+    monkeypatch.setattr(triton_impl, "_cluster_size", lambda q, N, S, build: (
+        seen.append((N, S, build)), size(q, N, S, build))[1])
+    for batch in (24, 48):
+        args = [a.to(torch.bfloat16) if i < 4 else a.float() for i, a in enumerate(
+            _inputs("mlp", 256, seed=7, batch=batch, dim=64, device="cuda", eta_scale=0.02))]
+        with torch.no_grad():
+            triton_impl.ttt_mlp(*args, mini_batch_size=64)
+    assert [(N, S) for N, S, _ in seen] == [(48, 4), (96, 2)]
+    for N, S, build in seen:
+        assert triton_impl._max_active_clusters(build(), S) >= N
+        assert size(args[0], N, S, build) == S
+    assert triton_impl._max_active_clusters(seen[0][2](), 16) == 0
+
+
 def test_mlp_forward_clusters_where_the_gpu_has_them(monkeypatch):
     """`_cluster_size`: a split forward's S programs a chain form one cluster on compute capability 9 and
-    up, up to 8 (the portable cluster size); one program a chain, older GPUs and the CPU keep the counters."""
+    up, up to 8 (the portable cluster size), where the driver places all N clusters at once; one program a
+    chain, older GPUs, the CPU and a GPU (or partition) with room for fewer clusters keep the counters."""
     triton_impl = _module()
     gpu = types.SimpleNamespace(is_cuda=True, device=0)
+    room = {2: 132, 4: 60, 8: 0}
+    monkeypatch.setattr(triton_impl, "_max_active_clusters", lambda kernel, cluster: room[cluster])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert [triton_impl._cluster_size(gpu, S) for S in (1, 2, 4, 8, 16)] == [1, 2, 4, 8, 1]
+    assert [triton_impl._cluster_size(gpu, 48, S, lambda: None) for S in (1, 2, 4, 8, 16)] == [1, 2, 4, 1, 1]
+    assert [triton_impl._cluster_size(gpu, N, 4, lambda: None) for N in (60, 61)] == [4, 1]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert triton_impl._cluster_size(gpu, 4) == 1
-    assert triton_impl._cluster_size(torch.zeros(1), 4) == 1
+    assert triton_impl._cluster_size(gpu, 48, 4, lambda: None) == 1
+    assert triton_impl._cluster_size(torch.zeros(1), 48, 4, lambda: None) == 1
 
 
 def _check_16bit(triton_impl, kind, causal, dim, mb, dtype, batch=1):

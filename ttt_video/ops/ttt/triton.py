@@ -1091,15 +1091,47 @@ def _launch(fn, grid, *args, cluster=1, **kwargs):
         kernel.packed_metadata = packed
 
 
-def _cluster_size(q, S):
-    """Programs a chain as one thread-block cluster for the split MLP forward: S on GPUs that have clusters
-    (compute capability 9 and up; S <= 8, which every such GPU takes) where Triton packs the launch
-    metadata as `_launch` rewrites it, else 1 (a counter in global memory). The cluster's barrier took the
-    forward at 63 s from 77.4 / 78.3 to 74.6 / 74.7 ms at 48 chains and from 120.3 to 115.5 / 116.4 ms at
-    96 on an H100 (v28, NOTES.md)."""
+def _cluster_size(q, N, S, build):
+    """Programs a chain as one thread-block cluster for the split MLP forward of N chains: S on GPUs that
+    have clusters (compute capability 9 and up; S <= 8, which every such GPU takes) where Triton packs the
+    launch metadata as `_launch` rewrites it and the driver can place all N clusters of the build that
+    `build()` compiles at once (`_max_active_clusters`: a GPU partition may hold fewer, or none), else 1
+    (a counter in global memory). The cluster's barrier took the forward at 63 s from 77.4 / 78.3 to
+    74.6 / 74.7 ms at 48 chains and from 120.3 to 115.5 / 116.4 ms at 96 on an H100 (v28, NOTES.md)."""
     if S == 1 or S > 8 or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return 1
-    return S if _launcher_takes_cluster_size() else 1
+    if not _launcher_takes_cluster_size():
+        return 1
+    return S if _max_active_clusters(build(), S) >= N else 1
+
+
+def _max_active_clusters(kernel, cluster):
+    """How many clusters of `cluster` programs of a compiled kernel the GPU holds at once, as the driver
+    places them (`cuOccupancyMaxActiveClusters`); 0 where it cannot tell."""
+    kernel._init_handles()
+    key = (kernel.function, cluster)
+    if key not in _CLUSTERS:
+        attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+        attr.value[:3] = (cluster, 1, 1)
+        config = _LaunchConfig(grid=(cluster, 1, 1), block=(32 * kernel.metadata.num_warps, 1, 1),
+                               shared=kernel.metadata.shared, attrs=ctypes.pointer(attr), num_attrs=1)
+        count = ctypes.c_int(0)
+        query = getattr(ctypes.CDLL("libcuda.so.1"), "cuOccupancyMaxActiveClusters", None)
+        ok = query is not None and query(ctypes.byref(count), ctypes.c_void_p(kernel.function),
+                                         ctypes.byref(config)) == 0
+        _CLUSTERS[key] = count.value if ok else 0
+    return _CLUSTERS[key]
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """The driver's `CUlaunchAttribute`: an id, then a 64-byte value (a cluster's dimensions first)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """The driver's `CUlaunchConfig`."""
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
 
 @functools.cache
@@ -1136,7 +1168,9 @@ def _set_carveout(kernel, device, programs):
 
 
 _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
+_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
 _CARVEOUT = {}
+_CLUSTERS = {}
 _SLICES = {}
 
 
@@ -1163,7 +1197,9 @@ class _TTT(torch.autograd.Function):
             xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            cluster = _cluster_size(q, S)
+            cluster = _cluster_size(q, N, S, lambda: _mlp_fwd_kernel.warmup(
+                *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, grid=(1,), CLUSTER=True,
+                PRIMAL=_mlp_primal(causal, common["num_warps"]), **common))
             _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, cluster=cluster,
                     PRIMAL=_mlp_primal(causal, common["num_warps"]), CLUSTER=cluster > 1, **common)
             if S > 1 and not bool((ok > 0).all()):
