@@ -322,9 +322,10 @@ def test_cuda_mlp_forward_cluster_barrier_matches_the_counters(monkeypatch):
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="needs thread-block clusters")
 def test_cuda_driver_places_the_forward_clusters(monkeypatch):
-    """The driver's count of the split forward's clusters that fit at once (`_max_active_clusters`): on one
-    GPU, at least the 48 (S = 4) and 96 (S = 2) chains of the 48-head layer, which then launch as
-    clusters; none of a size beyond the portable 8, which the driver does not place."""
+    """The driver's count of the split forward's clusters that fit at once (`_max_active_clusters`) decides
+    whether a launch's chains are clusters; on a GPU of 132 SMs (H100 SXM) all of the 48 (S = 4) and 96
+    (S = 2) chains of the 48-head layer fit. None of a size beyond the portable 8, which the driver does
+    not place."""
     triton_impl = _module()
     seen = []
     size = triton_impl._cluster_size
@@ -335,10 +336,13 @@ def test_cuda_driver_places_the_forward_clusters(monkeypatch):
             _inputs("mlp", 256, seed=7, batch=batch, dim=64, device="cuda", eta_scale=0.02))]
         with torch.no_grad():
             triton_impl.ttt_mlp(*args, mini_batch_size=64)
-    assert [(N, S) for N, S, _ in seen] == [(48, 4), (96, 2)]
-    for N, S, build in seen:
-        assert triton_impl._max_active_clusters(build(), S) >= N
-        assert size(args[0], N, S, build) == S
+    counts = [triton_impl._max_active_clusters(build(), S) for N, S, build in seen]
+    for (N, S, build), count in zip(seen, counts):
+        assert count > 0
+        assert size(args[0], N, S, build) == (S if count >= N else 1)
+    if torch.cuda.get_device_properties(0).multi_processor_count >= 132:
+        assert [(N, S) for N, S, _ in seen] == [(48, 4), (96, 2)]
+        assert counts[0] >= 48 and counts[1] >= 96
     assert triton_impl._max_active_clusters(seen[0][2](), 16) == 0
 
 
