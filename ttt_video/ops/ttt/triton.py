@@ -1194,14 +1194,14 @@ class _TTT(torch.autograd.Function):
             S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
                 _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,), CLUSTER=False,
                                        PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
+            primal = _mlp_primal(causal, common["num_warps"])
             xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             cluster = _cluster_size(q, N, S, lambda: _mlp_fwd_kernel.warmup(
-                *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, grid=(1,), CLUSTER=True,
-                PRIMAL=_mlp_primal(causal, common["num_warps"]), **common))
+                *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, grid=(1,), CLUSTER=True, PRIMAL=primal, **common))
             _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, cluster=cluster,
-                    PRIMAL=_mlp_primal(causal, common["num_warps"]), CLUSTER=cluster > 1, **common)
+                    PRIMAL=primal, CLUSTER=cluster > 1, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
         else:
