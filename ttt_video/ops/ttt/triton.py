@@ -344,6 +344,22 @@ def _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D: tl.c
 
 
 @triton.jit
+def _mlp_chunk_w2t(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D: tl.constexpr, F: tl.constexpr):
+    """`_mlp_chunk` with W2's rows as the columns of a `[D, FC]` tile, the form the split forward's
+    products take best (v30)."""
+    w1 = tl.load(w1_ptr + cols[:, None] * F + (c + fcols)[None, :])
+    b1 = tl.load(b1_ptr + c + fcols)[None, :]
+    return w1, b1, tl.load(w2_ptr + (c + fcols)[None, :] * D + cols[:, None])
+
+
+@triton.jit
+def _mlp_store_chunk_w2t(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2t, cols, fcols, D: tl.constexpr, F: tl.constexpr):
+    tl.store(w1_ptr + cols[:, None] * F + (c + fcols)[None, :], w1)
+    tl.store(b1_ptr + c + fcols[None, :], b1)
+    tl.store(w2_ptr + (c + fcols)[None, :] * D + cols[:, None], w2t)
+
+
+@triton.jit
 def _mlp_copy(w1_ptr, b1_ptr, w2_ptr, b2_ptr, aw1_ptr, ab1_ptr, aw2_ptr, ab2_ptr, bw1_ptr, bb1_ptr, bw2_ptr, bb2_ptr,
               cols, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
     """The state at w*_ptr and b2_ptr copied to a*_ptr and b*_ptr (each store casts to its buffer's
@@ -506,8 +522,8 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             q = _operand(q, LP)
             part = tl.zeros([BS, D], dtype=tl.float32)
             for cc in range(c0, c0 + F // S, FC):
-                w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
-                part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), w2, LP)
+                w1, b1, w2t = _mlp_chunk_w2t(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+                part += _dot(_gelu(_dot(k, w1, LP) + b1, LP), tl.trans(w2t), LP)
             if S > 1:
                 tl.store(xch_ptr + ((n % 2) * S + s) * BS * D + tile, part)
                 if CLUSTER:
@@ -532,24 +548,31 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                     part += b2_old - _dot(tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0), g2, LP)
                 else:  # every row sums all of g2: the updated bias (v20)
                     part += b2
-            if not PRIMAL:
+            if PRIMAL:  # every row sees the whole update: the queries through each updated chunk
+                for cc in range(c0, c0 + F // S, FC):
+                    w1, b1, w2t = _mlp_chunk_w2t(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F)
+                    x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
+                    g1 = _dot(g2, w2t, LP) * gp  # [BS, FC]
+                    w1 -= _dot(tl.trans(k), g1, LP)
+                    b1 -= tl.sum(g1, 0, keep_dims=True)
+                    # as the transpose of W2's update: `_dot(tl.trans(g2), x2)` is miscompiled (Triton 3.6, v30)
+                    w2t -= tl.trans(_dot(tl.trans(x2), g2, LP))
+                    _mlp_store_chunk_w2t(w1_ptr, b1_ptr, w2_ptr, cc, w1, b1, w2t, cols, fcols, D, F)
+                    part += _dot(_gelu(_dot(q, w1, LP) + b1, LP), tl.trans(w2t), LP)
+            else:  # dual form: row i sees the updates of rows <= i (of all rows without CAUSAL)
                 a1 = _operand(_scores(q, k, rows, CAUSAL, LP), LP)
                 s2 = tl.zeros([BS, BS], dtype=tl.float32)
-            for cc in range(c0, c0 + F // S, FC):
-                w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
-                x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
-                g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
-                if not PRIMAL:  # dual form: row i sees the updates of rows <= i (of all rows without CAUSAL)
+                for cc in range(c0, c0 + F // S, FC):
+                    w1, b1, w2 = _mlp_chunk(w1_ptr, b1_ptr, w2_ptr, cc, cols, fcols, D, F, "")
+                    x2, gp = _gelu_d(_dot(k, w1, LP) + b1, LP)
+                    g1 = _dot(g2, tl.trans(w2), LP) * gp  # [BS, FC]
                     xq = _gelu(_dot(q, w1, LP) + b1 - _dot(a1, g1, LP), LP)
                     part += _dot(xq, w2, LP)
                     s2 += _dot(xq, tl.trans(x2), LP)
-                w1 -= _dot(tl.trans(k), g1, LP)
-                b1 -= tl.sum(g1, 0, keep_dims=True)
-                w2 -= _dot(tl.trans(x2), g2, LP)
-                _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, cc, w1, b1, w2, cols, fcols, D, F)
-                if PRIMAL:  # every row sees the whole update: the queries through the updated chunk
-                    part += _dot(_gelu(_dot(q, w1, LP) + b1, LP), w2, LP)
-            if not PRIMAL:
+                    w1 -= _dot(tl.trans(k), g1, LP)
+                    b1 -= tl.sum(g1, 0, keep_dims=True)
+                    w2 -= _dot(tl.trans(x2), g2, LP)
+                    _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, cc, w1, b1, w2, cols, fcols, D, F)
                 if CAUSAL:
                     s2 = tl.where(rows[:, None] >= rows[None, :], s2, 0.0)
                 part -= _dot(s2, g2, LP)
