@@ -18,7 +18,8 @@ half (which needs no adjoint) on a second program per chain, ahead of the one ca
 adjoint. State, LayerNorm and gelu math are float32; matrix products accumulate in float32 from
 bf16-rounded operands for 16-bit inputs (tf32 for float32), and with those the gelu's tanh is the
 GPU's approximate instruction; with those the MLP backward also keeps in bf16 the recomputed W1 and W2
-(only products' operands) and the largest parts the queries' half leaves the keys' half.
+(only products' operands) and the largest parts the queries' half leaves the keys' half, and the split
+forward's programs exchange their partial sums in bf16.
 """
 
 import ctypes
@@ -468,10 +469,11 @@ def _mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                     CAUSAL: tl.constexpr, SAVE: tl.constexpr, LP: tl.constexpr, PRIMAL: tl.constexpr,
                     CLUSTER: tl.constexpr):
     """Program (chain, s) owns hidden units [s F/S, (s+1) F/S): columns of W1, rows of W2. Partial sums
-    of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]`, with one barrier
-    a mini-batch among the chain's S programs, which must all be resident at once: where CLUSTER, the
-    chain is a thread-block cluster and the barrier its hardware one (`_cluster_barrier`, v28), else a
-    counter a chain in global memory; `ok_ptr` `[N * S]` gets 0 where a counter's barrier timed out.
+    of Z2 and Z_q2 go through `xch` `[N, 2 (Z2, Z_q2), 2 (mini-batch parity), S, BS, D]` (bf16 where the
+    products are, v31; summed in float32), with one barrier a mini-batch among the chain's S programs,
+    which must all be resident at once: where CLUSTER, the chain is a thread-block cluster and the
+    barrier its hardware one (`_cluster_barrier`, v28), else a counter a chain in global memory;
+    `ok_ptr` `[N * S]` gets 0 where a counter's barrier timed out.
     After the barrier of mini-batch n, program s writes its BS / S rows of mini-batch n - 1's output.
     At S = 1 the sums stay in registers. PRIMAL (not CAUSAL only): the queries' output through the
     updated state (`_mlp_primal`), else the dual form's scores."""
@@ -1214,11 +1216,13 @@ class _TTT(torch.autograd.Function):
         if mlp:
             F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
             args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
+            # the programs of a chain exchange their partial sums in bf16 where the products are (v31)
+            exchange = torch.bfloat16 if common["LP"] else torch.float32
             S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
-                _mlp_fwd_kernel.warmup(*args, f, i, i, T, H, NG, eps, S=2, F=F, grid=(1,), CLUSTER=False,
-                                       PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
+                _mlp_fwd_kernel.warmup(*args, f.to(exchange), i, i, T, H, NG, eps, S=2, F=F, grid=(1,),
+                                       CLUSTER=False, PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
             primal = _mlp_primal(causal, common["num_warps"])
-            xch = q.new_empty((N, 4, S, bs, D), dtype=torch.float32)
+            xch = q.new_empty((N, 4, S, bs, D), dtype=exchange)
             cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
             ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
             cluster = _cluster_size(q, N, S, lambda: _mlp_fwd_kernel.warmup(
