@@ -347,7 +347,8 @@ def _mlp_store_chunk(w1_ptr, b1_ptr, w2_ptr, c, w1, b1, w2, cols, fcols, D: tl.c
 @triton.jit
 def _mlp_chunk_w2t(w1_ptr, b1_ptr, w2_ptr, c, cols, fcols, D: tl.constexpr, F: tl.constexpr):
     """`_mlp_chunk` with W2's rows as the columns of a `[D, FC]` tile, the form the split forward's
-    products take best (v30)."""
+    products take best (v30). Written apart from `_mlp_chunk`: folding both into one function moved the
+    MLP backward's compiled code and its register spills (NOTES.md, v30)."""
     w1 = tl.load(w1_ptr + cols[:, None] * F + (c + fcols)[None, :])
     b1 = tl.load(b1_ptr + c + fcols)[None, :]
     return w1, b1, tl.load(w2_ptr + (c + fcols)[None, :] * D + cols[:, None])
