@@ -327,6 +327,7 @@ def test_cuda_driver_places_the_forward_clusters(monkeypatch):
     (S = 2) chains of the 48-head layer fit. None of a size beyond the portable 8, which the driver does
     not place."""
     triton_impl = _module()
+    monkeypatch.setattr(triton_impl, "_hopper_forward", lambda *args: False)  # 96 chains: the Hopper kernel's
     seen = []
     size = triton_impl._cluster_size
     monkeypatch.setattr(triton_impl, "_cluster_size", lambda q, N, S, build: (
@@ -380,6 +381,38 @@ def _check_16bit(triton_impl, kind, causal, dim, mb, dtype, batch=1):
         _check(f"state {n}", state[n], state_r[n], 1e-2)
     for name, gt, gr in zip(_names(kind), grads, grads_r):
         _check(f"grad {name}", gt, gr, 1e-2)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU")
+def test_cuda_mlp_forward_takes_the_hopper_kernel_where_it_applies(monkeypatch):
+    """Between half as many chains as SMs and as many (96 chains of 2 heads: batch 48), the bf16 TTT-MLP
+    forward at head dim 64 and mini-batch 64 runs the Hopper kernel (`hopper.py`, one program a chain),
+    with and without checkpoints (T = 1,000: a last mini-batch of 40 tokens), and gives the reference's
+    outputs, states and gradients (the backward starting from its checkpoints); 4 chains and causal
+    mini-batches keep the portable kernel."""
+    from ttt_video.ops.ttt import hopper
+
+    triton_impl = _module()
+    ran = []
+    forward = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *args: (ran.append(forward(*args)), ran[-1])[1])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=sms // H)
+    assert ran == [True]
+    args = [a.to(torch.bfloat16) if i < 4 else a.float()
+            for i, a in enumerate(_inputs("mlp", 1000, seed=3, batch=sms // H, dim=64, device="cuda", eta_scale=0.02))]
+    with torch.no_grad():
+        out = triton_impl.ttt_mlp(*args, mini_batch_size=64)
+    monkeypatch.setattr(triton_impl, "_hopper_forward", lambda *args: False)
+    with torch.no_grad():
+        portable = triton_impl.ttt_mlp(*args, mini_batch_size=64)
+    assert ran == [True, True]
+    _check("hopper against portable", out, portable, 1e-2)
+    monkeypatch.undo()
+    monkeypatch.setattr(hopper, "forward", lambda *args: (ran.append(forward(*args)), ran[-1])[1])
+    _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16)
+    _check_16bit(triton_impl, "mlp", True, 64, 64, torch.bfloat16, batch=sms // H)
+    assert ran == [True, True, False]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

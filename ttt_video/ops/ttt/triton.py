@@ -1200,6 +1200,20 @@ _CLUSTERS = {}
 _SLICES = {}
 
 
+def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
+    """Runs the MLP forward with the Hopper kernel (`hopper.py`, v32) where it applies; returns whether it ran."""
+    if not (q.is_cuda and common["LP"] and not causal and common["D"] == 64 and common["BS"] == 64
+            and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return False
+    try:
+        from . import hopper
+    except ImportError:  # a Triton without Gluon
+        return False
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return hopper.forward(args, T, H, NG, eps, group, save, lambda kernel: _programs_per_sm(kernel, q.device) * sms,
+                          _launch)
+
+
 class _TTT(torch.autograd.Function):
     """Inputs: tokens `[N, T, D]`, eta `[N, T]`, LayerNorm `[H, D]` float32, state `[N, ...]` float32."""
 
@@ -1214,9 +1228,9 @@ class _TTT(torch.autograd.Function):
         out = _empty_like(q)
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
                       **_launch_options(mlp, D, bs))
-        if mlp:
+        args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
+        if mlp and not _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
             F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
-            args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
             # the programs of a chain exchange their partial sums in bf16 where the products are (v31)
             exchange = torch.bfloat16 if common["LP"] else torch.float32
             S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
@@ -1232,8 +1246,8 @@ class _TTT(torch.autograd.Function):
                     PRIMAL=primal, CLUSTER=cluster > 1, **common)
             if S > 1 and not bool((ok > 0).all()):
                 raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
-        else:
-            _launch(_linear_fwd_kernel, (N,), q, k, v, eta, out, ln_w, ln_b, *state, *ckpt, T, H, NG, eps, **common)
+        elif not mlp:
+            _launch(_linear_fwd_kernel, (N,), *args, T, H, NG, eps, **common)
         ctx.save_for_backward(q, k, v, eta, ln_w, ln_b, *ckpt)
         ctx.cfg = (mlp, bs, causal, eps, group, NG)
         return (out, *state)
