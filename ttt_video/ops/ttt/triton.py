@@ -1082,8 +1082,16 @@ def _mlp_launch(N, q, key, common, most, warmup, backward):
 
 
 def _programs_per_sm(kernel, device):
-    """How many programs of a compiled kernel one SM holds at once (registers, threads, shared memory)."""
+    """How many programs of a compiled kernel one SM holds at once (registers, threads, shared memory);
+    asked once a build (the driver's device query takes ~1 ms)."""
     kernel._init_handles()
+    key = (kernel.function, device)
+    if key not in _PER_SM:
+        _PER_SM[key] = _count_programs_per_sm(kernel, device)
+    return _PER_SM[key]
+
+
+def _count_programs_per_sm(kernel, device):
     warps = kernel.metadata.num_warps
     regs = -(-max(kernel.n_regs, 1) // 8) * 8 * 32 * warps
     smem = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
@@ -1197,6 +1205,7 @@ _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
 _CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
 _CARVEOUT = {}
 _CLUSTERS = {}
+_PER_SM = {}
 _SLICES = {}
 
 
