@@ -19,7 +19,8 @@ adjoint. State, LayerNorm and gelu math are float32; matrix products accumulate 
 bf16-rounded operands for 16-bit inputs (tf32 for float32), and with those the gelu's tanh is the
 GPU's approximate instruction; with those the MLP backward also keeps in bf16 the recomputed W1 and W2
 (only products' operands) and the largest parts the queries' half leaves the keys' half, and the split
-forward's programs exchange their partial sums in bf16.
+forward's programs exchange their partial sums in bf16. On an H100 some TTT-MLP forward launches run the
+Gluon kernel of `hopper.py` instead (`_hopper_forward` says which).
 """
 
 import ctypes
