@@ -385,11 +385,11 @@ def _check_16bit(triton_impl, kind, causal, dim, mb, dtype, batch=1):
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU")
 def test_cuda_mlp_forward_takes_the_hopper_kernel_where_it_applies(monkeypatch):
-    """Between half as many chains as SMs and as many (96 chains of 2 heads: batch 48), the bf16 TTT-MLP
-    forward at head dim 64 and mini-batch 64 runs the Hopper kernel (`hopper.py`, one program a chain),
-    with and without checkpoints (T = 1,000: a last mini-batch of 40 tokens), and gives the reference's
-    outputs, states and gradients (the backward starting from its checkpoints); 4 chains and causal
-    mini-batches keep the portable kernel."""
+    """With more chains than half the SMs and at most as many (here as many: 132 chains of 2 heads on an
+    H100), the bf16 TTT-MLP forward at head dim 64 and mini-batch 64 runs the Hopper kernel (`hopper.py`,
+    one program a chain), with and without checkpoints (T = 1,000: a last mini-batch of 40 tokens), and
+    gives the reference's outputs, states and gradients (the backward starting from its checkpoints);
+    2 chains and causal mini-batches keep the portable kernel."""
     from ttt_video.ops.ttt import hopper
 
     triton_impl = _module()

@@ -159,6 +159,7 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             _mlp_out_rows(partq, q_ptr, o_ptr, t0, T, rows, cols, gl.load(lnw_ptr + cols)[None, :],
                           gl.load(lnb_ptr + cols)[None, :], D, eps)
     gl.store(b2_ptr + cols[None, :], b2s.load(mma))
+    async_copy.wait_group(0)  # the last (masked) copies, before the program's shared memory is released
 
 
 @gluon.jit
