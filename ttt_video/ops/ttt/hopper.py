@@ -180,18 +180,19 @@ def _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb, vb, t0, T, rows, cols, D: gl.c
     async_copy.commit_group()
 
 
-def forward(args, T, H, NG, eps, group, save, resident, launch):
+def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
     """Runs the forward of `args` (`_mlp_fwd_kernel`'s first 15) where it applies: more chains than half
-    the SMs (so the portable kernel would give a chain two programs or fewer) and all of them resident
-    at one program each (`resident(kernel)`: how many programs of a compiled kernel the GPU holds at once);
-    `launch` is `triton.py`'s `_launch`; and a build within `SHARED_LIMIT`. Returns whether it ran."""
+    the SMs (so the portable kernel would give a chain two programs or fewer), all of them resident at one
+    program each (`programs_per_sm(kernel, device)`), and a build within `SHARED_LIMIT`; `launch` is
+    `triton.py`'s `_launch`. Returns whether it ran."""
     q = args[0]
     N, F = q.shape[0], 4 * D_HOPPER
-    if 2 * N <= torch.cuda.get_device_properties(q.device).multi_processor_count:
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if 2 * N <= sms:
         return False
     options = dict(F=F, G=group, SAVE=save, num_warps=WARPS)
     kernel = _mlp_fwd_hopper.warmup(*args, T, H, NG, eps, grid=(1, ), **options)
-    if kernel.metadata.shared > SHARED_LIMIT or N > resident(kernel):
+    if kernel.metadata.shared > SHARED_LIMIT or N > programs_per_sm(kernel, q.device) * sms:
         return False
     launch(_mlp_fwd_hopper, (N, ), *args, T, H, NG, eps, **options)
     return True

@@ -1219,9 +1219,7 @@ def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
         from . import hopper
     except (ImportError, AttributeError):  # a Triton without Gluon, or whose Gluon lacks what it uses
         return False
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return hopper.forward(args, T, H, NG, eps, group, save, lambda kernel: _programs_per_sm(kernel, q.device) * sms,
-                          _launch)
+    return hopper.forward(args, T, H, NG, eps, group, save, _programs_per_sm, _launch)
 
 
 class _TTT(torch.autograd.Function):
