@@ -44,8 +44,9 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     """Program `chain` walks the mini-batches as `_mlp_fwd_kernel` does at one program a chain, the hidden
     units in NCH chunks of 64. Shared memory: the W1 `[D, FC]` and W2 `[FC, D]` chunks in bf16, kept across
     mini-batches; k (two buffers: the next mini-batch's arrives while this one's takes part in its
-    update), q and v; -G2, and a chunk's -G1 and X2 for its update. b1 and b2 are read as tiles whose rows
-    are all the bias, the form their updates' products give."""
+    update), q and v; -G2, and a chunk's -G1 and X2 for its update. The biases' updates (products whose
+    accumulator is the bias in every row) give tiles whose first row is stored; b1 is loaded a chunk ahead,
+    b2 at the top of the step, so that their loads are not waited for."""
     D: gl.constexpr = 64
     BS: gl.constexpr = 64
     FC: gl.constexpr = 64
@@ -91,9 +92,10 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
 
     zero = gl.zeros([BS, D], gl.float32, layout=mma)
     ones = gl.full([BS, BS], 1.0, gl.bfloat16, layout=opa)  # column sums as products: ones^T X
-    bcast = cols[None, :] + 0 * rows[:, None]  # a bias row, read into every row of a tile
-    first = rows[:, None] == 0
+    bcast = cols[None, :] + 0 * rows[:, None]  # a bias's addresses for a tile whose rows are all the bias
+    first = rows[:, None] == 0  # the row that stores it
     NB = gl.cdiv(T, BS)
+    b1n = gl.load(b1_ptr + cols)[None, :]  # the next chunk's b1, loaded a chunk ahead
     for n0 in range(0, NB if SAVE else 1, G if SAVE else 1):
         if SAVE:
             cg = chain * NG + n0 // G
@@ -107,17 +109,18 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         for n in range(n0, gl.minimum(n0 + G, NB) if SAVE else NB):
             t0 = n * BS
             kt = kb.index(n % 2)
+            b2 = gl.load(b2_ptr + cols)[None, :]
             async_copy.wait_group(0)  # this mini-batch's k, q and v
             _handoff()
             # first pass: Z2 = gelu(k W1 + b1) W2
             part = zero
             for ch in range(NCH):
-                b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
+                b1 = b1n
+                b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]
                 z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
                 z1 = warpgroup_mma_wait(0, deps=(z1, ))
                 x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), opa)
                 part = warpgroup_mma(x2, w2s.index(ch), part)
-            b2 = gl.load(b2_ptr + bcast)
             z2 = part + b2
             target = vb.load(mma).to(gl.float32) - kt.load(mma).to(gl.float32)
             xh, rstd, dy, dxh, gr = _inner_grad(z2, target, gl.load(lnw_ptr + cols)[None, :],
@@ -130,7 +133,7 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             g2 = (-g2).to(gl.bfloat16)  # the update's sign folded into its operands: W += X^T (-G)
             g2s.store(g2)
             _handoff()
-            partq = warpgroup_mma(ones, g2s, b2)  # b2's update, where Z_q2 starts
+            partq = warpgroup_mma(ones, g2s, zero + b2)  # b2's update, where Z_q2 starts
             gl.store(b2_ptr + bcast, partq, mask=first)
             # second pass: each chunk's update, then the queries through the updated chunk
             for ch in range(NCH):
@@ -138,7 +141,8 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
                 w1 = gl.load(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :])
                 w2 = gl.load(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :])
-                b1 = gl.load(b1_ptr + ch * FC + bcast)
+                b1 = b1n
+                b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]  # at the last, the next step's first
                 p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
                 x2, gp = _gelu_d(z1 + b1, True)
                 g1 = p * gp  # -G1
@@ -147,7 +151,7 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 _handoff()
                 w1 = warpgroup_mma(kt.permute((1, 0)), g1s, w1, is_async=True)
                 w2 = warpgroup_mma(x2s.permute((1, 0)), g2s, w2, is_async=True)
-                b1 = warpgroup_mma(ones, g1s, b1, is_async=True)
+                b1 = warpgroup_mma(ones, g1s, zero + b1, is_async=True)
                 w1, w2, b1 = warpgroup_mma_wait(0, deps=(w1, w2, b1))
                 gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
                 gl.store(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :], w1)
