@@ -14,10 +14,11 @@ across warps for them; the next mini-batch's q, k and v are copied into shared m
 the portable kernel, whose element-wise helpers it calls; the rounding points too, except that the bias
 updates sum the bf16 operands of the weight updates (in float32) where the portable kernel sums float32.
 
-An asynchronous product reads its register operand while it runs: that operand is kept alive (listed in
-`deps`) up to the wait that retires the product. One that was not (v32's -G2 in registers) was overwritten
-in flight in builds that allocated registers differently; those wrong builds had first been put down to
-their shared-memory size (NOTES.md, v33).
+An asynchronous product reads its register operand while it runs: that operand must stay alive up to the
+wait that retires the product (listed in the wait's `deps`, as q is, or waited for right after the issue,
+as the constant ones are). One that was not (v32's -G2 in registers) was overwritten in flight in builds
+that allocated registers differently; those wrong builds had first been put down to their shared-memory
+size (NOTES.md, v33).
 
 Gluon has no interpreter: this kernel runs on the GPU only and is tested there against the reference.
 """
