@@ -1211,7 +1211,8 @@ _SLICES = {}
 
 
 def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
-    """Runs the MLP forward with the Hopper kernel (`hopper.py`, v32) where it applies; returns whether it ran."""
+    """Runs the MLP forward with the Hopper kernel (`hopper.py`, v32 and v33) where it applies; returns whether
+    it ran."""
     if not (q.is_cuda and common["LP"] and not causal and common["D"] == 64 and common["BS"] == 64
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return False
