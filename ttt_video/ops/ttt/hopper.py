@@ -29,7 +29,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .triton import _gelu, _gelu_d, _inner_grad, _load_eta, _mlp_out_rows
+from .triton import (_gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd, _load_eta, _load_rows,
+                     _mlp_out_rows, _store_rows)
 
 D_HOPPER = 64  # head dim, mini-batch size and hidden chunk of this kernel: one [64, 64] wgmma tile each
 WARPS = 8
@@ -187,6 +188,371 @@ def _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb, vb, t0, T, rows, cols, D: gl.c
     async_copy.commit_group()
 
 
+@gluon.jit
+def _keys_prefetch(k_ptr, w1_ptr, w2_ptr, kb, w1s, w2s, t0, T, F: gl.constexpr, trows, tcols, D: gl.constexpr,
+                   NCH: gl.constexpr):
+    """Starts copying the rows of k from token t0 and the bf16 W1, W2 of a state into shared memory."""
+    m = ((t0 + trows) < T)[:, None]
+    _async_load(kb, k_ptr + (t0 + trows)[:, None] * D + tcols[None, :], mask=m)
+    for c in gl.static_range(NCH):
+        _async_load(w1s.index(c), w1_ptr + trows[:, None] * F + c * 64 + tcols[None, :])
+        _async_load(w2s.index(c), w2_ptr + (c * 64 + trows[:, None]) * D + tcols[None, :])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,
+                     dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, parl_ptr, dk_ptr, dv_ptr, deta_ptr,
+                     dlnw_ptr, dlnb_ptr, T, H, n_lo, n_hi, NSLOT, eps, F: gl.constexpr, PEND: gl.constexpr,
+                     num_warps: gl.constexpr):
+    D: gl.constexpr = 64
+    BS: gl.constexpr = 64
+    FC: gl.constexpr = 64
+    NCH: gl.constexpr = F // FC
+    P_W2: gl.constexpr = D * F  # bf16 units
+    P_B1: gl.constexpr = D * F  # float32 units
+    P_B2: gl.constexpr = P_B1 + F
+    P_Z2: gl.constexpr = P_B2 + D
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                  instr_shape=[16, 256 // num_warps, 16])
+    rowl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=512 // num_warps, element_bitwidth=16, rank=2)
+
+    chain = gl.program_id(0).to(gl.int64)
+    h = chain % H
+    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    trows = gl.arange(0, BS, layout=gl.SliceLayout(1, rowl))
+    tcols = gl.arange(0, D, layout=gl.SliceLayout(0, rowl))
+    wtile = rows[:, None] * F + cols[None, :]  # a [D, FC] chunk of W1 (plus c * FC)
+    vtile = rows[:, None] * D + cols[None, :]  # a [FC, D] chunk of W2 (plus c * FC * D), or a [BS, D] tile
+    bcast = cols[None, :] + 0 * rows[:, None]
+    first = rows[:, None] == 0
+    lnw = gl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = gl.load(lnb_ptr + h * D + cols)[None, :]
+    dw1_ptr += chain * D * F
+    db1_ptr += chain * F
+    dw2_ptr += chain * F * D
+    db2_ptr += chain * D
+    sw1_ptr += chain * NSLOT * D * F
+    sb1_ptr += chain * NSLOT * F
+    sw2_ptr += chain * NSLOT * F * D
+    sb2_ptr += chain * NSLOT * D
+    par_ptr += chain * NSLOT * PEND
+    parl_ptr += chain * NSLOT * PEND * 2
+    k_ptr += chain * T * D
+    v_ptr += chain * T * D
+    eta_ptr += chain * T
+    dk_ptr += chain * T * D
+    dv_ptr += chain * T * D
+    deta_ptr += chain * T
+
+    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, D, FC], tile_l)
+    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], tile_l)
+    kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], tile_l)
+    g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
+    dz2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
+    ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], tile_l)
+    dw1s = gl.allocate_shared_memory(gl.bfloat16, [D, FC], tile_l)
+    dw2s = gl.allocate_shared_memory(gl.bfloat16, [FC, D], tile_l)
+    g1s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
+    x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
+    dps = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
+    dz1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, BS, FC], tile_l)
+
+    zero = gl.zeros([BS, D], gl.float32, layout=mma)
+    ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=mma))
+    dlnw = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
+    dlnb = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
+    n = n_hi - 1
+    _keys_prefetch(k_ptr, sw1_ptr + (n - n_lo) * D * F, sw2_ptr + (n - n_lo) * F * D, kb.index(n % 2), w1s, w2s,
+                   n * BS, T, F, trows, tcols, D, NCH)
+    for jj in range(0, n_hi - n_lo):
+        n = n_hi - 1 - jj
+        t0 = n * BS
+        at = n - n_lo
+        pj = at
+        kt = kb.index(n % 2)
+        b1_ptr = sb1_ptr + at * F
+        pb = par_ptr + pj * PEND
+        pl = parl_ptr + pj * PEND * 2
+        k = _load_rows(k_ptr, t0, T, rows, cols, D)
+        target = _load_rows(v_ptr, t0, T, rows, cols, D) - k
+        eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+        xh, rstd, dy, dxh, gr = _inner_grad(gl.load(pb + P_Z2 + vtile), target, lnw, lnb, D, eps)
+        g2 = eta * gr
+        db2 = gl.load(db2_ptr + cols)[None, :] + gl.load(pb + P_B2 + cols)[None, :]
+        dg2 = zero - db2
+        dk = zero
+        async_copy.wait_group(0)  # this step's k and state
+        g2s.store(g2.to(gl.bfloat16))
+        # first pass: the adjoint through the update of each chunk
+        for c in range(NCH):
+            dw1 = gl.load(dw1_ptr + c * FC + wtile) + gl.load(pl + c * FC + wtile).to(gl.float32)
+            dw2 = gl.load(dw2_ptr + c * FC * D + vtile) + gl.load(pl + P_W2 + c * FC * D + vtile).to(gl.float32)
+            db1 = gl.load(db1_ptr + c * FC + cols)[None, :] + gl.load(pb + P_B1 + c * FC + cols)[None, :]
+            b1 = gl.load(b1_ptr + c * FC + cols)[None, :]
+            _barrier()  # the last chunk's products are done with the single buffers
+            dw1s.store(dw1.to(gl.bfloat16))
+            dw2s.store(dw2.to(gl.bfloat16))
+            _handoff()
+            z1 = warpgroup_mma(kt, w1s.index(c), zero, use_acc=False, is_async=True)
+            p = warpgroup_mma(g2s, w2s.index(c).permute((1, 0)), zero, use_acc=False, is_async=True)
+            a = warpgroup_mma(kt, dw1s, zero, use_acc=False, is_async=True)
+            e = warpgroup_mma(g2s, dw2s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            z1, p, a, e = warpgroup_mma_wait(0, deps=(z1, p, a, e))
+            gl.store(dw1_ptr + c * FC + wtile, dw1)
+            gl.store(db1_ptr + c * FC + bcast, db1 + zero, mask=first)
+            x2, gp, gpp = _gelu_parts(z1 + b1, True)
+            dg1 = -a - db1
+            dp = dg1 * gp
+            g1s.store((-(p * gp)).to(gl.bfloat16))
+            x2s.store((-x2).to(gl.bfloat16))
+            dps.store(dp.to(gl.bfloat16))
+            dz1s.index(c).store((dg1 * p * gpp - e * gp).to(gl.bfloat16))
+            _handoff()
+            dk = warpgroup_mma(g1s, dw1s.permute((1, 0)), dk, is_async=True)
+            dg2 = warpgroup_mma(x2s, dw2s, dg2, is_async=True)
+            dg2 = warpgroup_mma(dps, w2s.index(c), dg2, is_async=True)
+            dw2 = warpgroup_mma(dps.permute((1, 0)), g2s, dw2, is_async=True)
+            dk, dg2, dw2 = warpgroup_mma_wait(0, deps=(dk, dg2, dw2))
+            gl.store(dw2_ptr + c * FC * D + vtile, dw2)
+        # reverse mode of the inner gradient
+        deta = gl.sum(dg2 * gr, 1)
+        dz2, d_dy, dlw, dlb = _inner_grad_bwd(eta * dg2, xh, rstd, dy, dxh, lnw, D)
+        dlnw += dlw
+        dlnb += dlb
+        gl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+        dz2s.store(dz2.to(gl.bfloat16))
+        _handoff()
+        db2 = warpgroup_mma(ones, dz2s, zero + db2)
+        gl.store(db2_ptr + bcast, db2, mask=first)
+        # second pass: the key path
+        for c in range(NCH):
+            z1 = warpgroup_mma(kt, w1s.index(c), zero, use_acc=False, is_async=True)
+            r = warpgroup_mma(dz2s, w2s.index(c).permute((1, 0)), zero, use_acc=False, is_async=True)
+            dw1 = gl.load(dw1_ptr + c * FC + wtile)
+            dw2 = gl.load(dw2_ptr + c * FC * D + vtile)
+            db1 = gl.load(db1_ptr + c * FC + cols)[None, :] + zero
+            b1 = gl.load(b1_ptr + c * FC + cols)[None, :]
+            z1, r = warpgroup_mma_wait(0, deps=(z1, r))
+            x2, gp = _gelu_d(z1 + b1, True)
+            dz1 = dz1s.index(c).load(mma).to(gl.float32) + r * gp
+            _barrier()  # the last chunk's products are done with g1s and x2s
+            g1s.store(dz1.to(gl.bfloat16))
+            x2s.store(x2.to(gl.bfloat16))
+            _handoff()
+            dk = warpgroup_mma(g1s, w1s.index(c).permute((1, 0)), dk, is_async=True)
+            dw1 = warpgroup_mma(kt.permute((1, 0)), g1s, dw1, is_async=True)
+            db1 = warpgroup_mma(ones, g1s, db1, is_async=True)
+            dw2 = warpgroup_mma(x2s.permute((1, 0)), dz2s, dw2, is_async=True)
+            dk, dw1, db1, dw2 = warpgroup_mma_wait(0, deps=(dk, dw1, db1, dw2))
+            gl.store(dw1_ptr + c * FC + wtile, dw1)
+            gl.store(db1_ptr + c * FC + bcast, db1, mask=first)
+            gl.store(dw2_ptr + c * FC * D + vtile, dw2)
+        _barrier()  # every product is done with this state and k
+        if n > n_lo:
+            m = n - 1
+            _keys_prefetch(k_ptr, sw1_ptr + (m - n_lo) * D * F, sw2_ptr + (m - n_lo) * F * D, kb.index(m % 2),
+                           w1s, w2s, m * BS, T, F, trows, tcols, D, NCH)
+        _store_rows(dk_ptr, dk + d_dy, t0, T, rows, cols, D)
+        _store_rows(dv_ptr, -d_dy, t0, T, rows, cols, D)
+    gl.store(dlnw_ptr + chain * D + cols, gl.load(dlnw_ptr + chain * D + cols) + dlnw)
+    gl.store(dlnb_ptr + chain * D + cols, gl.load(dlnb_ptr + chain * D + cols) + dlnb)
+    async_copy.wait_group(0)
+
+
+@gluon.jit
+def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, lnb_ptr, cw1_ptr, cb1_ptr, cw2_ptr,
+                        cb2_ptr, run_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, par_ptr, parl_ptr, dlnw_ptr, dlnb_ptr,
+                        T, H, NG, g_lo, WG, eps, F: gl.constexpr, G: gl.constexpr, PEND: gl.constexpr,
+                        num_warps: gl.constexpr):
+    """Program (chain, gw) recomputes group g_lo + gw from its checkpoint: for each of its mini-batches it
+    writes the state before (slot gw * G + j of the window's scratch) and what the keys' half takes from
+    the queries' half (Z2, the query path's part of the adjoint of the state after), and stores dq."""
+    D: gl.constexpr = 64
+    BS: gl.constexpr = 64
+    FC: gl.constexpr = 64
+    NCH: gl.constexpr = F // FC
+    P_W2: gl.constexpr = D * F
+    P_B1: gl.constexpr = D * F
+    P_B2: gl.constexpr = P_B1 + F
+    P_Z2: gl.constexpr = P_B2 + D
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                  instr_shape=[16, 256 // num_warps, 16])
+    opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    rowl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=512 // num_warps, element_bitwidth=16, rank=2)
+
+    pid = gl.program_id(0)
+    chain = (pid // WG).to(gl.int64)
+    gw = pid % WG
+    g = g_lo + gw
+    h = chain % H
+    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    trows = gl.arange(0, BS, layout=gl.SliceLayout(1, rowl))
+    tcols = gl.arange(0, D, layout=gl.SliceLayout(0, rowl))
+    wtile = rows[:, None] * F + cols[None, :]
+    vtile = rows[:, None] * D + cols[None, :]
+    bcast = cols[None, :] + 0 * rows[:, None]
+    first = rows[:, None] == 0
+    lnw = gl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = gl.load(lnb_ptr + h * D + cols)[None, :]
+    NB = gl.cdiv(T, BS)
+    n0 = g * G
+    L = gl.minimum(G, NB - n0)
+    cg = chain * NG + g
+    w1_ptr = run_ptr + pid * (2 * D * F + F + D)
+    b1_ptr = w1_ptr + D * F
+    w2_ptr = b1_ptr + F
+    b2_ptr = w2_ptr + F * D
+    slot0 = chain * WG * G + gw * G
+    q_ptr += chain * T * D
+    k_ptr += chain * T * D
+    v_ptr += chain * T * D
+    do_ptr += chain * T * D
+    dq_ptr += chain * T * D
+    eta_ptr += chain * T
+
+    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, D, FC], tile_l)
+    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], tile_l)
+    kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], tile_l)
+    qb = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
+    vb = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
+    x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
+    g1s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
+    g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
+    ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], tile_l)
+    ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=mma))
+    for c in gl.static_range(NCH):
+        cw1 = gl.load(cw1_ptr + cg * D * F + c * FC + wtile)
+        cw2 = gl.load(cw2_ptr + cg * F * D + c * FC * D + vtile)
+        cb1 = gl.load(cb1_ptr + cg * F + c * FC + cols)
+        gl.store(w1_ptr + c * FC + wtile, cw1)
+        gl.store(w2_ptr + c * FC * D + vtile, cw2)
+        gl.store(b1_ptr + c * FC + cols, cb1)
+        gl.store(sw1_ptr + slot0 * D * F + c * FC + wtile, cw1.to(gl.bfloat16))
+        gl.store(sw2_ptr + slot0 * F * D + c * FC * D + vtile, cw2.to(gl.bfloat16))
+        gl.store(sb1_ptr + slot0 * F + c * FC + cols, cb1)
+        w1s.index(c).store(cw1.to(gl.bfloat16))
+        w2s.index(c).store(cw2.to(gl.bfloat16))
+    b2c = gl.load(cb2_ptr + cg * D + cols)
+    gl.store(b2_ptr + cols, b2c)
+    gl.store(sb2_ptr + slot0 * D + cols, b2c)
+    _queries_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index(0), vb, n0 * BS, T, trows, tcols, D)
+    eta = _load_eta(eta_ptr, n0 * BS, T, rows)
+
+    zero = gl.zeros([BS, D], gl.float32, layout=mma)
+    dlnw = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
+    dlnb = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
+    for j in range(0, L):
+        n = n0 + j
+        t0 = n * BS
+        slot = slot0 + j
+        pb = par_ptr + slot * PEND
+        pl = parl_ptr + slot * PEND * 2
+        kt = kb.index(j % 2)
+        b2 = gl.load(b2_ptr + cols)[None, :]
+        async_copy.wait_group(0)
+        _handoff()
+        part = zero
+        for ch in range(NCH):
+            b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
+            z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
+            z1 = warpgroup_mma_wait(0, deps=(z1, ))
+            x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), opa)
+            part = warpgroup_mma(x2, w2s.index(ch), part)
+        z2 = part + b2
+        gl.store(pb + P_Z2 + vtile, z2)
+        target = vb.load(mma).to(gl.float32) - kt.load(mma).to(gl.float32)
+        xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
+        g2 = (-(eta[:, None] * gr)).to(gl.bfloat16)
+        g2s.store(g2)
+        _handoff()
+        partq = warpgroup_mma(ones, g2s, zero + b2)  # b2's update, where Z_q2 starts
+        gl.store(b2_ptr + bcast, partq, mask=first)
+        nxt = j + 1 < L
+        if nxt:
+            gl.store(sb2_ptr + (slot + 1) * D + bcast, partq, mask=first)
+        for ch in range(NCH):
+            p = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
+            z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
+            w1 = gl.load(w1_ptr + ch * FC + wtile)
+            w2 = gl.load(w2_ptr + ch * FC * D + vtile)
+            b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
+            p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
+            x2, gp = _gelu_d(z1 + b1, True)
+            g1s.store((p * gp).to(gl.bfloat16))
+            x2s.store(x2.to(gl.bfloat16))
+            _handoff()
+            w1 = warpgroup_mma(kt.permute((1, 0)), g1s, w1, is_async=True)
+            w2 = warpgroup_mma(x2s.permute((1, 0)), g2s, w2, is_async=True)
+            b1 = warpgroup_mma(ones, g1s, zero + b1, is_async=True)
+            w1, w2, b1 = warpgroup_mma_wait(0, deps=(w1, w2, b1))
+            gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
+            gl.store(w1_ptr + ch * FC + wtile, w1)
+            gl.store(w2_ptr + ch * FC * D + vtile, w2)
+            if nxt:
+                gl.store(sb1_ptr + (slot + 1) * F + ch * FC + bcast, b1, mask=first)
+                gl.store(sw1_ptr + (slot + 1) * D * F + ch * FC + wtile, w1.to(gl.bfloat16))
+                gl.store(sw2_ptr + (slot + 1) * F * D + ch * FC * D + vtile, w2.to(gl.bfloat16))
+            w1s.index(ch).store(w1.to(gl.bfloat16))
+            w2s.index(ch).store(w2.to(gl.bfloat16))
+            _handoff()
+            zq = warpgroup_mma(qb, w1s.index(ch), zero, use_acc=False, is_async=True)
+            zq = warpgroup_mma_wait(0, deps=(zq, ))
+            xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), opa)
+            partq = warpgroup_mma(xq, w2s.index(ch), partq)
+        # the output's LayerNorm, then the query path's reverse through the updated state
+        do = _load_rows(do_ptr, t0, T, rows, cols, D)
+        xhq, rstdq = _ln(partq, D, eps)
+        dlnw += gl.sum(do * xhq, 0)
+        dlnb += gl.sum(do, 0)
+        dzq2 = _ln_bwd(do * lnw, xhq, rstdq, D)
+        _barrier()  # every product is done with g2s
+        g2s.store(dzq2.to(gl.bfloat16))
+        _handoff()
+        qb2 = warpgroup_mma(ones, g2s, zero)
+        gl.store(pb + P_B2 + bcast, qb2, mask=first)
+        dq = do
+        for ch in range(NCH):
+            zq = warpgroup_mma(qb, w1s.index(ch), zero, use_acc=False, is_async=True)
+            r = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
+            b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
+            zq, r = warpgroup_mma_wait(0, deps=(zq, r))
+            xq, gpq = _gelu_d(zq + b1, True)
+            _barrier()  # the last chunk's products are done with g1s and x2s
+            g1s.store((r * gpq).to(gl.bfloat16))
+            x2s.store(xq.to(gl.bfloat16))
+            _handoff()
+            dq = warpgroup_mma(g1s, w1s.index(ch).permute((1, 0)), dq, is_async=True)
+            qw1 = warpgroup_mma(qb.permute((1, 0)), g1s, zero, use_acc=False, is_async=True)
+            qb1 = warpgroup_mma(ones, g1s, zero, use_acc=False, is_async=True)
+            qw2 = warpgroup_mma(x2s.permute((1, 0)), g2s, zero, use_acc=False, is_async=True)
+            dq, qw1, qb1, qw2 = warpgroup_mma_wait(0, deps=(dq, qw1, qb1, qw2))
+            gl.store(pl + ch * FC + wtile, qw1.to(gl.bfloat16))
+            gl.store(pl + P_W2 + ch * FC * D + vtile, qw2.to(gl.bfloat16))
+            gl.store(pb + P_B1 + ch * FC + bcast, qb1, mask=first)
+        _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
+        _barrier()  # every thread's reads of q, k and v before the next mini-batch's copies
+        _queries_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((j + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
+        eta = _load_eta(eta_ptr, t0 + BS, T, rows)
+    gl.store(dlnw_ptr + pid * D + cols, dlnw)
+    gl.store(dlnb_ptr + pid * D + cols, dlnb)
+    async_copy.wait_group(0)
+
+
+@gluon.jit
+def _queries_prefetch(q_ptr, k_ptr, v_ptr, qb, kb, vb, t0, T, rows, cols, D: gl.constexpr):
+    at = (t0 + rows)[:, None] * D + cols[None, :]
+    m = ((t0 + rows) < T)[:, None]
+    _async_load(kb, k_ptr + at, mask=m)
+    _async_load(qb, q_ptr + at, mask=m)
+    _async_load(vb, v_ptr + at, mask=m)
+    async_copy.commit_group()
+
+
 def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
     """Runs the forward of `args` (`_mlp_fwd_kernel`'s first 15) where it applies: more chains than half
     the SMs (so the portable kernel would give a chain two programs or fewer) and all of them resident at
@@ -203,3 +569,38 @@ def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
         return False
     launch(_mlp_fwd_hopper, (N, ), *args, T, H, NG, eps, **options)
     return True
+
+
+def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps, group, window=8):
+    """The MLP backward of `triton.py`'s `_TTT` where the forward ran `_mlp_fwd_hopper`'s kind of inputs, in
+    windows of `window` checkpoint groups, newest first: `_mlp_queries_hopper` recomputes the window's
+    groups side by side (one program a chain and group) and runs their queries' halves, then
+    `_mlp_keys_hopper` carries the adjoint (`carry`, in place) back through the window, one program a
+    chain. Returns the LayerNorm weight and bias gradients `[H, D]`."""
+    N, H, D, F = q.shape[0], ln_w.shape[0], D_HOPPER, 4 * D_HOPPER
+    bs = D_HOPPER
+    pend = D * F + F + D + bs * D
+    wg = min(window, NG)
+    slots = wg * group
+    sw1 = q.new_empty((N, slots, D, F), dtype=torch.bfloat16)
+    sw2 = q.new_empty((N, slots, F, D), dtype=torch.bfloat16)
+    sb1 = q.new_empty((N, slots, F), dtype=torch.float32)
+    sb2 = q.new_empty((N, slots, D), dtype=torch.float32)
+    par = q.new_empty((N, slots, pend), dtype=torch.float32)
+    run = q.new_empty((N * wg, 2 * D * F + F + D), dtype=torch.float32)
+    qlnw = q.new_empty((N * wg, D), dtype=torch.float32)
+    qlnb = torch.empty_like(qlnw)
+    dlnw = q.new_zeros((N, D), dtype=torch.float32)
+    dlnb = torch.zeros_like(dlnw)
+    NB = -(-T // bs)
+    for g_lo in reversed(range(0, NG, wg)):
+        ng = min(wg, NG - g_lo)
+        _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, sw1, sb1, sw2, sb2, par,
+                                        par.view(torch.bfloat16), qlnw, qlnb, T, H, NG, g_lo, ng, eps, F=F, G=group,
+                                        PEND=pend, num_warps=WARPS)
+        dlnw += qlnw[:N * ng].view(N, ng, D).sum(1)
+        dlnb += qlnb[:N * ng].view(N, ng, D).sum(1)
+        _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, sw1, sb1, sw2, sb2, *carry, par, par.view(torch.bfloat16), dk,
+                                dv, deta, dlnw, dlnb, T, H, g_lo * group, min(NB, (g_lo + ng) * group), ng * group, eps,
+                                F=F, PEND=pend, num_warps=WARPS)
+    return dlnw.view(-1, H, D).sum(0), dlnb.view(-1, H, D).sum(0)

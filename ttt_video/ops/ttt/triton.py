@@ -1210,17 +1210,24 @@ _PER_SM = {}
 _SLICES = {}
 
 
-def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
-    """Runs the MLP forward with the Hopper kernel (`hopper.py`, v32 and v33) where it applies; returns whether
-    it ran."""
+def _hopper(q, causal, common):
+    """`hopper.py` where its kernels apply (an H100's compute capability, bf16 products, head dim and
+    mini-batch 64, not causal) and this Triton has the Gluon they use, else None."""
     if not (q.is_cuda and common["LP"] and not causal and common["D"] == 64 and common["BS"] == 64
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
-        return False
+        return None
     try:
         from . import hopper
     except (ImportError, AttributeError):  # a Triton without Gluon, or whose Gluon lacks what it uses
-        return False
-    return hopper.forward(args, T, H, NG, eps, group, save, _programs_per_sm, _launch)
+        return None
+    return hopper
+
+
+def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
+    """Runs the MLP forward with the Hopper kernel (`hopper.py`, v32 and v33) where it applies; returns whether
+    it ran."""
+    hopper = _hopper(q, causal, common)
+    return hopper is not None and hopper.forward(args, T, H, NG, eps, group, save, _programs_per_sm, _launch)
 
 
 class _TTT(torch.autograd.Function):
@@ -1280,7 +1287,12 @@ class _TTT(torch.autograd.Function):
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         deta = _empty_like(eta.float())
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
-        if mlp:
+        hopper = _hopper(q, causal, common) if mlp else None
+        if hopper is not None:
+            S = 1
+            dlnw, dlnb = hopper.backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps,
+                                         group)
+        elif mlp:
             F = 4 * D
             low = torch.bfloat16 if common["LP"] else torch.float32  # the recomputed W1 and W2: products' operands
             head = (q, k, v, eta, dout, ln_w, ln_b, *ckpt)
@@ -1308,8 +1320,9 @@ class _TTT(torch.autograd.Function):
             dlnb = torch.empty_like(dlnw)
             _launch(_linear_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv,
                     deta, dlnw, dlnb, T, H, NG, eps, **common)
-        dlnw = dlnw.view(-1, H, S, D).sum((0, 2))
-        dlnb = dlnb.view(-1, H, S, D).sum((0, 2))
+        if hopper is None:
+            dlnw = dlnw.view(-1, H, S, D).sum((0, 2))
+            dlnb = dlnb.view(-1, H, S, D).sum((0, 2))
         grads = (g[:, :length] for g in (dq, dk, dv, deta.to(eta.dtype)))
         return (None,) * 5 + (*grads, dlnw, dlnb, *carry)
 
