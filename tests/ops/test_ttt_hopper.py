@@ -1,5 +1,5 @@
-"""The Hopper TTT-MLP forward (`ttt_video/ops/ttt/hopper.py`, Gluon) on the CPU: Gluon has no interpreter,
-so this checks that the kernel compiles for compute capability 9.0 with what its design rests on; its
+"""The Hopper TTT-MLP kernels (`ttt_video/ops/ttt/hopper.py`, Gluon) on the CPU: Gluon has no interpreter,
+so this checks that the kernels compile for compute capability 9.0 with what their design rests on; their
 results are tested on an H100 (`test_ttt_triton.py`, the CUDA tests)."""
 
 import os
@@ -18,20 +18,34 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from ttt_video.ops.ttt import hopper
 
-names = ["q_ptr", "k_ptr", "v_ptr", "eta_ptr", "o_ptr", "lnw_ptr", "lnb_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr",
-         "cw1_ptr", "cb1_ptr", "cw2_ptr", "cb2_ptr"]
-signature = {name: "*bf16" if i < 5 else "*fp32" for i, name in enumerate(names)}
-signature.update(T="i32", H="i32", NG="i32", eps="fp32", F="constexpr", G="constexpr", SAVE="constexpr",
-                 num_warps="constexpr")
-aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(names) + 1)}  # the pointers and T, as launches see them
-for save in (False, True):
-    source = GluonASTSource(hopper._mlp_fwd_hopper, signature,
-                            {"F": 256, "G": 16, "SAVE": save, "num_warps": hopper.WARPS}, aligned)
+
+def build(name, fn, pointers, low, scalars, constants):
+    signature = {p: "*bf16" if p in low else "*fp32" for p in pointers}
+    signature.update({s: "fp32" if s == "eps" else "i32" for s in scalars})
+    signature.update({c: "constexpr" for c in constants}, num_warps="constexpr")
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + 1)}  # the pointers and T, as launched
+    source = GluonASTSource(fn, signature, {**constants, "num_warps": hopper.WARPS}, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hopper.WARPS})
     ptx = kernel.asm["ptx"]
-    open(f"{sys.argv[1]}/{save}.ptx", "w").write(ptx)
-    print(save, kernel.metadata.shared, ptx.count("wgmma.mma_async"), ptx.count("cp.async.cg"),
+    open(f"{sys.argv[1]}/{name}.ptx", "w").write(ptx)
+    print(name, kernel.metadata.shared, ptx.count("wgmma.mma_async"), ptx.count("cp.async.cg"),
           ptx.count("wgmma.wait_group"), ptx.count("fence.proxy.async"))
+
+
+tokens = ["q_ptr", "k_ptr", "v_ptr", "eta_ptr"]
+ckpt = ["cw1_ptr", "cb1_ptr", "cw2_ptr", "cb2_ptr"]
+for save in (False, True):
+    build(f"forward-{save}", hopper._mlp_fwd_hopper, tokens + ["o_ptr", "lnw_ptr", "lnb_ptr", "w1_ptr", "b1_ptr",
+          "w2_ptr", "b2_ptr"] + ckpt, tokens + ["o_ptr"], ["T", "H", "NG", "eps"], {"F": 256, "G": 16, "SAVE": save})
+states = ["sw1_ptr", "sb1_ptr", "sw2_ptr", "sb2_ptr", "par_ptr", "parl_ptr"]
+low = ["sw1_ptr", "sw2_ptr", "parl_ptr"]
+pend = 64 * 256 + 256 + 64 + 64 * 64
+build("queries", hopper._mlp_queries_hopper, tokens + ["do_ptr", "dq_ptr", "lnw_ptr", "lnb_ptr"] + ckpt + ["run_ptr"]
+      + states + ["dlnw_ptr", "dlnb_ptr"], tokens + ["do_ptr", "dq_ptr"] + low, ["T", "H", "NG", "g_lo", "WG", "eps"],
+      {"F": 256, "G": 16, "PEND": pend})
+build("keys", hopper._mlp_keys_hopper, tokens[1:] + ["lnw_ptr", "lnb_ptr"] + states[:4] + ["dw1_ptr", "db1_ptr",
+      "dw2_ptr", "db2_ptr"] + states[4:] + ["dk_ptr", "dv_ptr", "deta_ptr", "dlnw_ptr", "dlnb_ptr"],
+      tokens[1:] + ["dk_ptr", "dv_ptr"] + low, ["T", "H", "n_lo", "n_hi", "NSLOT", "eps"], {"F": 256, "PEND": pend})
 """
 
 
@@ -77,21 +91,26 @@ def test_register_operand_check_flags_an_operand_left_unguarded():
     assert _unguarded_register_operands(head + ".loc 1 2 3\n// wait for regs: %r1,%r2\n" + wait) == []
 
 
-def test_hopper_forward_compiles_for_sm90(tmp_path):
-    """Both builds (with and without checkpoints) compile; their products are wgmma (4 instructions of K =
-    16 for each of the step's 8 products a hidden chunk and for the bias updates' column sums, b1's a
-    chunk and b2's, written once in the loops), waited for in 7 groups; the next mini-batch's q, k and v
-    come in by `cp.async`; shared-memory writes are fenced for the products; the shared memory holds
-    W1 and W2 in bf16 with the token and gradient tiles, within what an H100 SM gives one program; and no
-    asynchronous product's register operand is left free to be reused while it runs."""
+def test_hopper_kernels_compile_for_sm90(tmp_path):
+    """Every build compiles for compute capability 9.0: the forward with and without checkpoints, and the
+    backward's two kernels (the queries' halves with the group recompute, the keys' halves). Their products
+    are wgmma, counted as written in the loops (4 instructions of K = 16 a product): the forward's 8 a
+    hidden chunk and the bias updates' column sums, b1's a chunk and b2's (40), waited for in 7 groups; the
+    queries' kernel's forward step and the query path's reverse (68, in 10 groups); the keys' kernel's 8
+    products a chunk in its first pass, 6 in its second and b2's column sum (60, in 5 groups). The tokens
+    come in by `cp.async` (and the keys' kernel's states), shared-memory writes are fenced for the products,
+    each shared memory holds W1 and W2 in bf16 beside the token and gradient tiles within what an H100 SM
+    gives one program, and no asynchronous product's register operand is left free to be reused while it
+    runs."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    for line, save in zip(run.stdout.split("\n"), ("False", "True")):
-        flag, shared, wgmma, copies, waits, fences = line.split()
-        assert flag == save
-        assert 64 * 1024 < int(shared) <= 227 * 1024  # W1 and W2 of the chain in bf16: 64 KB
-        assert int(wgmma) == 40 and int(waits) == 7
-        assert int(copies) > 0 and int(fences) > 0
-        assert _unguarded_register_operands((tmp_path / f"{save}.ptx").read_text()) == []
+    expect = {"forward-False": (40, 7), "forward-True": (40, 7), "queries": (68, 10), "keys": (60, 5)}
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert [line[0] for line in lines] == list(expect)
+    for name, shared, wgmma, copies, waits, fences in lines:
+        assert 64 * 1024 < int(shared) <= 227 * 1024, name  # W1 and W2 of the chain in bf16: 64 KB
+        assert (int(wgmma), int(waits)) == expect[name]
+        assert int(copies) > 0 and int(fences) > 0, name
+        assert _unguarded_register_operands((tmp_path / f"{name}.ptx").read_text()) == [], name

@@ -413,6 +413,36 @@ def test_cuda_mlp_forward_takes_the_hopper_kernel_where_it_applies(monkeypatch):
     assert ran == [True, True, False]
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU")
+def test_cuda_mlp_backward_takes_the_hopper_kernels_where_they_apply(monkeypatch):
+    """On an H100 the bf16 TTT-MLP backward at head dim 64 and mini-batch 64, not causal, runs the Hopper
+    kernels (`hopper.backward`, whatever the number of chains) and gives the reference's gradients, as the
+    portable backward does: over one window of checkpoint groups (T = 1,000, a last mini-batch of 40
+    tokens) and over two, the second partial (T = 9,000: 9 groups of 16 mini-batches, windows of 8), with
+    the gradient of the final state carried in. Causal mini-batches keep the portable backward."""
+    from ttt_video.ops.ttt import hopper
+    from ttt_video.ops.ttt import torch as torch_impl
+
+    triton_impl = _module()
+    ran = []
+    backward = hopper.backward
+    monkeypatch.setattr(hopper, "backward", lambda *args: (ran.append(T), backward(*args))[1])
+    for T in (1000, 9000):
+        args = _inputs("mlp", T, seed=7, batch=1, dim=64, device="cuda", eta_scale=0.02)
+        low = [a.to(torch.bfloat16) if i < 4 else a.float() for i, a in enumerate(args)]
+        out_r, state_r, grads_r = _run(torch_impl, "mlp", args, mini_batch_size=64, causal=False)
+        grads = _run(triton_impl, "mlp", low, mini_batch_size=64, causal=False)[2]
+        with monkeypatch.context() as portable_only:
+            portable_only.setattr(triton_impl, "_hopper_backward", lambda *args: None)
+            portable = _run(triton_impl, "mlp", low, mini_batch_size=64, causal=False)[2]
+        for name, gt, gp, gr in zip(_names("mlp"), grads, portable, grads_r):
+            _check(f"T={T} grad {name}", gt, gr, 1e-2)
+            _check(f"T={T} portable grad {name}", gp, gr, 1e-2)
+    assert ran == [1000, 9000]
+    _check_16bit(triton_impl, "mlp", True, 64, 64, torch.bfloat16)
+    assert ran == [1000, 9000]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_mlp_stays_near_float32_over_18_seconds_of_tokens():
     """Over a long sequence (T = 100,334, 1,568 mini-batches: 18 s of CogVideoX-5B video) with inputs as
@@ -451,6 +481,7 @@ def test_cuda_mlp_with_more_chains_than_sms_runs_one_program_a_chain(monkeypatch
     builds give the reference's outputs, states and gradients."""
     triton_impl = _module()
     monkeypatch.setattr(triton_impl, "_SLICES", {})
+    monkeypatch.setattr(triton_impl, "_hopper_backward", lambda *args: None)  # the portable backward
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=-(-(per_sm * sms + 12) // H))
     picked = {(k[3][0] == "backward", dict(k[3][-1])["num_warps"], dict(k[3][-1])["FC"]): s
@@ -460,10 +491,11 @@ def test_cuda_mlp_with_more_chains_than_sms_runs_one_program_a_chain(monkeypatch
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_mlp_backward_gets_a_small_carveout_and_the_same_results():
+def test_cuda_mlp_backward_gets_a_small_carveout_and_the_same_results(monkeypatch):
     """The MLP backward (82 KB of shared memory at head dim 64) runs with the smallest carveout that
     holds it; the carveout moves the L1 / shared-memory split only, so results repeat exactly."""
     triton_impl = _module()
+    monkeypatch.setattr(triton_impl, "_hopper_backward", lambda *args: None)  # the portable backward
     args = [a.to(torch.bfloat16) if i < 4 else a.float()
             for i, a in enumerate(_inputs("mlp", 300, seed=4, batch=1, dim=64, device="cuda", eta_scale=0.02))]
     first = _run(triton_impl, "mlp", args, mini_batch_size=64, causal=False)
@@ -482,6 +514,7 @@ def test_cuda_mlp_backward_split_matches_one_program(monkeypatch, causal):
     one-program (S = 1) results of a build with as many warps. Eight checkpoint groups, so the two
     groups' buffers in flight are each reused."""
     triton_impl = _module()
+    monkeypatch.setattr(triton_impl, "_hopper_backward", lambda *args: None)  # the portable backward
     monkeypatch.setattr(triton_impl, "_SLICES", {})
     args = [a.to(torch.bfloat16) if i < 4 else a.float()
             for i, a in enumerate(_inputs("mlp", 2000, seed=5, batch=1, dim=64, device="cuda", eta_scale=0.02))]

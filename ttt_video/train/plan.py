@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UserError
 from ..models import build_model
-from ..ops.ttt.buffers import mlp_backward_padding, mlp_backward_scratch
+from ..ops.ttt.buffers import mlp_backward_padding, mlp_backward_scratch, mlp_hopper_backward_scratch
 from .adapters import apply_adapter, cast_frozen
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -219,7 +219,8 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     float32: the adjoint of each chain's inner state and the states recomputed for a checkpoint group;
     for TTT-MLP the shapes the kernels take from `ops.ttt.buffers` (the recomputed states, their W1 and
     W2 in bf16 for 16-bit q, what its queries' half leaves the keys' half, its step scratch, and q, k, v
-    and the output gradient padded to a multiple of 16 tokens)."""
+    and the output gradient padded to a multiple of 16 tokens): the Hopper kernels' where they run (bf16,
+    head dim and mini-batch 64, `_hopper_gpu`), else the portable kernel's."""
     B, H, T, D = q.shape
     chains, group, bs = B * H, TTT_CHECKPOINT_GROUP, mini_batch_size
     state = sum(w.numel() // w.shape[0] for w in weights)  # floats of one chain's inner state
@@ -230,17 +231,28 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     if len(weights) == 2:
         return [f32(chains, state), f32(chains, group, state)]
     low = q.dtype != torch.float32  # bf16 products: the recomputed W1 and W2 are kept in bf16
-    programs, primal = _mlp_backward_build(chains, D, bs)
-    states, par, scr = mlp_backward_scratch(chains, programs, group, bs, D, weights[0].shape[-1], low, primal)
-    matrices = sum(w.numel() // w.shape[0] for w in weights if w.shape[-2] > 1)  # W1, W2 (b1, b2 are [1, n])
-    scratch = [f32(chains, state), q.new_empty(*states, matrices, dtype=torch.bfloat16 if low else torch.float32),
-               f32(*states, state - matrices), f32(*par), f32(*scr)]
+    if low and D == 64 and bs == 64 and _hopper_gpu():
+        shapes = mlp_hopper_backward_scratch(chains, -(-T // (bs * group)), group, D, weights[0].shape[-1], bs)
+        scratch = [f32(chains, state), q.new_empty(shapes["low"], dtype=torch.bfloat16),
+                   *(f32(*shapes[name]) for name in ("b1", "b2", "par", "run", "ln"))]
+    else:
+        programs, primal = _mlp_backward_build(chains, D, bs)
+        states, par, scr = mlp_backward_scratch(chains, programs, group, bs, D, weights[0].shape[-1], low, primal)
+        matrices = sum(w.numel() // w.shape[0] for w in weights if w.shape[-2] > 1)  # W1, W2 (b1, b2: [1, n])
+        scratch = [f32(chains, state), q.new_empty(*states, matrices, dtype=torch.bfloat16 if low else torch.float32),
+                   f32(*states, state - matrices), f32(*par), f32(*scr)]
     if pad := mlp_backward_padding(T):
         scratch += [q.new_empty(chains, T + pad, D) for _ in range(4)]
     return scratch
 
 
 SMS_WITHOUT_GPU = 132  # multiprocessors assumed where the plan runs without a GPU (an H100's or H200's)
+
+
+def _hopper_gpu():
+    """Whether the TTT-MLP kernels take their Hopper path (`ops/ttt/hopper.py`) on the GPU planned for: this
+    one's compute capability is 9.0, or, without a GPU, the H100 or H200 the plan assumes."""
+    return torch.cuda.get_device_capability() == (9, 0) if torch.cuda.is_available() else True
 
 
 def _mlp_backward_build(chains, head_dim, mini_batch_size):

@@ -29,6 +29,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from .buffers import mlp_hopper_backward_scratch
 from .triton import (_gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd, _load_eta, _load_rows,
                      _mlp_out_rows, _store_rows)
 
@@ -571,28 +572,22 @@ def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
     return True
 
 
-def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps, group, window=8):
+def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps, group):
     """The MLP backward of `triton.py`'s `_TTT` where the forward ran `_mlp_fwd_hopper`'s kind of inputs, in
-    windows of `window` checkpoint groups, newest first: `_mlp_queries_hopper` recomputes the window's
-    groups side by side (one program a chain and group) and runs their queries' halves, then
+    windows of `HOPPER_WINDOW` checkpoint groups, newest first: `_mlp_queries_hopper` recomputes the
+    window's groups side by side (one program a chain and group) and runs their queries' halves, then
     `_mlp_keys_hopper` carries the adjoint (`carry`, in place) back through the window, one program a
     chain. Returns the LayerNorm weight and bias gradients `[H, D]`."""
     N, H, D, F = q.shape[0], ln_w.shape[0], D_HOPPER, 4 * D_HOPPER
-    bs = D_HOPPER
-    pend = D * F + F + D + bs * D
-    wg = min(window, NG)
-    slots = wg * group
-    sw1 = q.new_empty((N, slots, D, F), dtype=torch.bfloat16)
-    sw2 = q.new_empty((N, slots, F, D), dtype=torch.bfloat16)
-    sb1 = q.new_empty((N, slots, F), dtype=torch.float32)
-    sb2 = q.new_empty((N, slots, D), dtype=torch.float32)
-    par = q.new_empty((N, slots, pend), dtype=torch.float32)
-    run = q.new_empty((N * wg, 2 * D * F + F + D), dtype=torch.float32)
-    qlnw = q.new_empty((N * wg, D), dtype=torch.float32)
-    qlnb = torch.empty_like(qlnw)
+    shapes = mlp_hopper_backward_scratch(N, NG, group, D, F, D_HOPPER)
+    sw1, sw2 = q.new_empty(shapes["low"], dtype=torch.bfloat16)
+    sb1, sb2, par, run = (q.new_empty(shapes[name], dtype=torch.float32) for name in ("b1", "b2", "par", "run"))
+    qlnw, qlnb = q.new_empty(shapes["ln"], dtype=torch.float32)
+    wg = shapes["run"][0] // N
+    pend = shapes["par"][-1]
     dlnw = q.new_zeros((N, D), dtype=torch.float32)
     dlnb = torch.zeros_like(dlnw)
-    NB = -(-T // bs)
+    NB = -(-T // D_HOPPER)
     for g_lo in reversed(range(0, NG, wg)):
         ng = min(wg, NG - g_lo)
         _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, sw1, sb1, sw2, sb2, par,

@@ -1230,6 +1230,13 @@ def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
     return hopper is not None and hopper.forward(args, T, H, NG, eps, group, save, _programs_per_sm, _launch)
 
 
+def _hopper_backward(q, causal, common, *args):
+    """Runs the MLP backward with the Hopper kernels (`hopper.backward`, v34) where they apply; returns the
+    LayerNorm weight and bias gradients, or None where they do not apply."""
+    hopper = _hopper(q, causal, common)
+    return None if hopper is None else hopper.backward(q, *args)
+
+
 class _TTT(torch.autograd.Function):
     """Inputs: tokens `[N, T, D]`, eta `[N, T]`, LayerNorm `[H, D]` float32, state `[N, ...]` float32."""
 
@@ -1287,11 +1294,10 @@ class _TTT(torch.autograd.Function):
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         deta = _empty_like(eta.float())
         common = dict(D=D, BS=bs, G=group, CAUSAL=causal, LP=_bf16_products(q), **_launch_options(mlp, D, bs))
-        hopper = _hopper(q, causal, common) if mlp else None
-        if hopper is not None:
-            S = 1
-            dlnw, dlnb = hopper.backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps,
-                                         group)
+        lns = _hopper_backward(q, causal, common, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG,
+                               eps, group) if mlp else None
+        if lns is not None:
+            dlnw, dlnb = lns
         elif mlp:
             F = 4 * D
             low = torch.bfloat16 if common["LP"] else torch.float32  # the recomputed W1 and W2: products' operands
@@ -1320,7 +1326,7 @@ class _TTT(torch.autograd.Function):
             dlnb = torch.empty_like(dlnw)
             _launch(_linear_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv,
                     deta, dlnw, dlnb, T, H, NG, eps, **common)
-        if hopper is None:
+        if lns is None:
             dlnw = dlnw.view(-1, H, S, D).sum((0, 2))
             dlnb = dlnb.view(-1, H, S, D).sum((0, 2))
         grads = (g[:, :length] for g in (dq, dk, dv, deta.to(eta.dtype)))
