@@ -413,12 +413,27 @@ def test_cuda_mlp_forward_takes_the_hopper_kernel_where_it_applies(monkeypatch):
     assert ran == [True, True, False]
 
 
+def _layer_inputs(T, seed, dim=64):
+    """bf16 TTT-MLP inputs on the GPU as the TTT layer makes them: unit q and k per head, a unit-variance
+    target v - k, eta = sigmoid(0) / (head dim x mini-batch), small inner weights, LayerNorm at its start."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, dim, generator=g), dim=-1) for _ in range(2))
+    t = torch.randn(B, H, T, dim, generator=g)
+    v = k + (t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True)
+    eta = torch.full((B, H, T), 0.5 / (dim * 64))
+    weights = [torch.randn(H, dim, 4 * dim, generator=g) * 0.02, torch.zeros(H, 1, 4 * dim),
+               torch.randn(H, 4 * dim, dim, generator=g) * 0.02, torch.zeros(H, 1, dim)]
+    return [x.to("cuda", torch.bfloat16) for x in (q, k, v, eta)] + [
+        x.cuda() for x in (*weights, torch.ones(H, dim), torch.zeros(H, dim))]
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU")
 def test_cuda_mlp_backward_takes_the_hopper_kernels_where_they_apply(monkeypatch):
     """On an H100 the bf16 TTT-MLP backward at head dim 64 and mini-batch 64, not causal, runs the Hopper
     kernels (`hopper.backward`, whatever the number of chains) and gives the reference's gradients, as the
     portable backward does: over one window of checkpoint groups (T = 1,000, a last mini-batch of 40
-    tokens) and over two, the second partial (T = 9,000: 9 groups of 16 mini-batches, windows of 8), with
+    tokens) and over two, the second partial (T = 9,000: 9 groups of 16 mini-batches, windows of 8; inputs
+    as the layer makes them, over which random ones drift by about the tolerance in either backward), with
     the gradient of the final state carried in. Causal mini-batches keep the portable backward."""
     from ttt_video.ops.ttt import hopper
     from ttt_video.ops.ttt import torch as torch_impl
@@ -428,9 +443,13 @@ def test_cuda_mlp_backward_takes_the_hopper_kernels_where_they_apply(monkeypatch
     backward = hopper.backward
     monkeypatch.setattr(hopper, "backward", lambda *args: (ran.append(T), backward(*args))[1])
     for T in (1000, 9000):
-        args = _inputs("mlp", T, seed=7, batch=1, dim=64, device="cuda", eta_scale=0.02)
-        low = [a.to(torch.bfloat16) if i < 4 else a.float() for i, a in enumerate(args)]
-        out_r, state_r, grads_r = _run(torch_impl, "mlp", args, mini_batch_size=64, causal=False)
+        if T == 1000:
+            args = _inputs("mlp", T, seed=7, batch=1, dim=64, device="cuda", eta_scale=0.02)
+            low = [a.to(torch.bfloat16) if i < 4 else a.float() for i, a in enumerate(args)]
+        else:
+            low = _layer_inputs(T, seed=7)
+            args = [a.float() for a in low]
+        grads_r = _run(torch_impl, "mlp", args, mini_batch_size=64, causal=False)[2]
         grads = _run(triton_impl, "mlp", low, mini_batch_size=64, causal=False)[2]
         with monkeypatch.context() as portable_only:
             portable_only.setattr(triton_impl, "_hopper_backward", lambda *args: None)
@@ -452,16 +471,7 @@ def test_cuda_mlp_stays_near_float32_over_18_seconds_of_tokens():
     4.3e-3 for the output and every gradient at T = 16,722, 100,334 and 351,168)."""
     from ttt_video.ops.ttt import torch as torch_impl
 
-    T, dim = 100_334, 64
-    g = torch.Generator().manual_seed(6)
-    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, dim, generator=g), dim=-1) for _ in range(2))
-    t = torch.randn(B, H, T, dim, generator=g)
-    v = k + (t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True)
-    eta = torch.full((B, H, T), 0.5 / (dim * 64))
-    weights = [torch.randn(H, dim, 4 * dim, generator=g) * 0.02, torch.zeros(H, 1, 4 * dim),
-               torch.randn(H, 4 * dim, dim, generator=g) * 0.02, torch.zeros(H, 1, dim)]
-    args = [x.to("cuda", torch.bfloat16) for x in (q, k, v, eta)] + [
-        x.cuda() for x in (*weights, torch.ones(H, dim), torch.zeros(H, dim))]
+    args = _layer_inputs(100_334, seed=6)
     out_r, state_r, grads_r = _run(torch_impl, "mlp", [a.float() for a in args], mini_batch_size=64, causal=False)
     out, state, grads = _run(_module(), "mlp", args, mini_batch_size=64, causal=False)
     _check("out", out, out_r, 1e-2)
