@@ -29,17 +29,18 @@ def mlp_backward_scratch(chains, programs, group, mini_batch_size, head_dim, hid
     return (chains, states), (chains, slots, par), (chains, bs * (F + D) + 2 * D * F + F + D)
 
 
-HOPPER_WINDOW = 8  # checkpoint groups the Hopper backward recomputes side by side (`hopper.backward`)
+HOPPER_WINDOW = 4  # checkpoint groups the Hopper backward recomputes side by side (`hopper.backward`)
 
 
 def mlp_hopper_backward_scratch(chains, groups, group, head_dim, hidden, mini_batch_size):
     """Shapes of the Hopper TTT-MLP backward's scratch (`hopper.backward`) for `groups` checkpoint groups of
-    `group` mini-batches: a window's recomputed states (W1 and W2 in bfloat16, b1 and b2 in float32),
-    what their queries' halves leave the keys' halves (float32 slots: W1's and W2's parts in bfloat16, then
-    b1's, b2's and Z2), the float32 states that its programs step (one a chain and group) and their
-    LayerNorm gradient rows (float32, weight and bias)."""
+    `group` mini-batches. Two sets, one a window in flight, of: the window's recomputed states (W1 and W2 in
+    bfloat16, b1 and b2 in float32) and what their queries' halves leave the keys' halves (float32 slots:
+    W1's and W2's parts in bfloat16, then b1's, b2's and Z2). Then the float32 states that the recompute
+    steps (one a chain and group of a window) and their LayerNorm gradient rows (float32, weight and
+    bias)."""
     D, F, bs = head_dim, hidden, mini_batch_size
     window = min(HOPPER_WINDOW, groups)
     slots = (chains, window * group)
-    return dict(low=(2, *slots, D * F), b1=(*slots, F), b2=(*slots, D), par=(*slots, D * F + F + D + bs * D),
+    return dict(low=(2, 2, *slots, D * F), b1=(2, *slots, F), b2=(2, *slots, D), par=(2, *slots, D * F + F + D + bs * D),
                 run=(chains * window, 2 * D * F + F + D), ln=(2, chains * window, D))

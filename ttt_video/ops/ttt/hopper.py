@@ -23,6 +23,8 @@ size (NOTES.md, v33).
 Gluon has no interpreter: this kernel runs on the GPU only and is tested there against the reference.
 """
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -574,28 +576,49 @@ def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
 
 def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps, group):
     """The MLP backward of `triton.py`'s `_TTT` where the forward ran `_mlp_fwd_hopper`'s kind of inputs, in
-    windows of `HOPPER_WINDOW` checkpoint groups, newest first: `_mlp_queries_hopper` recomputes the
-    window's groups side by side (one program a chain and group) and runs their queries' halves, then
+    windows of `HOPPER_WINDOW` checkpoint groups, newest first: `_mlp_queries_hopper` recomputes a window's
+    groups side by side (one program a chain and group) and runs their queries' halves, then
     `_mlp_keys_hopper` carries the adjoint (`carry`, in place) back through the window, one program a
-    chain. Returns the LayerNorm weight and bias gradients `[H, D]`."""
+    chain. The keys' kernels run in turn on a stream of the highest priority, the queries' kernels on
+    another, one window ahead (two sets of scratch), so that they fill the SMs the keys' programs leave.
+    Returns the LayerNorm weight and bias gradients `[H, D]`."""
     N, H, D, F = q.shape[0], ln_w.shape[0], D_HOPPER, 4 * D_HOPPER
     shapes = mlp_hopper_backward_scratch(N, NG, group, D, F, D_HOPPER)
-    sw1, sw2 = q.new_empty(shapes["low"], dtype=torch.bfloat16)
-    sb1, sb2, par, run = (q.new_empty(shapes[name], dtype=torch.float32) for name in ("b1", "b2", "par", "run"))
-    qlnw, qlnb = q.new_empty(shapes["ln"], dtype=torch.float32)
+    low = q.new_empty(shapes["low"], dtype=torch.bfloat16)
+    sb1, sb2, par, run, ln = (q.new_empty(shapes[name], dtype=torch.float32) for name in ("b1", "b2", "par", "run", "ln"))
     wg = shapes["run"][0] // N
     pend = shapes["par"][-1]
-    dlnw = q.new_zeros((N, D), dtype=torch.float32)
-    dlnb = torch.zeros_like(dlnw)
+    dln = q.new_zeros((2, N, D), dtype=torch.float32)  # the keys' halves' LayerNorm gradients
+    qdln = torch.zeros_like(dln)  # the queries' halves'
     NB = -(-T // D_HOPPER)
-    for g_lo in reversed(range(0, NG, wg)):
-        ng = min(wg, NG - g_lo)
-        _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, sw1, sb1, sw2, sb2, par,
-                                        par.view(torch.bfloat16), qlnw, qlnb, T, H, NG, g_lo, ng, eps, F=F, G=group,
-                                        PEND=pend, num_warps=WARPS)
-        dlnw += qlnw[:N * ng].view(N, ng, D).sum(1)
-        dlnb += qlnb[:N * ng].view(N, ng, D).sum(1)
-        _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, sw1, sb1, sw2, sb2, *carry, par, par.view(torch.bfloat16), dk,
-                                dv, deta, dlnw, dlnb, T, H, g_lo * group, min(NB, (g_lo + ng) * group), ng * group, eps,
-                                F=F, PEND=pend, num_warps=WARPS)
-    return dlnw.view(-1, H, D).sum(0), dlnb.view(-1, H, D).sum(0)
+    main = torch.cuda.current_stream(q.device)
+    keys, queries = _streams(q.device)
+    keys.wait_stream(main)
+    queries.wait_stream(main)
+    freed = [None, None]
+    for i, g_lo in enumerate(reversed(range(0, NG, wg))):
+        ng, p = min(wg, NG - g_lo), i % 2
+        with torch.cuda.stream(queries):
+            if freed[p] is not None:
+                queries.wait_event(freed[p])
+            _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, low[p, 0], sb1[p],
+                                            low[p, 1], sb2[p], par[p], par[p].view(torch.bfloat16), *ln, T, H, NG, g_lo,
+                                            ng, eps, F=F, G=group, PEND=pend, num_warps=WARPS)
+            qdln += ln[:, :N * ng].view(2, N, ng, D).sum(2)
+            ready = queries.record_event()
+        with torch.cuda.stream(keys):
+            keys.wait_event(ready)
+            _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, low[p, 0], sb1[p], low[p, 1], sb2[p], *carry, par[p],
+                                    par[p].view(torch.bfloat16), dk, dv, deta, *dln, T, H, g_lo * group,
+                                    min(NB, (g_lo + ng) * group), ng * group, eps, F=F, PEND=pend, num_warps=WARPS)
+            freed[p] = keys.record_event()
+    main.wait_stream(keys)
+    main.wait_stream(queries)
+    dln += qdln
+    return tuple(dln.view(2, -1, H, D).sum(1))
+
+
+@functools.cache
+def _streams(device):
+    """The Hopper backward's two streams on `device`: the keys' halves' at the highest priority, the queries'."""
+    return torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device)
