@@ -1,7 +1,10 @@
-"""TTT-MLP forward for Hopper GPUs (compute capability 9.0), in Gluon: one program of two warp groups
-a chain, for head dim 64, mini-batch 64, the primal form (not causal) and bf16 products, launched where
-one program a chain keeps all chains resident and the portable `_mlp_fwd_kernel` would split each chain
-over two programs (v32 and v33 in NOTES.md).
+"""TTT-MLP forward and backward for Hopper GPUs (compute capability 9.0), in Gluon, for head dim 64,
+mini-batch 64, the primal form (not causal) and bf16 products. The forward is one program of two warp
+groups a chain, launched where one program a chain keeps all chains resident and the portable
+`_mlp_fwd_kernel` would split each chain over two programs (v32 and v33 in NOTES.md). The backward
+(`backward`, v34) is two kernels in turn over windows of checkpoint groups: one recomputes a window's
+groups side by side and runs their queries' halves, the other carries the adjoint back through the
+window, one program a chain.
 
 What Triton's `tl.dot` does not give and this kernel does (NOTES.md, "Not done / next"): the chain's W1
 and W2 stay in shared memory as the bf16 operands of its products between mini-batches (the float32
@@ -20,7 +23,7 @@ as the constant ones are). One that was not (v32's -G2 in registers) was overwri
 that allocated registers differently; those wrong builds had first been put down to their shared-memory
 size (NOTES.md, v33).
 
-Gluon has no interpreter: this kernel runs on the GPU only and is tested there against the reference.
+Gluon has no interpreter: these kernels run on the GPU only and are tested there against the reference.
 """
 
 import functools
@@ -149,15 +152,7 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 b1 = b1n
                 b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]  # at the last, the next step's first
                 p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
-                x2, gp = _gelu_d(z1 + b1, True)
-                g1 = p * gp  # -G1
-                g1s.store(g1.to(gl.bfloat16))
-                x2s.store(x2.to(gl.bfloat16))
-                _handoff()
-                w1 = warpgroup_mma(kt.permute((1, 0)), g1s, w1, is_async=True)
-                w2 = warpgroup_mma(x2s.permute((1, 0)), g2s, w2, is_async=True)
-                b1 = warpgroup_mma(ones, g1s, zero + b1, is_async=True)
-                w1, w2, b1 = warpgroup_mma_wait(0, deps=(w1, w2, b1))
+                w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1)
                 gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
                 gl.store(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :], w1)
                 gl.store(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :], w2)
@@ -171,6 +166,22 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             _mlp_out_rows(partq, q_ptr, o_ptr, t0, T, rows, cols, gl.load(lnw_ptr + cols)[None, :],
                           gl.load(lnb_ptr + cols)[None, :], D, eps)
     async_copy.wait_group(0)  # the last (masked) copies, before the program's shared memory is released
+
+
+@gluon.jit
+def _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1):
+    """A hidden chunk's update from its products p = -G2 W2^T and z1 = k W1 (b1, a row, not yet added), with
+    -G2 in g2s: W1 += k^T (-G1), W2 += X2^T (-G2) and b1 += ones^T (-G1) as a tile whose rows are all the
+    bias, -G1 and X2 staged in g1s and x2s. `ones` is the ones tile in registers or shared memory; a
+    register one is left out of the wait's `deps`, the wait following its product at once."""
+    x2, gp = _gelu_d(z1 + b1, True)
+    g1s.store((p * gp).to(gl.bfloat16))  # -G1
+    x2s.store(x2.to(gl.bfloat16))
+    _handoff()
+    w1 = warpgroup_mma(kt.permute((1, 0)), g1s, w1, is_async=True)
+    w2 = warpgroup_mma(x2s.permute((1, 0)), g2s, w2, is_async=True)
+    b1 = warpgroup_mma(ones, g1s, zero + b1, is_async=True)
+    return warpgroup_mma_wait(0, deps=(w1, w2, b1))
 
 
 @gluon.jit
@@ -208,6 +219,15 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
                      dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, parl_ptr, dk_ptr, dv_ptr, deta_ptr,
                      dlnw_ptr, dlnb_ptr, T, H, n_lo, n_hi, NSLOT, eps, F: gl.constexpr, PEND: gl.constexpr,
                      num_warps: gl.constexpr):
+    """Program `chain` runs the keys' half (`triton.py`'s `_mlp_bwd_keys` in the primal form) of mini-batches
+    n_hi - 1 down to n_lo: the adjoint at dw*_ptr moves from the state after each to the state before it,
+    whose W1 and W2 (bf16), b1 and b2 are at slot n - n_lo of sw*_ptr, and the queries' half's results at
+    the same slot of par_ptr (`_mlp_queries_hopper`; parl_ptr is the same memory as bf16). Stores dk, dv
+    and deta, and adds the inner LayerNorm's gradients to the chain's rows at dlnw_ptr / dlnb_ptr.
+    Shared memory: the state's W1 and W2 chunks (the next state's copied in by `cp.async` at the end of
+    the step), k (two buffers), -G2 and dZ2, a chunk's bf16 adjoint and its gradient tiles, and the
+    first pass's partial dZ1 of every chunk for the second. The products' signs are folded into their
+    operands where the portable kernel subtracts."""
     D: gl.constexpr = 64
     BS: gl.constexpr = 64
     FC: gl.constexpr = 64
@@ -485,14 +505,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             w2 = gl.load(w2_ptr + ch * FC * D + vtile)
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
             p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
-            x2, gp = _gelu_d(z1 + b1, True)
-            g1s.store((p * gp).to(gl.bfloat16))
-            x2s.store(x2.to(gl.bfloat16))
-            _handoff()
-            w1 = warpgroup_mma(kt.permute((1, 0)), g1s, w1, is_async=True)
-            w2 = warpgroup_mma(x2s.permute((1, 0)), g2s, w2, is_async=True)
-            b1 = warpgroup_mma(ones, g1s, zero + b1, is_async=True)
-            w1, w2, b1 = warpgroup_mma_wait(0, deps=(w1, w2, b1))
+            w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1)
             gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
             gl.store(w1_ptr + ch * FC + wtile, w1)
             gl.store(w2_ptr + ch * FC * D + vtile, w2)
