@@ -42,5 +42,6 @@ def mlp_hopper_backward_scratch(chains, groups, group, head_dim, hidden, mini_ba
     D, F, bs = head_dim, hidden, mini_batch_size
     window = min(HOPPER_WINDOW, groups)
     slots = (chains, window * group)
-    return dict(low=(2, 2, *slots, D * F), b1=(2, *slots, F), b2=(2, *slots, D), par=(2, *slots, D * F + F + D + bs * D),
-                run=(chains * window, 2 * D * F + F + D), ln=(2, chains * window, D))
+    return dict(low=(2, 2, *slots, D * F), b1=(2, *slots, F), b2=(2, *slots, D),
+                par=(2, *slots, D * F + F + D + bs * D), run=(chains * window, 2 * D * F + F + D),
+                ln=(2, chains * window, D))

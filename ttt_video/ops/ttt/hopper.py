@@ -6,16 +6,19 @@ groups a chain, launched where one program a chain keeps all chains resident and
 groups side by side and runs their queries' halves, the other carries the adjoint back through the
 window, one program a chain.
 
-What Triton's `tl.dot` does not give and this kernel does (NOTES.md, "Not done / next"): the chain's W1
+What Triton's `tl.dot` does not give and these kernels do (NOTES.md, "Not done / next"): the chain's W1
 and W2 stay in shared memory as the bf16 operands of its products between mini-batches (the float32
-state, in global memory as before, is read and written once a step, at its update); products take their
+state, in global memory as before, is read and written once a step, at its update; in the keys' kernel
+each step's state is copied in during the step before); products take their
 left operand from registers where it is there, so nothing is staged through shared memory for them;
 products that do not depend on each other are issued together and waited for together (wgmma's
 asynchronous form); the bias updates' column sums are products too (ones^T -G, v33), so no step sums
 across warps for them; the next mini-batch's q, k and v are copied into shared memory while this one runs
 (`cp.async`); and eight warps share each step's element-wise work. The math and its order are those of
-the portable kernel, whose element-wise helpers it calls; the rounding points too, except that the bias
-updates sum the bf16 operands of the weight updates (in float32) where the portable kernel sums float32.
+the portable kernels, whose element-wise helpers these call; the rounding points too, except that the
+bias updates and the biases' adjoints sum the bf16 operands of the weights' products (in float32) where
+the portable kernels sum float32, and the keys' kernel keeps the first pass's partial dZ1 in shared
+memory (bf16, as the portable kernel's scratch holds it).
 
 An asynchronous product reads its register operand while it runs: that operand must stay alive up to the
 wait that retires the product (listed in the wait's `deps`, as q is, or waited for right after the issue,
@@ -463,7 +466,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     b2c = gl.load(cb2_ptr + cg * D + cols)
     gl.store(b2_ptr + cols, b2c)
     gl.store(sb2_ptr + slot0 * D + cols, b2c)
-    _queries_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index(0), vb, n0 * BS, T, trows, tcols, D)
+    _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index(0), vb, n0 * BS, T, trows, tcols, D)
     eta = _load_eta(eta_ptr, n0 * BS, T, rows)
 
     zero = gl.zeros([BS, D], gl.float32, layout=mma)
@@ -552,21 +555,11 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             gl.store(pb + P_B1 + ch * FC + bcast, qb1, mask=first)
         _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
         _barrier()  # every thread's reads of q, k and v before the next mini-batch's copies
-        _queries_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((j + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
+        _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((j + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
         eta = _load_eta(eta_ptr, t0 + BS, T, rows)
     gl.store(dlnw_ptr + pid * D + cols, dlnw)
     gl.store(dlnb_ptr + pid * D + cols, dlnb)
     async_copy.wait_group(0)
-
-
-@gluon.jit
-def _queries_prefetch(q_ptr, k_ptr, v_ptr, qb, kb, vb, t0, T, rows, cols, D: gl.constexpr):
-    at = (t0 + rows)[:, None] * D + cols[None, :]
-    m = ((t0 + rows) < T)[:, None]
-    _async_load(kb, k_ptr + at, mask=m)
-    _async_load(qb, q_ptr + at, mask=m)
-    _async_load(vb, v_ptr + at, mask=m)
-    async_copy.commit_group()
 
 
 def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
@@ -598,7 +591,8 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
     N, H, D, F = q.shape[0], ln_w.shape[0], D_HOPPER, 4 * D_HOPPER
     shapes = mlp_hopper_backward_scratch(N, NG, group, D, F, D_HOPPER)
     low = q.new_empty(shapes["low"], dtype=torch.bfloat16)
-    sb1, sb2, par, run, ln = (q.new_empty(shapes[name], dtype=torch.float32) for name in ("b1", "b2", "par", "run", "ln"))
+    sb1, sb2, par, run, ln = (q.new_empty(shapes[name], dtype=torch.float32)
+                              for name in ("b1", "b2", "par", "run", "ln"))
     wg = shapes["run"][0] // N
     pend = shapes["par"][-1]
     dln = q.new_zeros((2, N, D), dtype=torch.float32)  # the keys' halves' LayerNorm gradients
