@@ -218,6 +218,19 @@ def _keys_prefetch(k_ptr, w1_ptr, w2_ptr, kb, w1s, w2s, t0, T, F: gl.constexpr, 
 
 
 @gluon.jit
+def _adj_prefetch(dw1_ptr, dw2_ptr, pl, stg32, stg16, c, F: gl.constexpr, trows, tcols, D: gl.constexpr):
+    """Starts copying chunk c of the adjoint's float32 W1 and W2 (at dw*_ptr) into `stg32` and of the queries'
+    half's bf16 parts of them (at pl) into `stg16`."""
+    w1t = trows[:, None] * F + c * 64 + tcols[None, :]
+    w2t = (c * 64 + trows[:, None]) * D + tcols[None, :]
+    _async_load(stg32.index(0), dw1_ptr + w1t)
+    _async_load(stg16.index(0), pl + w1t)
+    _async_load(stg32.index(1), dw2_ptr + w2t)
+    _async_load(stg16.index(1), pl + D * F + w2t)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,
                      dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, parl_ptr, dk_ptr, dv_ptr, deta_ptr,
                      dlnw_ptr, dlnb_ptr, T, H, n_lo, n_hi, NSLOT, eps, F: gl.constexpr, PEND: gl.constexpr,
@@ -228,14 +241,15 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     the same slot of par_ptr (`_mlp_queries_hopper`; parl_ptr is the same memory as bf16). Stores dk, dv
     and deta, and adds the inner LayerNorm's gradients to the chain's rows at dlnw_ptr / dlnb_ptr.
     Shared memory: the state's W1 and W2 chunks (the next state's copied in by `cp.async` at the end of
-    the step), k (two buffers), -G2 and dZ2, a chunk's bf16 adjoint and its gradient tiles, and the
-    first pass's partial dZ1 of every chunk for the second. The products' signs are folded into their
-    operands where the portable kernel subtracts."""
+    the step), k (two buffers), -G2 (then dZ2), a chunk's bf16 adjoint and its gradient tiles, the first
+    pass's partial dZ1 of every chunk for the second, and a stage into which `cp.async` brings the next
+    chunk's float32 adjoint of W1 and W2 and the queries' parts of it while the current chunk runs (the
+    first pass's loads were ~50 ms of its 256 at 63 s and 96 chains; NOTES.md, v35). The products' signs
+    are folded into their operands where the portable kernel subtracts."""
     D: gl.constexpr = 64
     BS: gl.constexpr = 64
     FC: gl.constexpr = 64
     NCH: gl.constexpr = F // FC
-    P_W2: gl.constexpr = D * F  # bf16 units
     P_B1: gl.constexpr = D * F  # float32 units
     P_B2: gl.constexpr = P_B1 + F
     P_Z2: gl.constexpr = P_B2 + D
@@ -277,7 +291,6 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], tile_l)
     kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], tile_l)
     g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    dz2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
     ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], tile_l)
     dw1s = gl.allocate_shared_memory(gl.bfloat16, [D, FC], tile_l)
     dw2s = gl.allocate_shared_memory(gl.bfloat16, [FC, D], tile_l)
@@ -285,6 +298,9 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
     dps = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
     dz1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, BS, FC], tile_l)
+    stg32 = gl.allocate_shared_memory(gl.float32, [2, D, FC],
+                                      gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
+    stg16 = gl.allocate_shared_memory(gl.bfloat16, [2, D, FC], tile_l)
 
     zero = gl.zeros([BS, D], gl.float32, layout=mma)
     ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=mma))
@@ -293,6 +309,7 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     n = n_hi - 1
     _keys_prefetch(k_ptr, sw1_ptr + (n - n_lo) * D * F, sw2_ptr + (n - n_lo) * F * D, kb.index(n % 2), w1s, w2s,
                    n * BS, T, F, trows, tcols, D, NCH)
+    _adj_prefetch(dw1_ptr, dw2_ptr, parl_ptr + (n - n_lo) * PEND * 2, stg32, stg16, 0, F, trows, tcols, D)
     for jj in range(0, n_hi - n_lo):
         n = n_hi - 1 - jj
         t0 = n * BS
@@ -314,14 +331,17 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
         g2s.store(g2.to(gl.bfloat16))
         # first pass: the adjoint through the update of each chunk
         for c in range(NCH):
-            dw1 = gl.load(dw1_ptr + c * FC + wtile) + gl.load(pl + c * FC + wtile).to(gl.float32)
-            dw2 = gl.load(dw2_ptr + c * FC * D + vtile) + gl.load(pl + P_W2 + c * FC * D + vtile).to(gl.float32)
             db1 = gl.load(db1_ptr + c * FC + cols)[None, :] + gl.load(pb + P_B1 + c * FC + cols)[None, :]
             b1 = gl.load(b1_ptr + c * FC + cols)[None, :]
-            _barrier()  # the last chunk's products are done with the single buffers
+            async_copy.wait_group(0)  # this chunk's adjoint and queries' parts
+            _barrier()  # ... from every thread; the last chunk's products are done with the single buffers
+            dw1 = stg32.index(0).load(mma) + stg16.index(0).load(mma).to(gl.float32)
+            dw2 = stg32.index(1).load(mma) + stg16.index(1).load(mma).to(gl.float32)
             dw1s.store(dw1.to(gl.bfloat16))
             dw2s.store(dw2.to(gl.bfloat16))
             _handoff()
+            if c + 1 < NCH:
+                _adj_prefetch(dw1_ptr, dw2_ptr, pl, stg32, stg16, c + 1, F, trows, tcols, D)
             z1 = warpgroup_mma(kt, w1s.index(c), zero, use_acc=False, is_async=True)
             p = warpgroup_mma(g2s, w2s.index(c).permute((1, 0)), zero, use_acc=False, is_async=True)
             a = warpgroup_mma(kt, dw1s, zero, use_acc=False, is_async=True)
@@ -349,6 +369,8 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
         dlnw += dlw
         dlnb += dlb
         gl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
+        _barrier()  # the first pass's products are done with -G2's buffer, which holds dZ2 from here
+        dz2s = g2s
         dz2s.store(dz2.to(gl.bfloat16))
         _handoff()
         db2 = warpgroup_mma(ones, dz2s, zero + db2)
@@ -381,6 +403,7 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
             m = n - 1
             _keys_prefetch(k_ptr, sw1_ptr + (m - n_lo) * D * F, sw2_ptr + (m - n_lo) * F * D, kb.index(m % 2),
                            w1s, w2s, m * BS, T, F, trows, tcols, D, NCH)
+            _adj_prefetch(dw1_ptr, dw2_ptr, pl - PEND * 2, stg32, stg16, 0, F, trows, tcols, D)
         _store_rows(dk_ptr, dk + d_dy, t0, T, rows, cols, D)
         _store_rows(dv_ptr, -d_dy, t0, T, rows, cols, D)
     gl.store(dlnw_ptr + chain * D + cols, gl.load(dlnw_ptr + chain * D + cols) + dlnw)
