@@ -98,10 +98,10 @@ def test_hopper_kernels_compile_for_sm90(tmp_path):
     hidden chunk and the bias updates' column sums, b1's a chunk and b2's (40), waited for in 7 groups; the
     queries' kernel's forward step and the query path's reverse (68, in 10 groups); the keys' kernel's 8
     products a chunk in its first pass, 6 in its second and b2's column sum (60, in 5 groups). The tokens
-    come in by `cp.async` (and the keys' kernel's states and adjoint chunks), shared-memory writes are fenced for the products,
-    each shared memory holds W1 and W2 in bf16 beside the token and gradient tiles within what an H100 SM
-    gives one program, and no asynchronous product's register operand is left free to be reused while it
-    runs."""
+    come in by `cp.async` (and the keys' kernel's states and adjoint chunks), shared-memory writes are
+    fenced for the products, each shared memory holds W1 and W2 in bf16 beside the token and gradient
+    tiles within what an H100 SM gives one program, and no asynchronous product's register operand is
+    left free to be reused while it runs."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=900)
