@@ -43,7 +43,7 @@ pend = 64 * 256 + 256 + 64 + 64 * 64
 build("queries", hopper._mlp_queries_hopper, tokens + ["do_ptr", "dq_ptr", "lnw_ptr", "lnb_ptr"] + ckpt + ["run_ptr"]
       + states + ["dlnw_ptr", "dlnb_ptr"], tokens + ["do_ptr", "dq_ptr"] + low, ["T", "H", "NG", "g_lo", "WG", "eps"],
       {"F": 256, "G": 16, "PEND": pend})
-build("keys", hopper._mlp_keys_hopper, tokens[1:] + ["lnw_ptr", "lnb_ptr"] + states[:4] + ["dw1_ptr", "db1_ptr",
+build("keys", hopper._mlp_keys_hopper, tokens[1:] + ["lnw_ptr", "lnb_ptr"] + states[:3] + ["dw1_ptr", "db1_ptr",
       "dw2_ptr", "db2_ptr"] + states[4:] + ["dk_ptr", "dv_ptr", "deta_ptr", "dlnw_ptr", "dlnb_ptr"],
       tokens[1:] + ["dk_ptr", "dv_ptr"] + low, ["T", "H", "n_lo", "n_hi", "NSLOT", "eps"], {"F": 256, "PEND": pend})
 """

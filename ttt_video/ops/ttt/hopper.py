@@ -231,13 +231,13 @@ def _adj_prefetch(dw1_ptr, dw2_ptr, pl, stg32, stg16, c, F: gl.constexpr, trows,
 
 
 @gluon.jit
-def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,
+def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, sw2_ptr,
                      dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, par_ptr, parl_ptr, dk_ptr, dv_ptr, deta_ptr,
                      dlnw_ptr, dlnb_ptr, T, H, n_lo, n_hi, NSLOT, eps, F: gl.constexpr, PEND: gl.constexpr,
                      num_warps: gl.constexpr):
     """Program `chain` runs the keys' half (`triton.py`'s `_mlp_bwd_keys` in the primal form) of mini-batches
     n_hi - 1 down to n_lo: the adjoint at dw*_ptr moves from the state after each to the state before it,
-    whose W1 and W2 (bf16), b1 and b2 are at slot n - n_lo of sw*_ptr, and the queries' half's results at
+    whose W1 and W2 (bf16) and b1 are at slot n - n_lo of sw*_ptr / sb1_ptr, and the queries' half's results at
     the same slot of par_ptr (`_mlp_queries_hopper`; parl_ptr is the same memory as bf16). Stores dk, dv
     and deta, and adds the inner LayerNorm's gradients to the chain's rows at dlnw_ptr / dlnb_ptr.
     Shared memory: the state's W1 and W2 chunks (the next state's copied in by `cp.async` at the end of
@@ -277,7 +277,6 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     sw1_ptr += chain * NSLOT * D * F
     sb1_ptr += chain * NSLOT * F
     sw2_ptr += chain * NSLOT * F * D
-    sb2_ptr += chain * NSLOT * D
     par_ptr += chain * NSLOT * PEND
     parl_ptr += chain * NSLOT * PEND * 2
     k_ptr += chain * T * D
@@ -314,11 +313,10 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
         n = n_hi - 1 - jj
         t0 = n * BS
         at = n - n_lo
-        pj = at
         kt = kb.index(n % 2)
         b1_ptr = sb1_ptr + at * F
-        pb = par_ptr + pj * PEND
-        pl = parl_ptr + pj * PEND * 2
+        pb = par_ptr + at * PEND
+        pl = parl_ptr + at * PEND * 2
         k = _load_rows(k_ptr, t0, T, rows, cols, D)
         target = _load_rows(v_ptr, t0, T, rows, cols, D) - k
         eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
@@ -638,7 +636,7 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
             ready = queries.record_event()
         with torch.cuda.stream(keys):
             keys.wait_event(ready)
-            _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, low[p, 0], sb1[p], low[p, 1], sb2[p], *carry, par[p],
+            _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, low[p, 0], sb1[p], low[p, 1], *carry, par[p],
                                     par[p].view(torch.bfloat16), dk, dv, deta, *dln, T, H, g_lo * group,
                                     min(NB, (g_lo + ng) * group), ng * group, eps, F=F, PEND=pend, num_warps=WARPS)
             freed[p] = keys.record_event()
