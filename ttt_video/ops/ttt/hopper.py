@@ -43,6 +43,14 @@ from .triton import (_gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, 
 
 D_HOPPER = 64  # head dim, mini-batch size and hidden chunk of this kernel: one [64, 64] wgmma tile each
 WARPS = 8
+# the kernels' layouts at WARPS warps (two warp groups): products' accumulators, their register left operand,
+# row-major tiles for `cp.async`, and shared-memory tiles as wgmma operands
+_MMA = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WARPS // 4], instr_shape=[16, 256 // WARPS, 16])
+MMA = gl.constexpr(_MMA)
+OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
+ROWS = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0]))
+# the warp groups split each product's N in halves of 64 bytes: the swizzle must not be wider
+TILE = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=512 // WARPS, element_bitwidth=16, rank=2))
 # names that later Tritons changed: `cp.async` into shared memory and the CTA's barrier (3.6's first)
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -62,19 +70,10 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     BS: gl.constexpr = 64
     FC: gl.constexpr = 64
     NCH: gl.constexpr = F // FC
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                  instr_shape=[16, 256 // num_warps, 16])
-    opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    rowl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    # the warp groups split each product's N in halves of 64 bytes: the swizzle must not be wider
-    tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=512 // num_warps, element_bitwidth=16, rank=2)
 
     chain = gl.program_id(0).to(gl.int64)
     h = chain % H
-    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
-    trows = gl.arange(0, BS, layout=gl.SliceLayout(1, rowl))
-    tcols = gl.arange(0, D, layout=gl.SliceLayout(0, rowl))
+    rows, cols, trows, tcols = _ranges()
     lnw_ptr += h * D
     lnb_ptr += h * D
     w1_ptr += chain * D * F
@@ -87,22 +86,15 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     o_ptr += chain * T * D
     eta_ptr += chain * T
 
-    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, D, FC], tile_l)
-    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], tile_l)
-    kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], tile_l)
-    qb = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    vb = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    g1s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
+    w1s, w2s, kb, qb, vb, x2s, g1s, g2s = _step_buffers(NCH)
     for c in gl.static_range(NCH):
         w1s.index(c).store(gl.load(w1_ptr + rows[:, None] * F + c * FC + cols[None, :]).to(gl.bfloat16))
         w2s.index(c).store(gl.load(w2_ptr + (c * FC + rows[:, None]) * D + cols[None, :]).to(gl.bfloat16))
     _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index(0), vb, 0, T, trows, tcols, D)
     eta = _load_eta(eta_ptr, 0, T, rows)
 
-    zero = gl.zeros([BS, D], gl.float32, layout=mma)
-    ones = gl.full([BS, BS], 1.0, gl.bfloat16, layout=opa)  # column sums as products: ones^T X
+    zero = gl.zeros([BS, D], gl.float32, layout=MMA)
+    ones = gl.full([BS, BS], 1.0, gl.bfloat16, layout=OPA)  # column sums as products: ones^T X
     bcast = cols[None, :] + 0 * rows[:, None]  # a bias's addresses for a tile whose rows are all the bias
     first = rows[:, None] == 0  # the row that stores it
     NB = gl.cdiv(T, BS)
@@ -130,13 +122,13 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]
                 z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
                 z1 = warpgroup_mma_wait(0, deps=(z1, ))
-                x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), opa)
+                x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), OPA)
                 part = warpgroup_mma(x2, w2s.index(ch), part)
             z2 = part + b2
-            target = vb.load(mma).to(gl.float32) - kt.load(mma).to(gl.float32)
+            target = vb.load(MMA).to(gl.float32) - kt.load(MMA).to(gl.float32)
             xh, rstd, dy, dxh, gr = _inner_grad(z2, target, gl.load(lnw_ptr + cols)[None, :],
                                                 gl.load(lnb_ptr + cols)[None, :], D, eps)
-            qa = qb.load(opa)
+            qa = qb.load(OPA)
             _barrier()  # every thread's reads of q and v before the next mini-batch's copies
             _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((n + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
             g2 = eta[:, None] * gr
@@ -164,11 +156,36 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
                 _handoff()
                 zq = warpgroup_mma(qa, w1s.index(ch), zero, use_acc=False, is_async=True)
                 zq, qa = warpgroup_mma_wait(0, deps=(zq, qa))
-                xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), opa)
+                xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), OPA)
                 partq = warpgroup_mma(xq, w2s.index(ch), partq)
             _mlp_out_rows(partq, q_ptr, o_ptr, t0, T, rows, cols, gl.load(lnw_ptr + cols)[None, :],
                           gl.load(lnb_ptr + cols)[None, :], D, eps)
     async_copy.wait_group(0)  # the last (masked) copies, before the program's shared memory is released
+
+
+@gluon.jit
+def _ranges():
+    """A [64, 64] tile's row and column indices in the products' layout (MMA) and in the row-major one (ROWS)."""
+    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, MMA))
+    trows = gl.arange(0, 64, layout=gl.SliceLayout(1, ROWS))
+    tcols = gl.arange(0, 64, layout=gl.SliceLayout(0, ROWS))
+    return rows, cols, trows, tcols
+
+
+@gluon.jit
+def _step_buffers(NCH: gl.constexpr):
+    """The shared memory of a forward step (`_mlp_fwd_hopper`, `_mlp_queries_hopper`): the W1 `[D, FC]` and W2
+    `[FC, D]` chunks in bf16, k (two buffers), q and v, a chunk's X2 and -G1, and -G2."""
+    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, 64, 64], TILE)
+    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, 64, 64], TILE)
+    kb = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 64], TILE)
+    qb = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
+    vb = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
+    x2s = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
+    g1s = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
+    g2s = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
+    return w1s, w2s, kb, qb, vb, x2s, g1s, g2s
 
 
 @gluon.jit
@@ -253,17 +270,10 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     P_B1: gl.constexpr = D * F  # float32 units
     P_B2: gl.constexpr = P_B1 + F
     P_Z2: gl.constexpr = P_B2 + D
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                  instr_shape=[16, 256 // num_warps, 16])
-    rowl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=512 // num_warps, element_bitwidth=16, rank=2)
 
     chain = gl.program_id(0).to(gl.int64)
     h = chain % H
-    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
-    trows = gl.arange(0, BS, layout=gl.SliceLayout(1, rowl))
-    tcols = gl.arange(0, D, layout=gl.SliceLayout(0, rowl))
+    rows, cols, trows, tcols = _ranges()
     wtile = rows[:, None] * F + cols[None, :]  # a [D, FC] chunk of W1 (plus c * FC)
     vtile = rows[:, None] * D + cols[None, :]  # a [FC, D] chunk of W2 (plus c * FC * D), or a [BS, D] tile
     bcast = cols[None, :] + 0 * rows[:, None]
@@ -286,25 +296,25 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
     dv_ptr += chain * T * D
     deta_ptr += chain * T
 
-    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, D, FC], tile_l)
-    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], tile_l)
-    kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], tile_l)
-    g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], tile_l)
-    dw1s = gl.allocate_shared_memory(gl.bfloat16, [D, FC], tile_l)
-    dw2s = gl.allocate_shared_memory(gl.bfloat16, [FC, D], tile_l)
-    g1s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    dps = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    dz1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, BS, FC], tile_l)
+    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, D, FC], TILE)
+    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], TILE)
+    kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], TILE)
+    g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], TILE)
+    ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], TILE)
+    dw1s = gl.allocate_shared_memory(gl.bfloat16, [D, FC], TILE)
+    dw2s = gl.allocate_shared_memory(gl.bfloat16, [FC, D], TILE)
+    g1s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], TILE)
+    x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], TILE)
+    dps = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], TILE)
+    dz1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, BS, FC], TILE)
     stg32 = gl.allocate_shared_memory(gl.float32, [2, D, FC],
                                       gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))
-    stg16 = gl.allocate_shared_memory(gl.bfloat16, [2, D, FC], tile_l)
+    stg16 = gl.allocate_shared_memory(gl.bfloat16, [2, D, FC], TILE)
 
-    zero = gl.zeros([BS, D], gl.float32, layout=mma)
-    ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=mma))
-    dlnw = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
-    dlnb = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
+    zero = gl.zeros([BS, D], gl.float32, layout=MMA)
+    ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=MMA))
+    dlnw = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, MMA))
+    dlnb = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, MMA))
     n = n_hi - 1
     _keys_prefetch(k_ptr, sw1_ptr + (n - n_lo) * D * F, sw2_ptr + (n - n_lo) * F * D, kb.index(n % 2), w1s, w2s,
                    n * BS, T, F, trows, tcols, D, NCH)
@@ -333,8 +343,8 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
             b1 = gl.load(b1_ptr + c * FC + cols)[None, :]
             async_copy.wait_group(0)  # this chunk's adjoint and queries' parts
             _barrier()  # ... from every thread; the last chunk's products are done with the single buffers
-            dw1 = stg32.index(0).load(mma) + stg16.index(0).load(mma).to(gl.float32)
-            dw2 = stg32.index(1).load(mma) + stg16.index(1).load(mma).to(gl.float32)
+            dw1 = stg32.index(0).load(MMA) + stg16.index(0).load(MMA).to(gl.float32)
+            dw2 = stg32.index(1).load(MMA) + stg16.index(1).load(MMA).to(gl.float32)
             dw1s.store(dw1.to(gl.bfloat16))
             dw2s.store(dw2.to(gl.bfloat16))
             _handoff()
@@ -383,7 +393,7 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
             b1 = gl.load(b1_ptr + c * FC + cols)[None, :]
             z1, r = warpgroup_mma_wait(0, deps=(z1, r))
             x2, gp = _gelu_d(z1 + b1, True)
-            dz1 = dz1s.index(c).load(mma).to(gl.float32) + r * gp
+            dz1 = dz1s.index(c).load(MMA).to(gl.float32) + r * gp
             _barrier()  # the last chunk's products are done with g1s and x2s
             g1s.store(dz1.to(gl.bfloat16))
             x2s.store(x2.to(gl.bfloat16))
@@ -425,21 +435,13 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     P_B1: gl.constexpr = D * F
     P_B2: gl.constexpr = P_B1 + F
     P_Z2: gl.constexpr = P_B2 + D
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                  instr_shape=[16, 256 // num_warps, 16])
-    opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    rowl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=512 // num_warps, element_bitwidth=16, rank=2)
 
     pid = gl.program_id(0)
     chain = (pid // WG).to(gl.int64)
     gw = pid % WG
     g = g_lo + gw
     h = chain % H
-    rows = gl.arange(0, BS, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
-    trows = gl.arange(0, BS, layout=gl.SliceLayout(1, rowl))
-    tcols = gl.arange(0, D, layout=gl.SliceLayout(0, rowl))
+    rows, cols, trows, tcols = _ranges()
     wtile = rows[:, None] * F + cols[None, :]
     vtile = rows[:, None] * D + cols[None, :]
     bcast = cols[None, :] + 0 * rows[:, None]
@@ -462,16 +464,9 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     dq_ptr += chain * T * D
     eta_ptr += chain * T
 
-    w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, D, FC], tile_l)
-    w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, FC, D], tile_l)
-    kb = gl.allocate_shared_memory(gl.bfloat16, [2, BS, D], tile_l)
-    qb = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    vb = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    x2s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    g1s = gl.allocate_shared_memory(gl.bfloat16, [BS, FC], tile_l)
-    g2s = gl.allocate_shared_memory(gl.bfloat16, [BS, D], tile_l)
-    ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], tile_l)
-    ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=mma))
+    w1s, w2s, kb, qb, vb, x2s, g1s, g2s = _step_buffers(NCH)
+    ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], TILE)
+    ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=MMA))
     for c in gl.static_range(NCH):
         cw1 = gl.load(cw1_ptr + cg * D * F + c * FC + wtile)
         cw2 = gl.load(cw2_ptr + cg * F * D + c * FC * D + vtile)
@@ -490,9 +485,9 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index(0), vb, n0 * BS, T, trows, tcols, D)
     eta = _load_eta(eta_ptr, n0 * BS, T, rows)
 
-    zero = gl.zeros([BS, D], gl.float32, layout=mma)
-    dlnw = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
-    dlnb = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, mma))
+    zero = gl.zeros([BS, D], gl.float32, layout=MMA)
+    dlnw = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, MMA))
+    dlnb = gl.zeros([D], gl.float32, layout=gl.SliceLayout(0, MMA))
     for j in range(0, L):
         n = n0 + j
         t0 = n * BS
@@ -508,11 +503,11 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
             z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
             z1 = warpgroup_mma_wait(0, deps=(z1, ))
-            x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), opa)
+            x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), OPA)
             part = warpgroup_mma(x2, w2s.index(ch), part)
         z2 = part + b2
         gl.store(pb + P_Z2 + vtile, z2)
-        target = vb.load(mma).to(gl.float32) - kt.load(mma).to(gl.float32)
+        target = vb.load(MMA).to(gl.float32) - kt.load(MMA).to(gl.float32)
         xh, rstd, dy, dxh, gr = _inner_grad(z2, target, lnw, lnb, D, eps)
         g2 = (-(eta[:, None] * gr)).to(gl.bfloat16)
         g2s.store(g2)
@@ -542,7 +537,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             _handoff()
             zq = warpgroup_mma(qb, w1s.index(ch), zero, use_acc=False, is_async=True)
             zq = warpgroup_mma_wait(0, deps=(zq, ))
-            xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), opa)
+            xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), OPA)
             partq = warpgroup_mma(xq, w2s.index(ch), partq)
         # the output's LayerNorm, then the query path's reverse through the updated state
         do = _load_rows(do_ptr, t0, T, rows, cols, D)
