@@ -591,3 +591,55 @@ def test_layer_io_kernels_match_the_eager_layer_steps(dtype, reverse):
         for a, r in zip(got, ref):
             assert a.dtype == r.dtype and a.is_contiguous()
             close(a, r)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monkeypatch, kind):
+    """CogVideoX's part-wise recompute: a checkpointed block holding the bidirectional TTT, its passes
+    checkpointed too, then a checkpointed part that takes their output. Backward recomputes the block
+    (both passes run) and then each pass: the block's recompute keeps the kernels' results for the
+    passes' recompute, so a step launches the TTT forward 4 times instead of 6, with bit for bit the
+    same gradients; the step's first forward keeps nothing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ttt_video.layers.ttt import BidirectionalTTT
+    from ttt_video.ops.ttt import memo
+
+    tri = _kernels(monkeypatch)
+    launches, keeps = [], []
+    monkeypatch.setattr(tri, "_forward", lambda *args, real=tri._forward: launches.append(1) or real(*args))
+
+    def keep(results, real=memo.keep):
+        keeps.append(memo._local.active[1] == "keep")
+        real(results)
+
+    monkeypatch.setattr(memo, "keep", keep)
+    torch.manual_seed(0)
+    layer = BidirectionalTTT(2 * D, 2, kind=kind, mini_batch_size=MB, impl="triton").to(DEVICE)
+    L = 37
+    x0 = torch.randn(1, L, 2 * D, device=DEVICE)
+    cos, sin = torch.ones(L, D, device=DEVICE), torch.zeros(L, D, device=DEVICE)
+
+    def block(x):
+        return checkpoint(torch.sin, layer(x, cos, sin, checkpoint_passes=True), use_reentrant=False)
+
+    def step(keeping=True):
+        launches.clear()
+        keeps.clear()
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        with monkeypatch.context() as m:
+            if not keeping:
+                m.setattr(memo, "_in_backward", lambda: False)
+            y = checkpoint(block, x, use_reentrant=False)
+            assert len(launches) == 2 and keeps == [False, False]  # the first forward keeps nothing
+            y.square().sum().backward()
+        assert all(m.results is None for m in layer._memos)
+        return len(launches), keeps[2:], [x.grad, *(p.grad for p in layer.parameters())]
+
+    runs, kept, grads = step()
+    assert runs == 4 and kept == [True, True]
+    runs, kept, plain = step(keeping=False)
+    assert runs == 6 and kept == [False] * 4
+    for a, b in zip(grads, plain):
+        assert torch.equal(a, b)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import ttt_linear, ttt_mlp
+from ..ops.ttt.memo import OpMemo
 from .rope import apply_rope
 
 KINDS = ("linear", "mlp")
@@ -123,7 +124,11 @@ class BidirectionalTTT(nn.Module):
     """A TTT pass over the sequence, then one over the reversed sequence (shared TTT weights),
     each added through a tanh gate initialised small so a pretrained block starts near itself.
     With `checkpoint_passes`, training keeps only each pass's input and recomputes the pass in
-    backward, so one pass's activations are held at a time (long-video training)."""
+    backward, so one pass's activations are held at a time (long-video training). Inside a
+    checkpointed block (CogVideoX's part-wise recompute) the TTT kernels' results of each pass's run
+    in the block's recompute are kept for the pass's own recompute, which then skips the kernels
+    (`ops.ttt.memo`: one TTT forward a pass fewer, for the output and inner-state checkpoints held
+    from the block's recompute to the pass's backward)."""
 
     def __init__(self, dim, num_heads, kind="mlp", mini_batch_size=64, base_lr=1.0, gate_init=0.1, impl=None):
         super().__init__()
@@ -132,11 +137,13 @@ class BidirectionalTTT(nn.Module):
         self.norm_bwd = nn.LayerNorm(dim, eps=1e-6)
         self.gate_fwd = nn.Parameter(torch.full((dim,), float(gate_init)))
         self.gate_bwd = nn.Parameter(torch.full((dim,), float(gate_init)))
+        self._memos = (OpMemo(), OpMemo())  # each pass's TTT results between its runs in backward
 
     def forward(self, x, cos, sin, checkpoint_passes=False):
         for reverse in (False, True):
             if checkpoint_passes and torch.is_grad_enabled():
-                x = checkpoint(self._gated_pass, x, cos, sin, reverse, use_reentrant=False)
+                x = checkpoint(self._gated_pass, x, cos, sin, reverse, use_reentrant=False,
+                               context_fn=self._memos[reverse].contexts)
             else:
                 x = self._gated_pass(x, cos, sin, reverse)
         return x

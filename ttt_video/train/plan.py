@@ -70,6 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UserError
 from ..models import build_model
+from ..ops.ttt import memo
 from ..ops.ttt.buffers import mlp_backward_padding, mlp_backward_scratch, mlp_hopper_backward_scratch
 from .adapters import apply_adapter, cast_frozen
 
@@ -190,14 +191,17 @@ TTT_CHECKPOINT_GROUP = 16  # mini-batches between the inner states the TTT kerne
 class _TTTScan(torch.autograd.Function):
     """Shapes and saved tensors of the TTT kernels (ops/ttt), no arithmetic: the inputs, the output
     and the per-item inner weights at every `TTT_CHECKPOINT_GROUP`-th mini-batch; in backward also
-    the scratch the kernels hold while they run (`_ttt_backward_scratch`)."""
+    the scratch the kernels hold while they run (`_ttt_backward_scratch`). Like the kernels' op, it keeps
+    its results for a checkpointed TTT pass's recompute where `ops.ttt.memo` asks."""
 
     @staticmethod
     def forward(ctx, mini_batch_size, q, k, v, eta, *weights):
         B, _, T, _ = q.shape
         groups = -(-T // (mini_batch_size * TTT_CHECKPOINT_GROUP))
-        states = [w.new_empty(groups, B, *w.shape) for w in weights]
-        out = torch.empty_like(q)
+        kept = memo.take()
+        out, states = kept or (torch.empty_like(q), [w.new_empty(groups, B, *w.shape) for w in weights])
+        if kept is None:
+            memo.keep((out, states))
         ctx.save_for_backward(q, k, v, eta, out, *states, *weights)
         ctx.num_weights = len(weights)
         ctx.mini_batch_size = mini_batch_size
@@ -360,6 +364,12 @@ def _ttt_scan(q, k, v, eta, *weights, mini_batch_size=64, **_):
 
 
 @contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
+@contextlib.contextmanager
 def _stand_ins(autocast=None, host=None):
     """Route every attention and TTT op the package calls through the stand-ins above. With an
     `_Autocast`, attention runs in its dtype and each checkpointed block recomputes under an
@@ -378,9 +388,13 @@ def _stand_ins(autocast=None, host=None):
 
         replaced["host_copies"] = host_copies
     if autocast is not None:
-        replaced["checkpoint"] = functools.partial(
-            torch.utils.checkpoint.checkpoint,
-            context_fn=lambda: (contextlib.nullcontext(), _Autocast(autocast.dtype)))
+        def checkpoint(fn, *args, context_fn=None, **kwargs):
+            def contexts():
+                first, again = context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
+                return first, _both(again, _Autocast(autocast.dtype))
+            return torch.utils.checkpoint.checkpoint(fn, *args, context_fn=contexts, **kwargs)
+
+        replaced["checkpoint"] = checkpoint
     swaps = [(F, "scaled_dot_product_attention", attention)]
     for name, module in list(sys.modules.items()):
         if name.startswith("ttt_video.") and not name.startswith("ttt_video.ops"):

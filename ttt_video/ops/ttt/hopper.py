@@ -452,7 +452,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     n0 = g * G
     L = gl.minimum(G, NB - n0)
     cg = chain * NG + g
-    w1_ptr = run_ptr + pid * (2 * D * F + F + D)
+    w1_ptr = run_ptr + pid.to(gl.int64) * (2 * D * F + F + D)
     b1_ptr = w1_ptr + D * F
     w2_ptr = b1_ptr + F
     b2_ptr = w2_ptr + F * D

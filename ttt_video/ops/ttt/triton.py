@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import memo
 from .buffers import mlp_backward_padding, mlp_backward_scratch
 
 MLP_KEYS = ("w1", "b1", "w2", "b2")
@@ -1237,40 +1238,51 @@ def _hopper_backward(q, causal, common, *args):
     return None if hopper is None else hopper.backward(q, *args)
 
 
+def _forward(mlp, bs, causal, eps, group, NG, q, k, v, eta, ln_w, ln_b, state0, save):
+    """`_TTT`'s kernels: (output, final state, the state at every `group`-th mini-batch if `save`)."""
+    N, T, D = q.shape
+    H = ln_w.shape[0]
+    state = [s.clone() for s in state0]
+    ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
+    out = _empty_like(q)
+    common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
+                  **_launch_options(mlp, D, bs))
+    args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
+    if mlp and not _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
+        F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
+        # the programs of a chain exchange their partial sums in bf16 where the products are (v31)
+        exchange = torch.bfloat16 if common["LP"] else torch.float32
+        S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
+            _mlp_fwd_kernel.warmup(*args, f.to(exchange), i, i, T, H, NG, eps, S=2, F=F, grid=(1,),
+                                   CLUSTER=False, PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
+        primal = _mlp_primal(causal, common["num_warps"])
+        xch = q.new_empty((N, 4, S, bs, D), dtype=exchange)
+        cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
+        ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
+        cluster = _cluster_size(q, N, S, lambda: _mlp_fwd_kernel.warmup(
+            *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, grid=(1,), CLUSTER=True, PRIMAL=primal, **common))
+        _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, cluster=cluster,
+                PRIMAL=primal, CLUSTER=cluster > 1, **common)
+        if S > 1 and not bool((ok > 0).all()):
+            raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
+    elif not mlp:
+        _launch(_linear_fwd_kernel, (N,), *args, T, H, NG, eps, **common)
+    return out, state, ckpt
+
+
 class _TTT(torch.autograd.Function):
     """Inputs: tokens `[N, T, D]`, eta `[N, T]`, LayerNorm `[H, D]` float32, state `[N, ...]` float32."""
 
     @staticmethod
     def forward(ctx, mlp, bs, causal, eps, group, q, k, v, eta, ln_w, ln_b, *state0):
-        N, T, D = q.shape
-        H = ln_w.shape[0]
-        NG = triton.cdiv(triton.cdiv(T, bs), group)
-        save = any(ctx.needs_input_grad)
-        state = [s.clone() for s in state0]
-        ckpt = [q.new_empty((N, NG if save else 1, *s.shape[1:]), dtype=torch.float32) for s in state0]
-        out = _empty_like(q)
-        common = dict(D=D, BS=bs, G=group, CAUSAL=causal, SAVE=save, LP=_bf16_products(q),
-                      **_launch_options(mlp, D, bs))
-        args = (q, k, v, eta, out, ln_w, ln_b, *state, *ckpt)
-        if mlp and not _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
-            F, FC = 4 * D, _mlp_chunk_size(D, common["num_warps"], backward=False)
-            # the programs of a chain exchange their partial sums in bf16 where the products are (v31)
-            exchange = torch.bfloat16 if common["LP"] else torch.float32
-            S, common = _mlp_launch(N, q, (D,), common, (min(F // FC, 4), F // FC), lambda opts: lambda f, i: (
-                _mlp_fwd_kernel.warmup(*args, f.to(exchange), i, i, T, H, NG, eps, S=2, F=F, grid=(1,),
-                                       CLUSTER=False, PRIMAL=_mlp_primal(causal, opts["num_warps"]), **opts)), False)
-            primal = _mlp_primal(causal, common["num_warps"])
-            xch = q.new_empty((N, 4, S, bs, D), dtype=exchange)
-            cnt = torch.zeros(N, dtype=torch.int32, device=q.device)
-            ok = torch.empty(N * S, dtype=torch.int32, device=q.device)
-            cluster = _cluster_size(q, N, S, lambda: _mlp_fwd_kernel.warmup(
-                *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, grid=(1,), CLUSTER=True, PRIMAL=primal, **common))
-            _launch(_mlp_fwd_kernel, (N * S,), *args, xch, cnt, ok, T, H, NG, eps, S=S, F=F, cluster=cluster,
-                    PRIMAL=primal, CLUSTER=cluster > 1, **common)
-            if S > 1 and not bool((ok > 0).all()):
-                raise RuntimeError(f"TTT-MLP forward: the {S} programs of a chain were not resident together")
-        elif not mlp:
-            _launch(_linear_fwd_kernel, (N,), *args, T, H, NG, eps, **common)
+        NG = triton.cdiv(triton.cdiv(q.shape[1], bs), group)
+        kept = memo.take()  # the same call's results, kept at a checkpointed pass's first run
+        if kept is not None and kept[0].shape != q.shape:
+            raise RuntimeError(f"TTT memo: kept results of shape {tuple(kept[0].shape)} for inputs {tuple(q.shape)}")
+        out, state, ckpt = kept or _forward(mlp, bs, causal, eps, group, NG, q, k, v, eta, ln_w, ln_b, state0,
+                                            any(ctx.needs_input_grad))
+        if kept is None:
+            memo.keep((out, state, ckpt))
         ctx.save_for_backward(q, k, v, eta, ln_w, ln_b, *ckpt)
         ctx.cfg = (mlp, bs, causal, eps, group, NG)
         return (out, *state)
