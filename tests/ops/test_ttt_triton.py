@@ -599,7 +599,8 @@ def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monke
     checkpointed too, then a checkpointed part that takes their output. Backward recomputes the block
     (both passes run) and then each pass: the block's recompute keeps the kernels' results for the
     passes' recompute, so a step launches the TTT forward 4 times instead of 6, with bit for bit the
-    same gradients; the step's first forward keeps nothing."""
+    same gradients; the step's first forward keeps nothing, and where nothing recomputes the passes
+    (TTT frozen, no gradient into it) what the block's recompute kept goes at the end of backward."""
     from torch.utils.checkpoint import checkpoint
 
     from ttt_video.layers.ttt import BidirectionalTTT
@@ -620,14 +621,17 @@ def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monke
     x0 = torch.randn(1, L, 2 * D, device=DEVICE)
     cos, sin = torch.ones(L, D, device=DEVICE), torch.zeros(L, D, device=DEVICE)
 
-    def block(x):
-        return checkpoint(torch.sin, layer(x, cos, sin, checkpoint_passes=True), use_reentrant=False)
+    scale = torch.nn.Parameter(torch.ones(2 * D, device=DEVICE))
 
-    def step(keeping=True):
+    def block(x):
+        return checkpoint(lambda t: t.sin() * scale, layer(x, cos, sin, checkpoint_passes=True), use_reentrant=False)
+
+    def step(keeping=True, frozen=False):
         launches.clear()
         keeps.clear()
         layer.zero_grad()
-        x = x0.clone().requires_grad_()
+        layer.requires_grad_(not frozen)
+        x = x0.clone().requires_grad_(not frozen)
         with monkeypatch.context() as m:
             if not keeping:
                 m.setattr(memo, "_in_backward", lambda: False)
@@ -643,3 +647,5 @@ def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monke
     assert runs == 6 and kept == [False] * 4
     for a, b in zip(grads, plain):
         assert torch.equal(a, b)
+    runs, kept, grads = step(frozen=True)
+    assert runs == 4 and kept == [True, True] and scale.grad is not None

@@ -8,7 +8,8 @@ of the step's first forward; the pass runs of the block's recompute are new fram
 feed what comes after them). `OpMemo`, one per call site (a layer's pass), carries the TTT kernels'
 results (output, final inner state, inner-state checkpoints) from a run in backward to the next
 recompute, whose op returns them instead of running its kernels. A run outside backward keeps nothing:
-its results would be held until the step's backward, for every block.
+its results would be held until the step's backward, for every block; and nothing kept outlives the
+backward that kept it.
 
 The Triton op (`triton.py`'s `_TTT`) and the memory plan's stand-in for it (`train/plan.py`) take part;
 the PyTorch ops, whose backward is autograd through their own forward, run as before."""
@@ -34,6 +35,9 @@ class OpMemo:
     def __init__(self):
         self.results = None
 
+    def drop(self):
+        self.results = None
+
     def contexts(self):
         return self._active("keep" if _in_backward() else None), self._active("take")
 
@@ -45,7 +49,7 @@ class OpMemo:
         finally:
             _local.active = outer
             if mode == "take":
-                self.results = None  # kept for this recompute: taken, or not needed
+                self.drop()  # kept for this recompute: taken, or not needed
 
 
 def take():
@@ -64,3 +68,5 @@ def keep(results):
     if mode == "keep":
         memo.results = tuple(tuple(t.detach() for t in r) if isinstance(r, (tuple, list)) else r.detach()
                              for r in results)
+        # never held past this backward (where nothing recomputes the pass: its inputs and weights frozen)
+        torch.autograd.Variable._execution_engine.queue_callback(memo.drop)
