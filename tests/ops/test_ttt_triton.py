@@ -432,7 +432,7 @@ def test_cuda_mlp_backward_takes_the_hopper_kernels_where_they_apply(monkeypatch
     """On an H100 the bf16 TTT-MLP backward at head dim 64 and mini-batch 64, not causal, runs the Hopper
     kernels (`hopper.backward`, whatever the number of chains) and gives the reference's gradients, as the
     portable backward does: over one window of checkpoint groups (T = 1,000, a last mini-batch of 40
-    tokens) and over two, the second partial (T = 9,000: 9 groups of 16 mini-batches, windows of 8; inputs
+    tokens) and over three, the first partial (T = 9,000: 9 groups of 16 mini-batches, windows of 4; inputs
     as the layer makes them, over which random ones drift by about the tolerance in either backward), with
     the gradient of the final state carried in. Causal mini-batches keep the portable backward."""
     from ttt_video.ops.ttt import hopper
