@@ -1276,7 +1276,7 @@ class _TTT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, bs, causal, eps, group, q, k, v, eta, ln_w, ln_b, *state0):
         NG = triton.cdiv(triton.cdiv(q.shape[1], bs), group)
-        kept = memo.take()  # the same call's results, kept at a checkpointed pass's first run
+        kept = memo.take()  # results kept for this recompute (a checkpointed pass in its block's recompute)
         if kept is not None and kept[0].shape != q.shape:
             raise RuntimeError(f"TTT memo: kept results of shape {tuple(kept[0].shape)} for inputs {tuple(q.shape)}")
         out, state, ckpt = kept or _forward(mlp, bs, causal, eps, group, NG, q, k, v, eta, ln_w, ln_b, state0,
