@@ -395,7 +395,8 @@ class Block(nn.Module):
     (inference: one segment's temporaries at a time, not the whole video's). With `parts`,
     training does the same and recomputes the block part by part in backward: each segment's
     attention, each TTT pass and each segment's worth of feed-forward keep only their inputs, so
-    one part's activations are held at a time, for a third forward pass of each part."""
+    one part's activations are held at a time, for a third forward pass of each part (the TTT
+    kernels' excepted: `BidirectionalTTT` keeps their results from the block's recompute)."""
 
     def __init__(self, cfg):
         super().__init__()
