@@ -198,10 +198,7 @@ class _TTTScan(torch.autograd.Function):
     def forward(ctx, mini_batch_size, q, k, v, eta, *weights):
         B, _, T, _ = q.shape
         groups = -(-T // (mini_batch_size * TTT_CHECKPOINT_GROUP))
-        kept = memo.take()
-        out, states = kept or (torch.empty_like(q), [w.new_empty(groups, B, *w.shape) for w in weights])
-        if kept is None:
-            memo.keep((out, states))
+        out, states = memo.kept_or(lambda: (torch.empty_like(q), [w.new_empty(groups, B, *w.shape) for w in weights]))
         ctx.save_for_backward(q, k, v, eta, out, *states, *weights)
         ctx.num_weights = len(weights)
         ctx.mini_batch_size = mini_batch_size
@@ -388,9 +385,9 @@ def _stand_ins(autocast=None, host=None):
 
         replaced["host_copies"] = host_copies
     if autocast is not None:
-        def checkpoint(fn, *args, context_fn=None, **kwargs):
+        def checkpoint(fn, *args, context_fn=torch.utils.checkpoint.noop_context_fn, **kwargs):
             def contexts():
-                first, again = context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
+                first, again = context_fn()
                 return first, _both(again, _Autocast(autocast.dtype))
             return torch.utils.checkpoint.checkpoint(fn, *args, context_fn=contexts, **kwargs)
 

@@ -52,6 +52,15 @@ class OpMemo:
                 self.drop()  # kept for this recompute: taken, or not needed
 
 
+def kept_or(make):
+    """For the op: the results kept for this recompute, else `make()`'s, kept where the active run keeps."""
+    results = take()
+    if results is None:
+        results = make()
+        keep(results)
+    return results
+
+
 def take():
     """For the op: the results kept for this recompute (then dropped from the memo), or None."""
     memo, mode = getattr(_local, "active", None) or (None, None)

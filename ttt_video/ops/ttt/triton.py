@@ -1276,13 +1276,11 @@ class _TTT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, bs, causal, eps, group, q, k, v, eta, ln_w, ln_b, *state0):
         NG = triton.cdiv(triton.cdiv(q.shape[1], bs), group)
-        kept = memo.take()  # results kept for this recompute (a checkpointed pass in its block's recompute)
-        if kept is not None and kept[0].shape != q.shape:
-            raise RuntimeError(f"TTT memo: kept results of shape {tuple(kept[0].shape)} for inputs {tuple(q.shape)}")
-        out, state, ckpt = kept or _forward(mlp, bs, causal, eps, group, NG, q, k, v, eta, ln_w, ln_b, state0,
-                                            any(ctx.needs_input_grad))
-        if kept is None:
-            memo.keep((out, state, ckpt))
+        # the results kept for this recompute (a checkpointed pass in its block's recompute), else the kernels'
+        out, state, ckpt = memo.kept_or(lambda: _forward(mlp, bs, causal, eps, group, NG, q, k, v, eta, ln_w, ln_b,
+                                                         state0, any(ctx.needs_input_grad)))
+        if out.shape != q.shape:
+            raise RuntimeError(f"TTT memo: kept results of shape {tuple(out.shape)} for inputs {tuple(q.shape)}")
         ctx.save_for_backward(q, k, v, eta, ln_w, ln_b, *ckpt)
         ctx.cfg = (mlp, bs, causal, eps, group, NG)
         return (out, *state)
