@@ -14,7 +14,9 @@ segment, 226 text tokens each):
   activations: `--offload` and `--checkpoint-parts` time the training step as the long-video
   presets run it (`train.offload_checkpoints` from 30 s, `train.checkpoint_parts` at 63 s).
 Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
-reported as such.
+reported as such. `--profile` adds, under each long-video row, one more run's GPU time by kernel kind
+(`KERNEL_KINDS`): where the TTT layer's extra time goes. The TTT-MLP backward's two kernels run side by
+side on two streams, so a row's kernel times can add up to more than its time.
 """
 
 import json
@@ -41,6 +43,38 @@ def _time_s(fn, reps):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel's name, lower case), first match wins; the rest is "other"
+    ("ttt-mlp kernels", ("_mlp_",)),
+    ("ttt-linear kernels", ("_linear_",)),
+    ("ttt layer kernels", ("_inputs_", "_merge_")),
+    ("attention", ("sdpa", "flash", "fmha")),
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass")),
+    ("layer norms", ("layer_norm", "gammabeta")),
+    ("host copies", ("memcpy htod", "memcpy dtoh")),
+)
+
+
+def kernel_kind(name):
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
+
+
+def kernel_ms(fn):
+    """GPU time of one run of fn by kernel kind, in ms, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kernel_kind(e.name)
+            out[kind] = out.get(kind, 0.0) + e.device_time / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _peak_gb(fn):
@@ -85,8 +119,10 @@ def inputs(segments, batch, device):
 
 def report(rows, name, row):
     rows[name] = row
-    extra = "".join(f"  {k} {v:.2f}" for k, v in row.items() if k not in ("s", "oom"))
+    extra = "".join(f"  {k} {v:.2f}" for k, v in row.items() if k not in ("s", "oom", "kernels_ms"))
     print(f"{name:<52} " + ("out of memory" if row.get("oom") else f"{row['s'] * 1000:>10.1f} ms") + extra, flush=True)
+    for kind, ms in row.get("kernels_ms", {}).items():
+        print(f"    {kind:<48} {ms:>10.1f} ms", flush=True)
 
 
 def short_rows(reps, device, sampling_steps):
@@ -115,8 +151,9 @@ def short_rows(reps, device, sampling_steps):
     return rows
 
 
-def train_row(model, x, text, t, reps, layers, parts=False, offload=False):
-    """A training step with gradient checkpointing per block: time, peak memory, or out of memory."""
+def train_row(model, x, text, t, reps, layers, parts=False, offload=False, profile=False):
+    """A training step with gradient checkpointing per block: time, peak memory (and kernel times), or out
+    of memory."""
     model.train().enable_gradient_checkpointing(parts=parts, offload=offload)
 
     def train_step():
@@ -125,7 +162,10 @@ def train_row(model, x, text, t, reps, layers, parts=False, offload=False):
 
     try:
         both = _time_s(train_step, max(1, reps - 1))
-        return {"s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
+        row = {"s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
+        if profile:
+            row["kernels_ms"] = kernel_ms(train_step)
+        return row
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         return {"s": float("nan"), "oom": True}
@@ -135,7 +175,8 @@ def long_label(segments, batch):
     return f"{segments * 3}s" + (f" batch {batch}" if batch > 1 else "")
 
 
-def long_rows(layers, reps, device, segments, forward_only=False, parts=False, offload=False, batch=1):
+def long_rows(layers, reps, device, segments, forward_only=False, parts=False, offload=False, batch=1,
+              profile=False):
     rows = {}
     x, text, t = inputs(segments, batch, device)
     length = long_label(segments, batch)
@@ -144,11 +185,13 @@ def long_rows(layers, reps, device, segments, forward_only=False, parts=False, o
         model = ours(ttt, layers, device)
         with torch.no_grad():
             fwd = _time_s(lambda: model(x, text, t), reps)
-            report(rows, f"{length} forward, {layers} blocks, {name}", {
-                "s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B})
+            row = {"s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B}
+            if profile:
+                row["kernels_ms"] = kernel_ms(lambda: model(x, text, t))
+            report(rows, f"{length} forward, {layers} blocks, {name}", row)
         if not forward_only:
             report(rows, f"{length} forward+backward, {layers} blocks, {name}",
-                   train_row(model, x, text, t, reps, layers, parts, offload))
+                   train_row(model, x, text, t, reps, layers, parts, offload, profile))
         model = None  # free it before the next one is built
         torch.cuda.empty_cache()
     return rows
@@ -186,6 +229,8 @@ def main(argv=None):
                    help="forward+backward rows recompute each block part by part (train.checkpoint_parts)")
     p.add_argument("--offload", action="store_true",
                    help="forward+backward rows keep the blocks' inputs in host memory (train.offload_checkpoints)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each long-video row's GPU time by kernel kind (one more run each)")
     p.add_argument("--json", default=None, help="also write the rows and ratios to this file")
     a = p.parse_args(argv)
     check_positive(a, "layers", "segments", "batch", "reps", "sampling_steps")
@@ -198,7 +243,7 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights{training}")
     rows = {} if a.skip_diffusers else short_rows(a.reps, device, a.sampling_steps)
     rows.update(long_rows(a.layers, a.reps, device, a.segments, a.forward_only, a.checkpoint_parts, a.offload,
-                          a.batch))
+                          a.batch, a.profile))
     result = {"rows": rows, "ratios": ratios(rows, a.segments, a.layers, a.sampling_steps, a.batch)}
     for name, v in result["ratios"].items():
         print(f"{name:<60} {v:.3f}")
