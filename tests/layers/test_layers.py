@@ -128,28 +128,30 @@ def test_inference_kernels_give_the_eager_layer(monkeypatch, reverse):
 
 
 def test_fusion_is_chosen_by_device_size_and_switch(monkeypatch):
+    from ttt_video.layers import fusion, rope
     from ttt_video.layers import ttt as ttt_layer
 
-    class Input:  # what `_fused` looks at: the device and the size
+    class Input:  # what `fused` looks at: the device and the size
         def __init__(self, numel, is_cuda=True):
             self.n, self.is_cuda = numel, is_cuda
 
         def numel(self):
             return self.n
 
-    big, small = ttt_layer.FUSE_MIN_ELEMENTS, ttt_layer.FUSE_MIN_ELEMENTS - 1
+    big, small = fusion.FUSE_MIN_ELEMENTS, fusion.FUSE_MIN_ELEMENTS - 1
     fn = ttt_layer._merge_heads
     monkeypatch.delenv("TTT_VIDEO_COMPILE", raising=False)
-    assert ttt_layer._fused(fn, Input(big), 64) is not fn and ttt_layer._fused(fn, Input(small), 64) is fn
-    assert ttt_layer._fused(fn, Input(big, is_cuda=False), 64) is fn
+    assert fusion.fused(fn, Input(big), 64) is not fn and fusion.fused(fn, Input(small), 64) is fn
+    assert fusion.fused(fn, Input(big, is_cuda=False), 64) is fn
     monkeypatch.setenv("TTT_VIDEO_COMPILE", "0")
-    assert ttt_layer._fused(fn, Input(big), 64) is fn
+    assert fusion.fused(fn, Input(big), 64) is fn
     monkeypatch.setenv("TTT_VIDEO_COMPILE", "1")
-    assert ttt_layer._fused(fn, Input(small), 64) is not fn
+    assert fusion.fused(fn, Input(small), 64) is not fn
     pytest.importorskip("triton")
     from ttt_video.ops.ttt import layer_io
 
     with torch.no_grad():
-        assert ttt_layer._fused(fn, Input(big), 64) is layer_io.merge_heads
-        assert ttt_layer._fused(ttt_layer._inner_inputs, Input(big), 64) is layer_io.inner_inputs
-        assert ttt_layer._fused(fn, Input(big), 48) is not layer_io.merge_heads  # compiled instead
+        assert fusion.fused(fn, Input(big), 64) is layer_io.merge_heads
+        assert fusion.fused(ttt_layer._inner_inputs, Input(big), 64) is layer_io.inner_inputs
+        assert fusion.fused(rope.norm_rope, Input(big), 64) is layer_io.norm_rope
+        assert fusion.fused(fn, Input(big), 48) is not layer_io.merge_heads  # compiled instead

@@ -593,6 +593,42 @@ def test_layer_io_kernels_match_the_eager_layer_steps(dtype, reverse):
             close(a, r)
 
 
+@pytest.mark.parametrize("layout", ["projection", "qkv"])
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+def test_norm_rope_kernels_match_the_eager_step(dtype, rotate, layout):
+    """Attention's q / k LayerNorm and RoPE (`layer_io.norm_rope` against `layers.rope.norm_rope` and its
+    autograd): the output and the gradients of x, the weight and the bias, for q as a head view of its own
+    projection (the input gradient then comes back with the projection's layout, no copy) and of a joint
+    q, k, v projection."""
+    _module()
+    from ttt_video.layers.rope import norm_rope, rope_3d
+    from ttt_video.ops.ttt import layer_io
+
+    g = torch.Generator().manual_seed(6)
+    B, heads, dh, L = 2, 3, 16, 37  # L not a multiple of the token block
+    width = heads * dh * (3 if layout == "qkv" else 1)
+    proj = torch.randn(B, L, width, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(dh, generator=g)).to(DEVICE, dtype)
+    b = (0.1 * torch.randn(dh, generator=g)).to(DEVICE, dtype)
+    cos, sin = (t[:L].to(DEVICE) for t in rope_3d(3, 4, 4, dh)) if rotate else (None, None)
+    probe = torch.randn(B, heads, L, dh, generator=g).to(DEVICE, dtype)
+
+    def run(fn):
+        p, wt, bt = (t.detach().requires_grad_() for t in (proj, w, b))
+        x = p[..., :heads * dh].unflatten(-1, (heads, dh)).transpose(1, 2)
+        y = fn(x, wt, bt, cos, sin, 1e-6)
+        return [y, *torch.autograd.grad((y * probe).float().sum(), [p, wt, bt])]
+
+    got, ref = run(layer_io.norm_rope), run(norm_rope)
+    assert got[0].is_contiguous() and got[0].dtype == dtype
+    for a, r in zip(got, ref):
+        if dtype == torch.bfloat16:  # the eager step rounds the LayerNorm's output, the kernel does not
+            assert _rel(a, r) < 1e-2, _rel(a, r)
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monkeypatch, kind):
     """CogVideoX's part-wise recompute: a checkpointed block holding the bidirectional TTT, its passes

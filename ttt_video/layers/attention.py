@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rope
+from .fusion import fused
+from .rope import apply_rope, norm_rope
 
 
 class SegmentAttention(nn.Module):
@@ -28,8 +29,12 @@ class SegmentAttention(nn.Module):
         seg = L // num_segments
         qkv = self.qkv(x).view(B * num_segments, seg, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B*S, H, L_seg, Dh]
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        if isinstance(self.q_norm, nn.LayerNorm):
+            prepare = fused(norm_rope, q, q.shape[-1])
+            q, k = (prepare(t, norm.weight, norm.bias, cos, sin, norm.eps)
+                    for t, norm in ((q, self.q_norm), (k, self.k_norm)))
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None if key_mask is None else key_mask.reshape(B * num_segments, 1, 1, seg)
         if attn_mask is not None:
             mask = attn_mask if mask is None else mask & attn_mask

@@ -6,6 +6,7 @@ get the identity rotation (cos 1, sin 0), so one table covers an interleaved seq
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def _axis_angles(pos, dim, theta):
@@ -37,3 +38,10 @@ def apply_rope(x, cos, sin):
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def norm_rope(x, weight, bias, cos=None, sin=None, eps=1e-6):
+    """Attention's q or k `[B, H, L, Dh]`: LayerNorm over the head dim (weight, bias `[Dh]`, shared by the
+    heads), then `apply_rope` unless cos / sin are None."""
+    x = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return x if cos is None else apply_rope(x, cos, sin)

@@ -3,15 +3,9 @@
 Tokens `[B, L, D]` (text and video interleaved per segment); the op works on `[B, H, L, Dh]`.
 
 Around the op the layer is memory-bound elementwise work over the whole video (normalising,
-rotating and re-targeting q, k, v; moving heads in and out): on CUDA, for inputs of at least
-`FUSE_MIN_ELEMENTS`, those steps are fused into one Triton kernel each, forward and backward
-(`ttt_video.ops.ttt.layer_io`); where Triton is missing or the head dim is not a power of two,
-into `torch.compile`d functions. Smaller inputs, where fusing would cost more than it saves, and
-other devices run them eagerly (same arithmetic). `TTT_VIDEO_COMPILE=0` never fuses, `=1` always
-does (on CUDA).
+rotating and re-targeting q, k, v; moving heads in and out): `_inner_inputs` and `_merge_heads`,
+fused on CUDA as `layers.fusion` says.
 """
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import ttt_linear, ttt_mlp
 from ..ops.ttt.memo import OpMemo
+from .fusion import fused
 from .rope import apply_rope
 
 KINDS = ("linear", "mlp")
@@ -44,38 +39,6 @@ def _merge_heads(o, weight, bias, reverse=False):
     """o `[B, H, L, Dh]` -> post-normed `[B, L, H * Dh]`; with `reverse` o holds the tokens last to first."""
     o = (o.flip(2) if reverse else o).transpose(1, 2).flatten(2)
     return F.layer_norm(o, o.shape[-1:], weight, bias, eps=1e-6)
-
-
-FUSE_MIN_ELEMENTS = 2**24  # a 3 s CogVideoX segment has 55M; a shapes-tiny batch about 3M
-_COMPILED = {}
-
-
-def fuses(x):
-    """Whether the layer fuses its steps for an input of x's size on CUDA (`TTT_VIDEO_COMPILE`)."""
-    mode = os.environ.get("TTT_VIDEO_COMPILE", "auto")
-    return mode == "1" or (mode != "0" and x.numel() >= FUSE_MIN_ELEMENTS)
-
-
-def _fused(fn, x, head_dim):
-    if not (x.is_cuda and fuses(x)):
-        return fn
-    if (kernel := _kernel(fn, head_dim)) is not None:
-        return kernel
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
-
-
-def _kernel(fn, head_dim):
-    """The Triton kernels doing what `fn` does, or None (no Triton, or a head dim that is not a
-    power of two)."""
-    if head_dim & (head_dim - 1):
-        return None
-    try:
-        from ..ops.ttt import layer_io
-    except ImportError:
-        return None
-    return {_inner_inputs: layer_io.inner_inputs, _merge_heads: layer_io.merge_heads}[fn]
 
 
 class TTT(nn.Module):
@@ -109,14 +72,14 @@ class TTT(nn.Module):
     def forward(self, x, cos, sin, reverse=False):
         """x `[B, L, D]`; cos/sin `[L, Dh]` (identity rows for text). reverse runs the scan back to front:
         the op gets the tokens last to first, from the head split on; the rest works per token."""
-        prepare = _fused(_inner_inputs, x, self.head_dim)
+        prepare = fused(_inner_inputs, x, self.head_dim)
         q, k, v = prepare(self.qkv(x), cos, sin, self.ln_weight, self.ln_bias, self.num_heads, reverse)
         eta = self.base_lr * torch.sigmoid(self.lr_gate(x)) / (self.head_dim * self.mini_batch_size)
         eta = eta.transpose(1, 2)  # [B, H, L]
         op = ttt_mlp if self.kind == "mlp" else ttt_linear
         o = op(q, k, v, eta.flip(2) if reverse else eta, *self.inner_weights(), self.ln_weight, self.ln_bias,
                mini_batch_size=self.mini_batch_size, impl=self.impl)
-        merge = _fused(_merge_heads, x, self.head_dim)
+        merge = fused(_merge_heads, x, self.head_dim)
         return self.out(merge(o, self.post_norm.weight, self.post_norm.bias, reverse))
 
 

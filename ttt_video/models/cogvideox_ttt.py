@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..fileio import atomic_file, check_state_dict, read_json, read_safetensors, safetensors_files, write_text_atomic
-from ..layers.rope import apply_rope, with_text
+from ..layers.fusion import fused
+from ..layers.rope import norm_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
 from ..layers.ttt import BidirectionalTTT
 
@@ -372,9 +373,9 @@ class Attention(nn.Module):
     def forward(self, x, rope):
         """x `[B', L', D]`; rope: cos, sin `[L', Dh]` (identity rows for text) or None."""
         q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
-        q, k = self.norm_q(q), self.norm_k(k)  # [B', H, L', Dh]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        prepare = fused(norm_rope, q, q.shape[-1])  # [B', H, L', Dh]
+        q, k = (prepare(t, norm.weight, norm.bias, *(rope or (None, None)), norm.eps)
+                for t, norm in ((q, self.norm_q), (k, self.norm_k)))
         o = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(o.transpose(1, 2).flatten(2))
 

@@ -300,15 +300,30 @@ class _MergeHeads(torch.autograd.Function):
         return torch.empty_like(ctx.saved_tensors[0])
 
 
-def _layer_kernels(fn, x, head_dim):
-    """What the TTT layer's `_fused` gives on a CUDA device with Triton: the layer kernels where it
-    fuses (`layers.ttt.fuses`) at a power-of-two head dim; else `fn` itself."""
-    from ..layers import ttt
+class _NormRope(torch.autograd.Function):
+    """Shapes and saved tensors of attention's fused q / k LayerNorm and RoPE: it keeps the projection's rows."""
 
-    if not ttt.fuses(x) or head_dim & (head_dim - 1):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.new_empty(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0])
+
+
+def _layer_kernels(fn, x, head_dim):
+    """What `layers.fusion.fused` gives on a CUDA device with Triton: the layer kernels where it fuses
+    (`layers.fusion.fuses`) at a power-of-two head dim; else `fn` itself."""
+    from ..layers import fusion, rope, ttt
+
+    if not fusion.fuses(x) or head_dim & (head_dim - 1):
         return fn
     if fn is ttt._inner_inputs:
         return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
+    if fn is rope.norm_rope:
+        return lambda x, weight, bias, cos=None, sin=None, eps=1e-6: _NormRope.apply(x)
     return lambda o, weight, bias, reverse=False: _MergeHeads.apply(o)
 
 
@@ -375,7 +390,7 @@ def _stand_ins(autocast=None, host=None):
     `host`, the bytes of every set of block inputs offloaded to host memory are appended to it."""
     attention = functools.partial(_fused_attention, dtype=autocast and autocast.dtype)
     replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan,
-                "_fused": _layer_kernels}
+                "fused": _layer_kernels}
     if host is not None:
         from ..models import cogvideox_ttt
 

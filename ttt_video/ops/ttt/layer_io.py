@@ -1,4 +1,5 @@
-"""Triton kernels for the memory-bound work around the TTT op in a layer, forward and backward.
+"""Triton kernels for the memory-bound work around the TTT op and around attention in a layer, forward
+and backward.
 
 `inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse)` and `merge_heads(o, weight, bias,
 reverse)` compute what `ttt_video.layers.ttt._inner_inputs` / `_merge_heads` compute, each in one pass
@@ -6,7 +7,10 @@ over memory, and are differentiable: one program per (batch x head, token block)
 q, k, v columns of the projection, normalises, rotates and re-targets them in float32 and writes
 them head-major; one program per token block gathers every head of o and layer-norms the row. With
 `reverse` the head-major side holds the tokens last to first (a reversed scan's order): the kernels
-write and read it at mirrored rows, so no flipped copy of the sequence is made. Each
+write and read it at mirrored rows, so no flipped copy of the sequence is made. `norm_rope(x, weight,
+bias, cos, sin, eps)` does what `ttt_video.layers.rope.norm_rope` does to attention's q or k: one
+program per (batch x head, token block) reads that head's rows of the projection (any strides with
+the head dim contiguous), layer-norms and rotates them and writes them head-major. Each
 backward kernel recomputes its forward from the saved input in the same pass (nothing else is
 saved) and writes per-program partial sums of the LayerNorm weight and bias gradients, summed on
 the host. Intermediate values are not rounded to the activation dtype between steps as the eager
@@ -171,10 +175,70 @@ def _merge_bwd_kernel(o_ptr, w_ptr, gy_ptr, go_ptr, dw_ptr, db_ptr, L, H, DH: tl
     tl.store(db_ptr + part, db)
 
 
+@triton.jit
+def _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m, sb, sh, sl, eps, DH: tl.constexpr,
+                    BL: tl.constexpr, ROPE: tl.constexpr):
+    """A block of one head's rows of x (strides sb, sh, sl over batch, head and token), layer-normed and
+    rotated; also the normalised rows, rstd, the LayerNorm weight, cos and sin."""
+    x = tl.load(x_ptr + (bh // H) * sb + (bh % H) * sh + rows[:, None] * sl + cols[None, :], mask=m, other=0.0)
+    xh, rstd = _ln(x.to(tl.float32), DH, eps)
+    w = tl.load(w_ptr + cols).to(tl.float32)[None, :]
+    y = xh * w + tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    cos = y  # unread without ROPE
+    sin = y
+    if ROPE:
+        cos = tl.load(cos_ptr + rows[:, None] * DH + cols[None, :], mask=m, other=0.0)
+        sin = tl.load(sin_ptr + rows[:, None] * DH + cols[None, :], mask=m, other=0.0)
+        y = y * cos + _rotated(y, BL, DH) * sin
+    return y, xh, rstd, w, cos, sin
+
+
+@triton.jit
+def _norm_rope_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, y_ptr, H, L, sb, sh, sl, eps, DH: tl.constexpr,
+                      BL: tl.constexpr, ROPE: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BL + tl.arange(0, BL)
+    cols = tl.arange(0, DH)
+    m = (rows < L)[:, None]
+    y, xh, rstd, w, cos, sin = _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m, sb, sh,
+                                               sl, eps, DH, BL, ROPE)
+    tl.store(y_ptr + (bh * L + rows[:, None]) * DH + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _norm_rope_bwd_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr, dw_ptr, db_ptr, H, L, sb, sh, sl,
+                          gb, gh, gl, eps, DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):
+    """Program (batch x head, p) takes R token blocks from p R on; gx has strides gb, gh, gl; writes
+    `[B H, P, DH]` partial sums."""
+    bh = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    cols = tl.arange(0, DH)
+    dw = tl.zeros([DH], dtype=tl.float32)
+    db = tl.zeros([DH], dtype=tl.float32)
+    for r in range(0, R):
+        rows = (p * R + r) * BL + tl.arange(0, BL)
+        m = (rows < L)[:, None]
+        y, xh, rstd, w, cos, sin = _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m, sb,
+                                                   sh, sl, eps, DH, BL, ROPE)
+        g = tl.load(gy_ptr + (bh * L + rows[:, None]) * DH + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if ROPE:  # RoPE transposed
+            g = g * cos - _rotated(g * sin, BL, DH)
+        dw += tl.sum(g * xh, 0)
+        db += tl.sum(g, 0)
+        gx = _ln_bwd(g * w, xh, rstd, DH)
+        tl.store(gx_ptr + (bh // H) * gb + (bh % H) * gh + rows[:, None] * gl + cols[None, :],
+                 gx.to(gx_ptr.dtype.element_ty), mask=m)
+    part = (bh * tl.num_programs(1) + p) * DH + cols
+    tl.store(dw_ptr + part, dw)
+    tl.store(db_ptr + part, db)
+
+
 INPUTS_BLOCK = 32  # tokens per program block
 INPUTS_BWD_BLOCKS = 16  # token blocks per backward program
 MERGE_BLOCK = 4
 MERGE_BWD_PROGRAMS = 512  # per batch element
+NORM_ROPE_BLOCK = 32
+NORM_ROPE_BWD_BLOCKS = 16
 
 
 class _InnerInputs(torch.autograd.Function):
@@ -237,6 +301,37 @@ class _MergeHeads(torch.autograd.Function):
         return go, dw[:, :D].sum(0).to(weight.dtype), db[:, :D].sum(0).to(weight.dtype), None
 
 
+class _NormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cos, sin, eps):
+        B, H, L, DH = x.shape
+        if x.stride(3) != 1:
+            x = x.contiguous()
+        rope = cos is not None
+        cos, sin = (cos.float().contiguous(), sin.float().contiguous()) if rope else (weight, bias)  # unread without
+        weight, bias = weight.contiguous(), bias.contiguous()
+        y = x.new_empty(B, H, L, DH)
+        _norm_rope_kernel[(B * H, triton.cdiv(L, NORM_ROPE_BLOCK))](
+            x, cos, sin, weight, bias, y, H, L, *x.stride()[:3], eps, DH=DH, BL=NORM_ROPE_BLOCK, ROPE=rope,
+            num_warps=4)
+        ctx.save_for_backward(x, weight, bias, cos, sin)
+        ctx.rope, ctx.eps = rope, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, cos, sin = ctx.saved_tensors
+        B, H, L, DH = x.shape
+        P = triton.cdiv(L, NORM_ROPE_BLOCK * NORM_ROPE_BWD_BLOCKS)
+        gx = torch.empty_like(x)  # x's strides where x is dense (a view of the projection), else contiguous
+        dw = x.new_empty(B * H, P, DH, dtype=torch.float32)
+        db = torch.empty_like(dw)
+        _norm_rope_bwd_kernel[(B * H, P)](x, cos, sin, weight, bias, gy.contiguous(), gx, dw, db, H, L,
+                                          *x.stride()[:3], *gx.stride()[:3], ctx.eps, DH=DH, BL=NORM_ROPE_BLOCK,
+                                          R=NORM_ROPE_BWD_BLOCKS, ROPE=ctx.rope, num_warps=4)
+        return gx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype), None, None, None
+
+
 def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False):
     """qkv `[B, L, 3 D]` -> q, k, v `[B, H, L, Dh]` in qkv's dtype (see `layers.ttt._inner_inputs`)."""
     return _InnerInputs.apply(qkv, cos, sin, ln_weight, ln_bias, num_heads, bool(reverse))
@@ -245,3 +340,8 @@ def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False):
 def merge_heads(o, weight, bias, reverse=False):
     """o `[B, H, L, Dh]` -> layer-normed `[B, L, H * Dh]` (see `layers.ttt._merge_heads`)."""
     return _MergeHeads.apply(o, weight, bias, bool(reverse))
+
+
+def norm_rope(x, weight, bias, cos=None, sin=None, eps=1e-6):
+    """x `[B, H, L, Dh]` -> layer-normed and rotated `[B, H, L, Dh]` in x's dtype (see `layers.rope.norm_rope`)."""
+    return _NormRope.apply(x, weight, bias, cos, sin, eps)
