@@ -101,6 +101,26 @@ def test_missing_files_are_named(tmp_path):
         CogVideoXTTT.from_diffusers(tmp_path)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path runs on CUDA")
+@pytest.mark.parametrize("variant", ["2b", "5b"])
+def test_fused_attention_steps_give_the_eager_model(variant, tmp_path, monkeypatch):
+    """On CUDA attention's q and k LayerNorm and RoPE (none in the 2B layout) run as one kernel each way where
+    they fuse (full-size segments; here forced by `TTT_VIDEO_COMPILE=1`): the output of two segments and
+    every parameter's gradient as with the eager steps, in float32."""
+    _reference(variant).save_pretrained(tmp_path)
+    model = CogVideoXTTT.from_diffusers(tmp_path, ttt=None).cuda()
+    x, text, t = (a.cuda() for a in _segments_input(2))
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TTT_VIDEO_COMPILE", flag)
+        model.zero_grad()
+        out = model(x, text, t)
+        out.square().mean().backward()
+        runs.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    for eager, fused in zip(*runs):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("cogvideox")
