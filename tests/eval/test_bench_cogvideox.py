@@ -15,6 +15,7 @@ from ttt_video.eval.bench_cogvideox import kernel_kind, main
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "matrix products"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, false>",
      "layer norms"),
+    ("_modulated_bwd_kernel", "layer norms"),
     ("Memcpy HtoD (Pinned -> Device)", "host copies"),
     ("Memcpy DtoD (Device -> Device)", "other"),
     ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<addcmul_cuda_kernel>", "other"),

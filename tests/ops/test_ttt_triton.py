@@ -629,6 +629,40 @@ def test_norm_rope_kernels_match_the_eager_step(dtype, rotate, layout):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+def test_modulated_norm_kernels_match_the_eager_step(dtype, affine):
+    """adaLN (`layer_io.modulated_norm` against `layers.dit.modulated_norm` and its autograd): the output and
+    the gradients of x, the LayerNorm's weight and bias and each batch element's shift and scale, for x a
+    slice of frames (batch elements apart in memory) and shift / scale chunks of one projection."""
+    _module()
+    from ttt_video.layers.dit import modulated_norm
+    from ttt_video.ops.ttt import layer_io
+
+    g = torch.Generator().manual_seed(7)
+    B, F_, N, D = 2, 5, 7, 48  # D not a power of two
+    video = torch.randn(B, F_, N, D, generator=g).to(DEVICE, dtype)
+    mod = (0.5 * torch.randn(B, 2 * D, generator=g)).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE, dtype) if affine else None
+    b = (0.1 * torch.randn(D, generator=g)).to(DEVICE, dtype) if affine else None
+    probe = torch.randn(B, 3, N, D, generator=g).to(DEVICE, dtype)
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_() for t in (video, mod, w, b) if t is not None]
+        v, m = leaves[:2]
+        shift, scale = (c[:, None, None] for c in m.chunk(2, 1))
+        y = fn(v[:, 1:4], *(leaves[2:] if affine else (None, None)), shift, scale, 1e-5)
+        return [y, *torch.autograd.grad((y * probe).float().sum(), leaves)]
+
+    got, ref = run(layer_io.modulated_norm), run(modulated_norm)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        if dtype == torch.bfloat16:  # the eager step rounds between its steps, the kernel does not
+            assert _rel(a, r) < 1e-2, _rel(a, r)
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monkeypatch, kind):
     """CogVideoX's part-wise recompute: a checkpointed block holding the bidirectional TTT, its passes

@@ -51,7 +51,7 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel's name, lower case), first m
     ("ttt layer kernels", ("_inputs_", "_merge_")),
     ("attention", ("sdpa", "flash", "fmha")),
     ("matrix products", ("gemm", "nvjet", "xmma", "cutlass")),
-    ("layer norms", ("layer_norm", "gammabeta")),
+    ("layer norms", ("layer_norm", "gammabeta", "_modulated_")),
     ("host copies", ("memcpy htod", "memcpy dtoh")),
 )
 

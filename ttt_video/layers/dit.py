@@ -7,6 +7,7 @@ Latents `[B, C, F, h, w]`; patches `(pt, ph, pw)`; tokens `[..., D]`.
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -14,6 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+def modulated_norm(x, weight, bias, shift, scale, eps=1e-5):
+    """adaLN: a LayerNorm of x's rows (weight and bias None without its affine), then `modulate` by shift and
+    scale `[B, 1, ..., D]` (each batch element its own)."""
+    return modulate(F.layer_norm(x, x.shape[-1:], weight, bias, eps), shift, scale)
 
 
 def condition_input(cond_latents, num_frames, active=None):

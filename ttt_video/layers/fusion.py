@@ -24,8 +24,9 @@ def fuses(x):
     return mode == "1" or (mode != "0" and x.numel() >= FUSE_MIN_ELEMENTS)
 
 
-def fused(fn, x, head_dim):
-    """What runs the eager step `fn` for input x: its kernels, `fn` compiled, or `fn`."""
+def fused(fn, x, head_dim=None):
+    """What runs the eager step `fn` for input x: its kernels, `fn` compiled, or `fn`. `head_dim`: for the
+    steps whose kernels take a power of two only."""
     if not (x.is_cuda and fuses(x)):
         return fn
     if (kernel := _kernel(fn, head_dim)) is not None:
@@ -37,7 +38,7 @@ def fused(fn, x, head_dim):
 
 def _kernel(fn, head_dim):
     """The Triton kernels doing what `fn` does, or None (no Triton, or a head dim that is not a power of two)."""
-    if head_dim & (head_dim - 1):
+    if head_dim is not None and head_dim & (head_dim - 1):
         return None
     try:
         from ..ops.ttt import layer_io

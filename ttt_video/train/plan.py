@@ -300,6 +300,19 @@ class _MergeHeads(torch.autograd.Function):
         return torch.empty_like(ctx.saved_tensors[0])
 
 
+class _ModulatedNorm(torch.autograd.Function):
+    """Shapes and saved tensors of the fused adaLN (LayerNorm, then scale and shift): it keeps its input."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale):
+        ctx.save_for_backward(x, shift, scale)
+        return x.new_empty(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
 class _NormRope(torch.autograd.Function):
     """Shapes and saved tensors of attention's fused q / k LayerNorm and RoPE: it keeps the projection's rows."""
 
@@ -313,13 +326,15 @@ class _NormRope(torch.autograd.Function):
         return torch.empty_like(ctx.saved_tensors[0])
 
 
-def _layer_kernels(fn, x, head_dim):
+def _layer_kernels(fn, x, head_dim=None):
     """What `layers.fusion.fused` gives on a CUDA device with Triton: the layer kernels where it fuses
     (`layers.fusion.fuses`) at a power-of-two head dim; else `fn` itself."""
-    from ..layers import fusion, rope, ttt
+    from ..layers import dit, fusion, rope, ttt
 
-    if not fusion.fuses(x) or head_dim & (head_dim - 1):
+    if not fusion.fuses(x) or (head_dim is not None and head_dim & (head_dim - 1)):
         return fn
+    if fn is dit.modulated_norm:
+        return lambda x, weight, bias, shift, scale, eps=1e-5: _ModulatedNorm.apply(x, shift, scale)
     if fn is ttt._inner_inputs:
         return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
     if fn is rope.norm_rope:

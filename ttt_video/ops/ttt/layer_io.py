@@ -10,7 +10,9 @@ them head-major; one program per token block gathers every head of o and layer-n
 write and read it at mirrored rows, so no flipped copy of the sequence is made. `norm_rope(x, weight,
 bias, cos, sin, eps)` does what `ttt_video.layers.rope.norm_rope` does to attention's q or k: one
 program per (batch x head, token block) reads that head's rows of the projection (any strides with
-the head dim contiguous), layer-norms and rotates them and writes them head-major. Each
+the head dim contiguous), layer-norms and rotates them and writes them head-major.
+`modulated_norm(x, weight, bias, shift, scale, eps)` does what `ttt_video.layers.dit.modulated_norm`
+does (adaLN: a LayerNorm, then each batch element's scale and shift): one program per block of rows. Each
 backward kernel recomputes its forward from the saved input in the same pass (nothing else is
 saved) and writes per-program partial sums of the LayerNorm weight and bias gradients, summed on
 the host. Intermediate values are not rounded to the activation dtype between steps as the eager
@@ -233,12 +235,80 @@ def _norm_rope_bwd_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr,
     tl.store(db_ptr + part, db)
 
 
+@triton.jit
+def _modulated_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, b, rows, cols, m, sb, ss, D, eps,
+                    AFFINE: tl.constexpr):
+    """Rows of batch element b of x (batch stride sb, rows contiguous) layer-normed over D (zero-padded
+    columns), through the LayerNorm's weight and bias where AFFINE; also the normalised rows, rstd, the
+    weight (1 without AFFINE) and 1 + scale (scale and shift have batch stride ss)."""
+    x = tl.load(x_ptr + b * sb + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    xc = tl.where(m, x - tl.sum(x, 1, keep_dims=True) / D, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1, keep_dims=True) / D + eps)
+    xh = xc * rstd
+    w = 1.0
+    a = xh
+    if AFFINE:
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        a = xh * w + tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    scale1 = 1.0 + tl.load(scale_ptr + b * ss + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    shift = tl.load(shift_ptr + b * ss + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    return a * scale1 + shift, a, xh, rstd, w, scale1
+
+
+@triton.jit
+def _modulated_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, y_ptr, M, D, sb, ss, eps, BD: tl.constexpr,
+                      BL: tl.constexpr, AFFINE: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BL + tl.arange(0, BL)
+    cols = tl.arange(0, BD)
+    m = (rows < M)[:, None] & (cols < D)[None, :]
+    y, a, xh, rstd, w, scale1 = _modulated_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, b, rows, cols, m, sb,
+                                                ss, D, eps, AFFINE)
+    tl.store(y_ptr + (b * M + rows[:, None]) * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _modulated_bwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, gy_ptr, gx_ptr, dw_ptr, db_ptr, dshift_ptr,
+                          dscale_ptr, M, D, sb, gsb, ss, eps, BD: tl.constexpr, BL: tl.constexpr,
+                          AFFINE: tl.constexpr):
+    """Program (p, batch element) takes the row blocks p, p + P, ...; gx has batch stride gsb; writes
+    `[B, P, BD]` partial sums for the weight, bias, shift and scale."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BD)
+    dw = tl.zeros([BD], dtype=tl.float32)
+    db = tl.zeros([BD], dtype=tl.float32)
+    dscale = tl.zeros([BD], dtype=tl.float32)
+    dshift = tl.zeros([BD], dtype=tl.float32)
+    for lb in range(p, tl.cdiv(M, BL), P):
+        rows = lb * BL + tl.arange(0, BL)
+        m = (rows < M)[:, None] & (cols < D)[None, :]
+        y, a, xh, rstd, w, scale1 = _modulated_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, b, rows, cols, m,
+                                                    sb, ss, D, eps, AFFINE)
+        gy = tl.load(gy_ptr + (b * M + rows[:, None]) * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dshift += tl.sum(gy, 0)
+        dscale += tl.sum(gy * a, 0)
+        ga = gy * scale1
+        dw += tl.sum(ga * xh, 0)
+        db += tl.sum(ga, 0)
+        tl.store(gx_ptr + b * gsb + rows[:, None] * D + cols[None, :],
+                 _ln_bwd(ga * w, xh, rstd, D).to(gx_ptr.dtype.element_ty), mask=m)
+    part = (b * P + p) * BD + cols
+    tl.store(dw_ptr + part, dw)
+    tl.store(db_ptr + part, db)
+    tl.store(dshift_ptr + part, dshift)
+    tl.store(dscale_ptr + part, dscale)
+
+
 INPUTS_BLOCK = 32  # tokens per program block
 INPUTS_BWD_BLOCKS = 16  # token blocks per backward program
 MERGE_BLOCK = 4
 MERGE_BWD_PROGRAMS = 512  # per batch element
 NORM_ROPE_BLOCK = 32
 NORM_ROPE_BWD_BLOCKS = 16
+MODULATED_BLOCK = 4
+MODULATED_BWD_PROGRAMS = 512  # per batch element
 
 
 class _InnerInputs(torch.autograd.Function):
@@ -332,6 +402,44 @@ class _NormRope(torch.autograd.Function):
         return gx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype), None, None, None
 
 
+class _ModulatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, scale, eps):
+        B, D = x.shape[0], x.shape[-1]
+        M = x[0].numel() // D
+        if x[0].stride() != x[0].contiguous().stride():  # each batch element's rows one after another
+            x = x.contiguous()
+        ctx.shift_shape = shift.shape
+        shift, scale = shift.reshape(B, D), scale.reshape(B, D)
+        if shift.stride() != scale.stride() or shift.stride(1) != 1:
+            shift, scale = shift.contiguous(), scale.contiguous()
+        affine = weight is not None
+        weight, bias = (weight.contiguous(), bias.contiguous()) if affine else (shift, shift)  # unread without
+        y = x.new_empty(x.shape)
+        BD = triton.next_power_of_2(D)
+        _modulated_kernel[(triton.cdiv(M, MODULATED_BLOCK), B)](x, weight, bias, shift, scale, y, M, D, x.stride(0),
+                                                                shift.stride(0), eps, BD=BD, BL=MODULATED_BLOCK,
+                                                                AFFINE=affine, num_warps=8)
+        ctx.save_for_backward(x, weight, bias, shift, scale)
+        ctx.affine, ctx.eps = affine, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, shift, scale = ctx.saved_tensors
+        B, D = x.shape[0], x.shape[-1]
+        M, BD = x[0].numel() // D, triton.next_power_of_2(D)
+        P = min(MODULATED_BWD_PROGRAMS, triton.cdiv(M, MODULATED_BLOCK))
+        gx = torch.empty_like(x)  # x's strides where x is dense, else contiguous
+        parts = x.new_empty(4, B * P, BD, dtype=torch.float32)
+        _modulated_bwd_kernel[(P, B)](x, weight, bias, shift, scale, gy.contiguous(), gx, *parts, M, D, x.stride(0),
+                                      gx.stride(0), shift.stride(0), ctx.eps, BD=BD, BL=MODULATED_BLOCK,
+                                      AFFINE=ctx.affine, num_warps=8)
+        dw, db, dshift, dscale = parts[..., :D].reshape(4, B, P, D).sum(2)
+        grads = [dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)] if ctx.affine else [None, None]
+        return gx, *grads, dshift.view(ctx.shift_shape).to(shift.dtype), dscale.view(ctx.shift_shape).to(scale.dtype), None
+
+
 def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False):
     """qkv `[B, L, 3 D]` -> q, k, v `[B, H, L, Dh]` in qkv's dtype (see `layers.ttt._inner_inputs`)."""
     return _InnerInputs.apply(qkv, cos, sin, ln_weight, ln_bias, num_heads, bool(reverse))
@@ -345,3 +453,8 @@ def merge_heads(o, weight, bias, reverse=False):
 def norm_rope(x, weight, bias, cos=None, sin=None, eps=1e-6):
     """x `[B, H, L, Dh]` -> layer-normed and rotated `[B, H, L, Dh]` in x's dtype (see `layers.rope.norm_rope`)."""
     return _NormRope.apply(x, weight, bias, cos, sin, eps)
+
+
+def modulated_norm(x, weight, bias, shift, scale, eps=1e-5):
+    """x `[B, ..., D]` -> adaLN `[B, ..., D]` in x's dtype (see `layers.dit.modulated_norm`)."""
+    return _ModulatedNorm.apply(x, weight, bias, shift, scale, eps)
