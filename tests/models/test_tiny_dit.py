@@ -78,3 +78,23 @@ def test_conditioning_starts_at_zero_and_loads_unconditioned_weights(tmp_path):
         build_model(ModelConfig(condition_frames=2))
     with pytest.raises(ValueError, match="not implemented for cogvideox-ttt"):
         build_model(ModelConfig(arch="cogvideox-ttt", condition_frames=1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path runs on CUDA")
+def test_fused_steps_give_the_eager_model(monkeypatch):
+    """On CUDA (fusion forced by `TTT_VIDEO_COMPILE=1`; full-size inputs fuse by themselves) the adaLN norms,
+    attention's q and k and the TTT layer's steps run as kernels: the output and every gradient within 1e-5
+    of the eager model's (relative to their norms, float32). The TTT op is the PyTorch one: the Triton op's
+    float32 products are tf32, which turns the steps' last-bit differences into ~3e-5 ones."""
+    model = tiny_model(seq_mixer="ttt-mlp", ttt_mini_batch_size=16, ttt_impl="torch").cuda()
+    x, t, text = (a.cuda() for a in tiny_inputs())
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TTT_VIDEO_COMPILE", flag)
+        model.zero_grad()
+        out = model(x, t, text)
+        out.square().mean().backward()
+        runs.append([out.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    assert len(runs[0]) == len(runs[1]) > 1
+    for eager, fused in zip(*runs):
+        assert (fused - eager).norm() <= 1e-5 * eager.norm()

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..fileio import atomic_file, check_state_dict, read_json, read_safetensors, safetensors_files, write_text_atomic
-from ..layers.dit import modulated_norm
+from ..layers.dit import adaln
 from ..layers.fusion import fused
 from ..layers.rope import norm_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
@@ -346,7 +346,7 @@ class ExpertNorm(nn.Module):
         return [c[:, None, None] for c in self.linear(F.silu(emb)).chunk(6, 1)]
 
     def forward(self, x, shift, scale):
-        return fused(modulated_norm, x)(x, self.norm.weight, self.norm.bias, shift, scale, self.norm.eps)
+        return adaln(self.norm, x, shift, scale)
 
 
 class FinalNorm(nn.Module):
@@ -357,7 +357,7 @@ class FinalNorm(nn.Module):
 
     def forward(self, video, emb):
         shift, scale = (c[:, None, None] for c in self.linear(F.silu(emb)).chunk(2, 1))
-        return fused(modulated_norm, video)(video, self.norm.weight, self.norm.bias, shift, scale, self.norm.eps)
+        return adaln(self.norm, video, shift, scale)
 
 
 class Attention(nn.Module):

@@ -15,7 +15,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from ..layers.attention import SegmentAttention
 from ..layers.rope import rope_3d
-from ..layers.dit import VideoDiT, modulate
+from ..layers.dit import VideoDiT, adaln
 
 ATTENTION_TYPES = ("st", "full")
 
@@ -65,20 +65,20 @@ class Block(nn.Module):
         mods = self.ada(c)[:, None, None].chunk(9 if self.factorised else 6, -1)
         sa, ca, ga, sm, cm, gm = mods[:3] + mods[-3:]
         if self.factorised:
-            h = modulate(self.norm1(x), sa, ca).reshape(B * T, N, D)
+            h = adaln(self.norm1, x, sa, ca).reshape(B * T, N, D)
             x = x + ga * self.attn(h, 1, *rope).view(B, T, N, D)
             st, ct, gt = mods[3:6]
-            h = modulate(self.norm_t(x), st, ct).transpose(1, 2).reshape(B * N, T, D)
+            h = adaln(self.norm_t, x, st, ct).transpose(1, 2).reshape(B * N, T, D)
             x = x + gt * self.attn_t(h, 1, *time_rope).view(B, N, T, D).transpose(1, 2)
         else:
-            h = modulate(self.norm1(x), sa, ca).reshape(B, T * N, D)
+            h = adaln(self.norm1, x, sa, ca).reshape(B, T * N, D)
             x = x + ga * self.attn(h, 1, *rope).view(B, T, N, D)
         mask = None
         if text_mask is not None:  # a caption with no tokens attends to its padding rather than giving NaN
             mask = (text_mask | ~text_mask.any(-1, keepdim=True)).flatten(0, 1)  # [B*S, Lt]
         segments = self.norm_x(x).reshape(B * S, T // S * N, D)
         x = x + self.cross(segments, text.flatten(0, 1), mask).view(B, T, N, D)
-        return x + gm * self.mlp(modulate(self.norm2(x), sm, cm))
+        return x + gm * self.mlp(adaln(self.norm2, x, sm, cm))
 
 
 class SoraDiT(VideoDiT):
