@@ -663,6 +663,40 @@ def test_modulated_norm_kernels_match_the_eager_step(dtype, affine):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("per_batch, gate_grad", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+def test_gated_residual_kernels_match_the_eager_step(dtype, per_batch, gate_grad):
+    """x + gate y (`layer_io.gated_residual` against `layers.dit.gated_residual` and its autograd): the output
+    and the gradients of x, the gate (each batch element's, a chunk of one projection, or one for all; or a
+    frozen one, for which the kernel keeps no y) and y, for x a slice of frames (batch elements apart in
+    memory)."""
+    _module()
+    from ttt_video.layers.dit import gated_residual
+    from ttt_video.ops.ttt import layer_io
+
+    g = torch.Generator().manual_seed(8)
+    B, F_, N, D = 2, 5, 7, 48
+    video = torch.randn(B, F_, N, D, generator=g).to(DEVICE, dtype)
+    y = torch.randn(B, 3, N, D, generator=g).to(DEVICE, dtype)
+    gates = (torch.randn(B, 2 * D, generator=g) if per_batch else torch.randn(D, generator=g)).to(DEVICE, dtype)
+    probe = torch.randn(B, 3, N, D, generator=g).to(DEVICE, dtype)
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_(t is not gates or gate_grad) for t in (video, gates, y)]
+        gate = leaves[1].chunk(2, 1)[1][:, None, None] if per_batch else leaves[1]
+        out = fn(leaves[0][:, 1:4], gate, leaves[2])
+        return [out, *torch.autograd.grad((out * probe).float().sum(), [t for t in leaves if t.requires_grad])]
+
+    got, ref = run(layer_io.gated_residual), run(gated_residual)
+    assert len(got) == len(ref) == (4 if gate_grad else 3)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        if dtype == torch.bfloat16:  # the eager step rounds the product, the kernel does not
+            assert _rel(a, r) < 1e-2, _rel(a, r)
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monkeypatch, kind):
     """CogVideoX's part-wise recompute: a checkpointed block holding the bidirectional TTT, its passes

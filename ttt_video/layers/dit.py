@@ -25,6 +25,16 @@ def modulated_norm(x, weight, bias, shift, scale, eps=1e-5):
     return modulate(F.layer_norm(x, x.shape[-1:], weight, bias, eps), shift, scale)
 
 
+def gated_residual(x, gate, y):
+    """x + gate y: a block's gated residual, the gate `[B, 1, ..., D]` (each batch element its own) or `[D]`."""
+    return x + gate * y
+
+
+def add_gated(x, gate, y):
+    """`gated_residual`, one fused kernel each way on CUDA where `layers.fusion` fuses."""
+    return fused(gated_residual, x)(x, gate, y)
+
+
 def adaln(norm, x, shift, scale):
     """`modulate(norm(x), shift, scale)` for a LayerNorm module `norm`: one fused kernel each way on CUDA where
     `layers.fusion` fuses."""

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..fileio import atomic_file, check_state_dict, read_json, read_safetensors, safetensors_files, write_text_atomic
-from ..layers.dit import adaln
+from ..layers.dit import adaln, add_gated
 from ..layers.fusion import fused
 from ..layers.rope import norm_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
@@ -422,8 +422,8 @@ class Block(nn.Module):
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
         frames = (-1, video.shape[2])
-        video = video + gate * segments.merge(x[:, :, L:].unflatten(2, frames))
-        text = text + t_gate * x[:, :, :L]
+        video = add_gated(video, gate, segments.merge(x[:, :, L:].unflatten(2, frames)))
+        text = add_gated(text, t_gate, x[:, :, :L])
         if self.ttt is not None:
             x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
             x = self.ttt(x, *ttt_rope, checkpoint_passes=parts).unflatten(1, (S, -1))
@@ -447,7 +447,7 @@ class Block(nn.Module):
         return self.attn1(x.flatten(0, 1), rope).unflatten(0, x.shape[:2])
 
     def _feed_forward(self, x, shift, scale, gate):
-        return x + gate * self.ff(self.norm2(x, shift, scale))
+        return add_gated(x, gate, self.ff(self.norm2(x, shift, scale)))
 
 
 class CogVideoXTTT(nn.Module):

@@ -15,7 +15,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from ..layers.attention import SegmentAttention
 from ..layers.rope import rope_3d
-from ..layers.dit import VideoDiT, adaln
+from ..layers.dit import VideoDiT, adaln, add_gated
 
 ATTENTION_TYPES = ("st", "full")
 
@@ -66,19 +66,19 @@ class Block(nn.Module):
         sa, ca, ga, sm, cm, gm = mods[:3] + mods[-3:]
         if self.factorised:
             h = adaln(self.norm1, x, sa, ca).reshape(B * T, N, D)
-            x = x + ga * self.attn(h, 1, *rope).view(B, T, N, D)
+            x = add_gated(x, ga, self.attn(h, 1, *rope).view(B, T, N, D))
             st, ct, gt = mods[3:6]
             h = adaln(self.norm_t, x, st, ct).transpose(1, 2).reshape(B * N, T, D)
-            x = x + gt * self.attn_t(h, 1, *time_rope).view(B, N, T, D).transpose(1, 2)
+            x = add_gated(x, gt, self.attn_t(h, 1, *time_rope).view(B, N, T, D).transpose(1, 2))
         else:
             h = adaln(self.norm1, x, sa, ca).reshape(B, T * N, D)
-            x = x + ga * self.attn(h, 1, *rope).view(B, T, N, D)
+            x = add_gated(x, ga, self.attn(h, 1, *rope).view(B, T, N, D))
         mask = None
         if text_mask is not None:  # a caption with no tokens attends to its padding rather than giving NaN
             mask = (text_mask | ~text_mask.any(-1, keepdim=True)).flatten(0, 1)  # [B*S, Lt]
         segments = self.norm_x(x).reshape(B * S, T // S * N, D)
         x = x + self.cross(segments, text.flatten(0, 1), mask).view(B, T, N, D)
-        return x + gm * self.mlp(adaln(self.norm2, x, sm, cm))
+        return add_gated(x, gm, self.mlp(adaln(self.norm2, x, sm, cm)))
 
 
 class SoraDiT(VideoDiT):

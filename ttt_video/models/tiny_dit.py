@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..layers.attention import SegmentAttention, SlidingWindowAttention
-from ..layers.dit import VideoDiT, adaln
+from ..layers.dit import VideoDiT, adaln, add_gated
 from ..layers.rope import rope_3d, with_text
 from ..layers.ttt import BidirectionalTTT
 
@@ -45,10 +45,10 @@ class Block(nn.Module):
 
     def forward(self, x, c, num_segments, seg_rope, full_rope, key_mask):
         sa, ca, ga, sm, cm, gm = self.ada(c)[:, None].chunk(6, -1)
-        x = x + ga * self.attn(adaln(self.norm1, x, sa, ca), num_segments, *seg_rope, key_mask)
+        x = add_gated(x, ga, self.attn(adaln(self.norm1, x, sa, ca), num_segments, *seg_rope, key_mask))
         if self.ttt is not None:
             x = self.ttt(x, *full_rope)
-        return x + gm * self.mlp(adaln(self.norm2, x, sm, cm))
+        return add_gated(x, gm, self.mlp(adaln(self.norm2, x, sm, cm)))
 
 
 class TinyDiT(VideoDiT):

@@ -20,7 +20,7 @@ from torch import nn
 from ..layers.attention import SegmentAttention
 from ..layers.memory import NeuralMemory
 from ..layers.rope import rope_3d, with_text
-from ..layers.dit import VideoDiT, adaln
+from ..layers.dit import VideoDiT, adaln, add_gated
 
 
 class MemoryBlock(nn.Module):
@@ -43,8 +43,8 @@ class MemoryBlock(nn.Module):
         sa, ca, ga, sm, cm, gm = self.ada(c)[:, None].chunk(6, -1)
         persistent = self.persistent.expand(x.shape[0], -1, -1)
         context = torch.cat([persistent, memory_tokens, adaln(self.norm1, x, sa, ca)], 1)
-        x = x + ga * self.attn(context, 1, cos, sin, key_mask)[:, self.num_context :]
-        return x + gm * self.mlp(adaln(self.norm2, x, sm, cm))
+        x = add_gated(x, ga, self.attn(context, 1, cos, sin, key_mask)[:, self.num_context :])
+        return add_gated(x, gm, self.mlp(adaln(self.norm2, x, sm, cm)))
 
 
 class TitansDiT(VideoDiT):

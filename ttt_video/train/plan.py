@@ -313,6 +313,23 @@ class _ModulatedNorm(torch.autograd.Function):
         return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
 
 
+class _GatedResidual(torch.autograd.Function):
+    """Shapes and saved tensors of the fused gated residual x + gate y: it keeps the gate, and y where the gate
+    takes a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        ctx.save_for_backward(gate, y if ctx.needs_input_grad[1] else None)
+        ctx.y = y.shape, y.dtype
+        return x.new_empty(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, y = ctx.saved_tensors
+        dgate = None if y is None else torch.empty_like(gate)
+        return grad, dgate, grad.new_empty(ctx.y[0], dtype=ctx.y[1])  # x's gradient is the output's, as the kernel's
+
+
 class _NormRope(torch.autograd.Function):
     """Shapes and saved tensors of attention's fused q / k LayerNorm and RoPE: it keeps the projection's rows."""
 
@@ -335,6 +352,8 @@ def _layer_kernels(fn, x, head_dim=None):
         return fn
     if fn is dit.modulated_norm:
         return lambda x, weight, bias, shift, scale, eps=1e-5: _ModulatedNorm.apply(x, shift, scale)
+    if fn is dit.gated_residual:
+        return _GatedResidual.apply
     if fn is ttt._inner_inputs:
         return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
     if fn is rope.norm_rope:

@@ -12,12 +12,16 @@ bias, cos, sin, eps)` does what `ttt_video.layers.rope.norm_rope` does to attent
 program per (batch x head, token block) reads that head's rows of the projection (any strides with
 the head dim contiguous), layer-norms and rotates them and writes them head-major.
 `modulated_norm(x, weight, bias, shift, scale, eps)` does what `ttt_video.layers.dit.modulated_norm`
-does (adaLN: a LayerNorm, then each batch element's scale and shift): one program per block of rows. Each
+does (adaLN: a LayerNorm, then each batch element's scale and shift), and `gated_residual(x, gate, y)`
+what `ttt_video.layers.dit.gated_residual` does (x + gate y, the gate a batch element's or everyone's):
+one program per block of rows. Each
 backward kernel recomputes its forward from the saved input in the same pass (nothing else is
 saved) and writes per-program partial sums of the LayerNorm weight and bias gradients, summed on
 the host. Intermediate values are not rounded to the activation dtype between steps as the eager
 functions round them, so results agree within that rounding.
 """
+
+import math
 
 import torch
 import triton
@@ -301,6 +305,44 @@ def _modulated_bwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, gy_ptr, gx_
     tl.store(dscale_ptr + part, dscale)
 
 
+@triton.jit
+def _gated_kernel(x_ptr, gate_ptr, y_ptr, out_ptr, M, D, sx, sy, sg, BD: tl.constexpr, BL: tl.constexpr):
+    """Rows of batch element b: x + gate y (x and y with batch strides sx, sy and rows contiguous; the gate's
+    batch stride sg, 0 for one gate)."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BL + tl.arange(0, BL)
+    cols = tl.arange(0, BD)
+    m = (rows < M)[:, None] & (cols < D)[None, :]
+    at = rows[:, None] * D + cols[None, :]
+    g = tl.load(gate_ptr + b * sg + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    x = tl.load(x_ptr + b * sx + at, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * sy + at, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * M * D + at, (x + g * y).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_bwd_kernel(gate_ptr, y_ptr, gout_ptr, gy_ptr, dg_ptr, M, D, sy, sg, BD: tl.constexpr, BL: tl.constexpr,
+                      GATE_GRAD: tl.constexpr):
+    """Program (p, batch element) takes the row blocks p, p + P, ...: the gradient at y (contiguous) and, where
+    GATE_GRAD, `[B, P, BD]` partial sums of the gate's."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BD)
+    g = tl.load(gate_ptr + b * sg + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    dg = tl.zeros([BD], dtype=tl.float32)
+    for lb in range(p, tl.cdiv(M, BL), P):
+        rows = lb * BL + tl.arange(0, BL)
+        m = (rows < M)[:, None] & (cols < D)[None, :]
+        at = rows[:, None] * D + cols[None, :]
+        go = tl.load(gout_ptr + b * M * D + at, mask=m, other=0.0).to(tl.float32)
+        if GATE_GRAD:
+            dg += tl.sum(go * tl.load(y_ptr + b * sy + at, mask=m, other=0.0).to(tl.float32), 0)
+        tl.store(gy_ptr + b * M * D + at, (go * g).to(gy_ptr.dtype.element_ty), mask=m)
+    if GATE_GRAD:
+        tl.store(dg_ptr + (b * P + p) * BD + cols, dg)
+
+
 INPUTS_BLOCK = 32  # tokens per program block
 INPUTS_BWD_BLOCKS = 16  # token blocks per backward program
 MERGE_BLOCK = 4
@@ -309,6 +351,8 @@ NORM_ROPE_BLOCK = 32
 NORM_ROPE_BWD_BLOCKS = 16
 MODULATED_BLOCK = 4
 MODULATED_BWD_PROGRAMS = 512  # per batch element
+GATED_BLOCK = 4
+GATED_BWD_PROGRAMS = 512  # per batch element
 
 
 class _InnerInputs(torch.autograd.Function):
@@ -402,13 +446,17 @@ class _NormRope(torch.autograd.Function):
         return gx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype), None, None, None
 
 
+def _rows_in_order(t):
+    """t, or a copy of it, whose batch elements each hold their rows one after another."""
+    return t if t[0].stride() == t[0].contiguous().stride() else t.contiguous()
+
+
 class _ModulatedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, eps):
         B, D = x.shape[0], x.shape[-1]
         M = x[0].numel() // D
-        if x[0].stride() != x[0].contiguous().stride():  # each batch element's rows one after another
-            x = x.contiguous()
+        x = _rows_in_order(x)
         ctx.shift_shape = shift.shape
         shift, scale = shift.reshape(B, D), scale.reshape(B, D)
         if shift.stride() != scale.stride() or shift.stride(1) != 1:
@@ -440,6 +488,44 @@ class _ModulatedNorm(torch.autograd.Function):
         return gx, *grads, dshift.view(ctx.shift_shape).to(shift.dtype), dscale.view(ctx.shift_shape).to(scale.dtype), None
 
 
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        B, D = x.shape[0], x.shape[-1]
+        M = x[0].numel() // D
+        x, y = _rows_in_order(x), _rows_in_order(y)
+        ctx.gate_shape = gate.shape
+        g = gate.reshape(-1, D)  # [B, D], or [1, D] for one gate
+        g = g if g.stride(1) == 1 else g.contiguous()
+        out = x.new_empty(x.shape)
+        BD = triton.next_power_of_2(D)
+        _gated_kernel[(triton.cdiv(M, GATED_BLOCK), B)](x, g, y, out, M, D, x.stride(0), y.stride(0),
+                                                        g.stride(0) if g.shape[0] > 1 else 0, BD=BD, BL=GATED_BLOCK,
+                                                        num_warps=4)
+        ctx.gate_grad = ctx.needs_input_grad[1]
+        ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+        ctx.save_for_backward(g, y if ctx.gate_grad else None)  # y only for the gate's gradient, as eager `*`
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        g, y = ctx.saved_tensors
+        B, D = ctx.y_shape[0], ctx.y_shape[-1]
+        M, BD = math.prod(ctx.y_shape[1:]) // D, triton.next_power_of_2(D)
+        P = min(GATED_BWD_PROGRAMS, triton.cdiv(M, GATED_BLOCK))
+        gout = gout.contiguous()
+        gy = gout.new_empty(ctx.y_shape, dtype=ctx.y_dtype)
+        dg = gout.new_empty(B * P, BD, dtype=torch.float32)
+        _gated_bwd_kernel[(P, B)](g, gout if y is None else y, gout, gy, dg, M, D, 0 if y is None else y.stride(0),
+                                  g.stride(0) if g.shape[0] > 1 else 0, BD=BD, BL=GATED_BLOCK, GATE_GRAD=ctx.gate_grad,
+                                  num_warps=4)
+        if not ctx.gate_grad:
+            return gout, None, gy
+        dg = dg[:, :D].reshape(B, P, D).sum(1)
+        dg = dg if g.shape[0] > 1 else dg.sum(0)
+        return gout, dg.reshape(ctx.gate_shape).to(g.dtype), gy
+
+
 def inner_inputs(qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False):
     """qkv `[B, L, 3 D]` -> q, k, v `[B, H, L, Dh]` in qkv's dtype (see `layers.ttt._inner_inputs`)."""
     return _InnerInputs.apply(qkv, cos, sin, ln_weight, ln_bias, num_heads, bool(reverse))
@@ -458,3 +544,9 @@ def norm_rope(x, weight, bias, cos=None, sin=None, eps=1e-6):
 def modulated_norm(x, weight, bias, shift, scale, eps=1e-5):
     """x `[B, ..., D]` -> adaLN `[B, ..., D]` in x's dtype (see `layers.dit.modulated_norm`)."""
     return _ModulatedNorm.apply(x, weight, bias, shift, scale, eps)
+
+
+def gated_residual(x, gate, y):
+    """x, y `[B, ..., D]`, gate `[B, 1, ..., D]` or `[D]` -> x + gate y in x's dtype (see
+    `layers.dit.gated_residual`)."""
+    return _GatedResidual.apply(x, gate, y)
