@@ -62,3 +62,16 @@ def tiny_svd_pipeline(folder):
                                         feature_extractor=processor)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def eager_and_fused(model, inputs, monkeypatch):
+    """The model's output and the gradients of its parameters that get one, for the loss mean(output^2), with
+    the layers' steps eager (`TTT_VIDEO_COMPILE=0`) and fused (`=1`): two lists."""
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TTT_VIDEO_COMPILE", flag)
+        model.zero_grad()
+        out = model(*inputs)
+        out.square().mean().backward()
+        runs.append([out.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    return runs

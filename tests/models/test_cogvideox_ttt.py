@@ -14,6 +14,8 @@ from ttt_video.presets import get_preset
 from ttt_video.train.adapters import apply_adapter
 from ttt_video.train.trainer import param_groups
 
+from .common import eager_and_fused
+
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
             text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=49, max_text_seq_length=7)
 VARIANTS = {
@@ -109,14 +111,8 @@ def test_fused_attention_steps_give_the_eager_model(variant, tmp_path, monkeypat
     every parameter's gradient as with the eager steps, in float32."""
     _reference(variant).save_pretrained(tmp_path)
     model = CogVideoXTTT.from_diffusers(tmp_path, ttt=None).cuda()
-    x, text, t = (a.cuda() for a in _segments_input(2))
-    runs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("TTT_VIDEO_COMPILE", flag)
-        model.zero_grad()
-        out = model(x, text, t)
-        out.square().mean().backward()
-        runs.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    runs = eager_and_fused(model, [a.cuda() for a in _segments_input(2)], monkeypatch)
+    assert len(runs[0]) == len(runs[1]) == 1 + len(list(model.parameters()))
     for eager, fused in zip(*runs):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
 

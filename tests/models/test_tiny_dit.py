@@ -5,7 +5,7 @@ from ttt_video.config import ModelConfig
 from ttt_video.layers.dit import condition_input
 from ttt_video.models import build_model
 
-from .common import check_shapes_and_gradients, tiny_inputs, tiny_model
+from .common import check_shapes_and_gradients, eager_and_fused, tiny_inputs, tiny_model
 
 
 def _model(mixer):
@@ -87,14 +87,7 @@ def test_fused_steps_give_the_eager_model(monkeypatch):
     of the eager model's (relative to their norms, float32). The TTT op is the PyTorch one: the Triton op's
     float32 products are tf32, which turns the steps' last-bit differences into ~3e-5 ones."""
     model = tiny_model(seq_mixer="ttt-mlp", ttt_mini_batch_size=16, ttt_impl="torch").cuda()
-    x, t, text = (a.cuda() for a in tiny_inputs())
-    runs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("TTT_VIDEO_COMPILE", flag)
-        model.zero_grad()
-        out = model(x, t, text)
-        out.square().mean().backward()
-        runs.append([out.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    runs = eager_and_fused(model, [a.cuda() for a in tiny_inputs()], monkeypatch)
     assert len(runs[0]) == len(runs[1]) > 1
     for eager, fused in zip(*runs):
         assert (fused - eager).norm() <= 1e-5 * eager.norm()

@@ -300,13 +300,15 @@ class _MergeHeads(torch.autograd.Function):
         return torch.empty_like(ctx.saved_tensors[0])
 
 
-class _ModulatedNorm(torch.autograd.Function):
-    """Shapes and saved tensors of the fused adaLN (LayerNorm, then scale and shift): it keeps its input."""
+class _KeepsInputs(torch.autograd.Function):
+    """Shapes and saved tensors of a fused step that keeps the inputs it takes a gradient at and gives one
+    output shaped as the first: attention's q / k LayerNorm and RoPE (the projection's rows), the adaLN
+    (its input, shift and scale)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale):
-        ctx.save_for_backward(x, shift, scale)
-        return x.new_empty(x.shape)
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return inputs[0].new_empty(inputs[0].shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -320,27 +322,15 @@ class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y):
         ctx.save_for_backward(gate, y if ctx.needs_input_grad[1] else None)
-        ctx.y = y.shape, y.dtype
+        ctx.y_dtype = y.dtype
         return x.new_empty(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         gate, y = ctx.saved_tensors
         dgate = None if y is None else torch.empty_like(gate)
-        return grad, dgate, grad.new_empty(ctx.y[0], dtype=ctx.y[1])  # x's gradient is the output's, as the kernel's
-
-
-class _NormRope(torch.autograd.Function):
-    """Shapes and saved tensors of attention's fused q / k LayerNorm and RoPE: it keeps the projection's rows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.new_empty(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.empty_like(ctx.saved_tensors[0])
+        # x's gradient is the output's, as the kernel's
+        return grad, dgate, grad.new_empty(grad.shape, dtype=ctx.y_dtype)
 
 
 def _layer_kernels(fn, x, head_dim=None):
@@ -351,13 +341,13 @@ def _layer_kernels(fn, x, head_dim=None):
     if not fusion.fuses(x) or (head_dim is not None and head_dim & (head_dim - 1)):
         return fn
     if fn is dit.modulated_norm:
-        return lambda x, weight, bias, shift, scale, eps=1e-5: _ModulatedNorm.apply(x, shift, scale)
+        return lambda x, weight, bias, shift, scale, eps=1e-5: _KeepsInputs.apply(x, shift, scale)
     if fn is dit.gated_residual:
         return _GatedResidual.apply
     if fn is ttt._inner_inputs:
         return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
     if fn is rope.norm_rope:
-        return lambda x, weight, bias, cos=None, sin=None, eps=1e-6: _NormRope.apply(x)
+        return lambda x, weight, bias, cos=None, sin=None, eps=1e-6: _KeepsInputs.apply(x)
     return lambda o, weight, bias, reverse=False: _MergeHeads.apply(o)
 
 

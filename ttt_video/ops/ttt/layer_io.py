@@ -130,15 +130,22 @@ def _inputs_bwd_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, gq_ptr, gk_ptr, gv_pt
 
 
 @triton.jit
+def _ln_rows(x, m, D, eps):
+    """LayerNorm of x's rows over their first D columns (m masks the padding, which comes out 0): the
+    normalised rows and rstd."""
+    xc = tl.where(m, x - tl.sum(x, 1, keep_dims=True) / D, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1, keep_dims=True) / D + eps)
+    return xc * rstd, rstd
+
+
+@triton.jit
 def _merged_rows(o_ptr, b, rows, cols, m, L, H, DH: tl.constexpr):
     """Rows of o `[B, H, L, DH]` gathered across heads `[BL, BD]` (zero-padded), normalised; and rstd."""
     D = H * DH
     head = cols // DH
     src = ((b * H + head[None, :]) * L + rows[:, None]) * DH + (cols % DH)[None, :]
-    x = tl.load(o_ptr + src, mask=m, other=0.0).to(tl.float32)
-    xc = tl.where(m, x - tl.sum(x, 1, keep_dims=True) / D, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1, keep_dims=True) / D + 1e-6)
-    return xc * rstd, rstd, src
+    xh, rstd = _ln_rows(tl.load(o_ptr + src, mask=m, other=0.0).to(tl.float32), m, D, 1e-6)
+    return xh, rstd, src
 
 
 @triton.jit
@@ -245,10 +252,8 @@ def _modulated_rows(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, b, rows, cols, m,
     """Rows of batch element b of x (batch stride sb, rows contiguous) layer-normed over D (zero-padded
     columns), through the LayerNorm's weight and bias where AFFINE; also the normalised rows, rstd, the
     weight (1 without AFFINE) and 1 + scale (scale and shift have batch stride ss)."""
-    x = tl.load(x_ptr + b * sb + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    xc = tl.where(m, x - tl.sum(x, 1, keep_dims=True) / D, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1, keep_dims=True) / D + eps)
-    xh = xc * rstd
+    xh, rstd = _ln_rows(tl.load(x_ptr + b * sb + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32),
+                        m, D, eps)
     w = 1.0
     a = xh
     if AFFINE:
@@ -343,16 +348,21 @@ def _gated_bwd_kernel(gate_ptr, y_ptr, gout_ptr, gy_ptr, dg_ptr, M, D, sy, sg, B
         tl.store(dg_ptr + (b * P + p) * BD + cols, dg)
 
 
-INPUTS_BLOCK = 32  # tokens per program block
-INPUTS_BWD_BLOCKS = 16  # token blocks per backward program
-MERGE_BLOCK = 4
-MERGE_BWD_PROGRAMS = 512  # per batch element
-NORM_ROPE_BLOCK = 32
-NORM_ROPE_BWD_BLOCKS = 16
-MODULATED_BLOCK = 4
-MODULATED_BWD_PROGRAMS = 512  # per batch element
-GATED_BLOCK = 4
-GATED_BWD_PROGRAMS = 512  # per batch element
+HEAD_BLOCK = 32  # tokens a program of the per-head kernels takes (q, k, v preparation; q / k norm and RoPE)
+HEAD_BWD_BLOCKS = 16  # token blocks per backward program
+ROWS_BLOCK = 4  # rows a program of the whole-row kernels takes (head merge, adaLN, gated residual)
+ROWS_BWD_PROGRAMS = 512  # their backward programs per batch element
+
+
+def _rows_of(shape):
+    """A `[B, ..., D]` shape as B batch elements of M rows of D, padded to BD (a power of two) in the kernels."""
+    B, D = shape[0], shape[-1]
+    return B, math.prod(shape[1:]) // D, D, triton.next_power_of_2(D)
+
+
+def _rows_bwd_programs(M):
+    """Programs per batch element of a whole-row backward over M rows."""
+    return min(ROWS_BWD_PROGRAMS, triton.cdiv(M, ROWS_BLOCK))
 
 
 class _InnerInputs(torch.autograd.Function):
@@ -362,9 +372,9 @@ class _InnerInputs(torch.autograd.Function):
         DH = D3 // 3 // num_heads
         qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
         q, k, v = (qkv.new_empty(B, num_heads, L, DH) for _ in range(3))
-        _inputs_kernel[(B * num_heads, triton.cdiv(L, INPUTS_BLOCK))](
+        _inputs_kernel[(B * num_heads, triton.cdiv(L, HEAD_BLOCK))](
             qkv, cos, sin, ln_weight.contiguous(), ln_bias.contiguous(), q, k, v, L, num_heads, DH=DH,
-            BL=INPUTS_BLOCK, REV=reverse, num_warps=4)
+            BL=HEAD_BLOCK, REV=reverse, num_warps=4)
         ctx.save_for_backward(qkv, cos, sin, ln_weight)
         ctx.num_heads, ctx.reverse = num_heads, reverse
         return q, k, v
@@ -377,12 +387,12 @@ class _InnerInputs(torch.autograd.Function):
         DH = D3 // 3 // H
         grads = [torch.zeros(B, H, L, DH, device=qkv.device, dtype=qkv.dtype) if g is None else g.contiguous()
                  for g in (gq, gk, gv)]
-        P = triton.cdiv(L, INPUTS_BLOCK * INPUTS_BWD_BLOCKS)
+        P = triton.cdiv(L, HEAD_BLOCK * HEAD_BWD_BLOCKS)
         gqkv = torch.empty_like(qkv)
         dlnw = qkv.new_empty(B * H, P, DH, dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
         _inputs_bwd_kernel[(B * H, P)](qkv, cos, sin, ln_weight.contiguous(), *grads, gqkv, dlnw, dlnb, L, H, DH=DH,
-                                       BL=INPUTS_BLOCK, R=INPUTS_BWD_BLOCKS, REV=ctx.reverse, num_warps=4)
+                                       BL=HEAD_BLOCK, R=HEAD_BWD_BLOCKS, REV=ctx.reverse, num_warps=4)
         dlnw = dlnw.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
         dlnb = dlnb.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
         return gqkv, None, None, dlnw, dlnb, None, None
@@ -395,8 +405,8 @@ class _MergeHeads(torch.autograd.Function):
         o = o.contiguous()
         y = o.new_empty(B, L, H * DH)
         BD = triton.next_power_of_2(H * DH)
-        _merge_kernel[(triton.cdiv(L, MERGE_BLOCK), B)](o, weight.contiguous(), bias.contiguous(), y, L, H, DH=DH,
-                                                        BD=BD, BL=MERGE_BLOCK, REV=reverse, num_warps=8)
+        _merge_kernel[(triton.cdiv(L, ROWS_BLOCK), B)](o, weight.contiguous(), bias.contiguous(), y, L, H, DH=DH,
+                                                       BD=BD, BL=ROWS_BLOCK, REV=reverse, num_warps=8)
         ctx.save_for_backward(o, weight)
         ctx.reverse = reverse
         return y
@@ -406,12 +416,12 @@ class _MergeHeads(torch.autograd.Function):
         o, weight = ctx.saved_tensors
         B, H, L, DH = o.shape
         D, BD = H * DH, triton.next_power_of_2(H * DH)
-        P = min(MERGE_BWD_PROGRAMS, triton.cdiv(L, MERGE_BLOCK))
+        P = _rows_bwd_programs(L)
         go = torch.empty_like(o)
         dw = o.new_empty(B * P, BD, dtype=torch.float32)
         db = torch.empty_like(dw)
         _merge_bwd_kernel[(P, B)](o, weight.contiguous(), gy.contiguous(), go, dw, db, L, H, DH=DH, BD=BD,
-                                  BL=MERGE_BLOCK, REV=ctx.reverse, num_warps=8)
+                                  BL=ROWS_BLOCK, REV=ctx.reverse, num_warps=8)
         return go, dw[:, :D].sum(0).to(weight.dtype), db[:, :D].sum(0).to(weight.dtype), None
 
 
@@ -425,8 +435,8 @@ class _NormRope(torch.autograd.Function):
         cos, sin = (cos.float().contiguous(), sin.float().contiguous()) if rope else (weight, bias)  # unread without
         weight, bias = weight.contiguous(), bias.contiguous()
         y = x.new_empty(B, H, L, DH)
-        _norm_rope_kernel[(B * H, triton.cdiv(L, NORM_ROPE_BLOCK))](
-            x, cos, sin, weight, bias, y, H, L, *x.stride()[:3], eps, DH=DH, BL=NORM_ROPE_BLOCK, ROPE=rope,
+        _norm_rope_kernel[(B * H, triton.cdiv(L, HEAD_BLOCK))](
+            x, cos, sin, weight, bias, y, H, L, *x.stride()[:3], eps, DH=DH, BL=HEAD_BLOCK, ROPE=rope,
             num_warps=4)
         ctx.save_for_backward(x, weight, bias, cos, sin)
         ctx.rope, ctx.eps = rope, eps
@@ -436,13 +446,13 @@ class _NormRope(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, bias, cos, sin = ctx.saved_tensors
         B, H, L, DH = x.shape
-        P = triton.cdiv(L, NORM_ROPE_BLOCK * NORM_ROPE_BWD_BLOCKS)
+        P = triton.cdiv(L, HEAD_BLOCK * HEAD_BWD_BLOCKS)
         gx = torch.empty_like(x)  # x's strides where x is dense (a view of the projection), else contiguous
         dw = x.new_empty(B * H, P, DH, dtype=torch.float32)
         db = torch.empty_like(dw)
         _norm_rope_bwd_kernel[(B * H, P)](x, cos, sin, weight, bias, gy.contiguous(), gx, dw, db, H, L,
-                                          *x.stride()[:3], *gx.stride()[:3], ctx.eps, DH=DH, BL=NORM_ROPE_BLOCK,
-                                          R=NORM_ROPE_BWD_BLOCKS, ROPE=ctx.rope, num_warps=4)
+                                          *x.stride()[:3], *gx.stride()[:3], ctx.eps, DH=DH, BL=HEAD_BLOCK,
+                                          R=HEAD_BWD_BLOCKS, ROPE=ctx.rope, num_warps=4)
         return gx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype), None, None, None
 
 
@@ -454,8 +464,7 @@ def _rows_in_order(t):
 class _ModulatedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, eps):
-        B, D = x.shape[0], x.shape[-1]
-        M = x[0].numel() // D
+        B, M, D, BD = _rows_of(x.shape)
         x = _rows_in_order(x)
         ctx.shift_shape = shift.shape
         shift, scale = shift.reshape(B, D), scale.reshape(B, D)
@@ -464,10 +473,9 @@ class _ModulatedNorm(torch.autograd.Function):
         affine = weight is not None
         weight, bias = (weight.contiguous(), bias.contiguous()) if affine else (shift, shift)  # unread without
         y = x.new_empty(x.shape)
-        BD = triton.next_power_of_2(D)
-        _modulated_kernel[(triton.cdiv(M, MODULATED_BLOCK), B)](x, weight, bias, shift, scale, y, M, D, x.stride(0),
-                                                                shift.stride(0), eps, BD=BD, BL=MODULATED_BLOCK,
-                                                                AFFINE=affine, num_warps=8)
+        _modulated_kernel[(triton.cdiv(M, ROWS_BLOCK), B)](x, weight, bias, shift, scale, y, M, D, x.stride(0),
+                                                           shift.stride(0), eps, BD=BD, BL=ROWS_BLOCK, AFFINE=affine,
+                                                           num_warps=8)
         ctx.save_for_backward(x, weight, bias, shift, scale)
         ctx.affine, ctx.eps = affine, eps
         return y
@@ -475,49 +483,45 @@ class _ModulatedNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, bias, shift, scale = ctx.saved_tensors
-        B, D = x.shape[0], x.shape[-1]
-        M, BD = x[0].numel() // D, triton.next_power_of_2(D)
-        P = min(MODULATED_BWD_PROGRAMS, triton.cdiv(M, MODULATED_BLOCK))
+        B, M, D, BD = _rows_of(x.shape)
+        P = _rows_bwd_programs(M)
         gx = torch.empty_like(x)  # x's strides where x is dense, else contiguous
         parts = x.new_empty(4, B * P, BD, dtype=torch.float32)
         _modulated_bwd_kernel[(P, B)](x, weight, bias, shift, scale, gy.contiguous(), gx, *parts, M, D, x.stride(0),
-                                      gx.stride(0), shift.stride(0), ctx.eps, BD=BD, BL=MODULATED_BLOCK,
+                                      gx.stride(0), shift.stride(0), ctx.eps, BD=BD, BL=ROWS_BLOCK,
                                       AFFINE=ctx.affine, num_warps=8)
         dw, db, dshift, dscale = parts[..., :D].reshape(4, B, P, D).sum(2)
         grads = [dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)] if ctx.affine else [None, None]
-        return gx, *grads, dshift.view(ctx.shift_shape).to(shift.dtype), dscale.view(ctx.shift_shape).to(scale.dtype), None
+        shape = ctx.shift_shape
+        return gx, *grads, dshift.view(shape).to(shift.dtype), dscale.view(shape).to(scale.dtype), None
 
 
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y):
-        B, D = x.shape[0], x.shape[-1]
-        M = x[0].numel() // D
+        B, M, D, BD = _rows_of(x.shape)
         x, y = _rows_in_order(x), _rows_in_order(y)
         ctx.gate_shape = gate.shape
         g = gate.reshape(-1, D)  # [B, D], or [1, D] for one gate
         g = g if g.stride(1) == 1 else g.contiguous()
         out = x.new_empty(x.shape)
-        BD = triton.next_power_of_2(D)
-        _gated_kernel[(triton.cdiv(M, GATED_BLOCK), B)](x, g, y, out, M, D, x.stride(0), y.stride(0),
-                                                        g.stride(0) if g.shape[0] > 1 else 0, BD=BD, BL=GATED_BLOCK,
-                                                        num_warps=4)
-        ctx.gate_grad = ctx.needs_input_grad[1]
-        ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+        _gated_kernel[(triton.cdiv(M, ROWS_BLOCK), B)](x, g, y, out, M, D, x.stride(0), y.stride(0),
+                                                       g.stride(0) if g.shape[0] > 1 else 0, BD=BD, BL=ROWS_BLOCK,
+                                                       num_warps=4)
+        ctx.gate_grad, ctx.y_dtype = ctx.needs_input_grad[1], y.dtype
         ctx.save_for_backward(g, y if ctx.gate_grad else None)  # y only for the gate's gradient, as eager `*`
         return out
 
     @staticmethod
     def backward(ctx, gout):
         g, y = ctx.saved_tensors
-        B, D = ctx.y_shape[0], ctx.y_shape[-1]
-        M, BD = math.prod(ctx.y_shape[1:]) // D, triton.next_power_of_2(D)
-        P = min(GATED_BWD_PROGRAMS, triton.cdiv(M, GATED_BLOCK))
+        B, M, D, BD = _rows_of(gout.shape)  # y's shape, as the output's
+        P = _rows_bwd_programs(M)
         gout = gout.contiguous()
-        gy = gout.new_empty(ctx.y_shape, dtype=ctx.y_dtype)
+        gy = gout.new_empty(gout.shape, dtype=ctx.y_dtype)
         dg = gout.new_empty(B * P, BD, dtype=torch.float32)
         _gated_bwd_kernel[(P, B)](g, gout if y is None else y, gout, gy, dg, M, D, 0 if y is None else y.stride(0),
-                                  g.stride(0) if g.shape[0] > 1 else 0, BD=BD, BL=GATED_BLOCK, GATE_GRAD=ctx.gate_grad,
+                                  g.stride(0) if g.shape[0] > 1 else 0, BD=BD, BL=ROWS_BLOCK, GATE_GRAD=ctx.gate_grad,
                                   num_warps=4)
         if not ctx.gate_grad:
             return gout, None, gy
