@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -152,6 +153,71 @@ def test_ttt_shapes_gates_and_gradients(pretrained, kind):
         model(x, text, t).square().mean().backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
+
+
+class _CountingKernels:
+    """A stand-in for a fused attention kernel's forward and backward ops (`ops.attention._Kernels`, CUDA
+    only): the same arithmetic through `F.scaled_dot_product_attention`, its forward runs counted."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def forward(self, q, k, v):
+        self.runs += 1
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        lse = s.logsumexp(-1)
+        return (s - lse[..., None]).exp() @ v, lse
+
+    def backward(self, g, q, k, v, out, lse):
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            return torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, k, v), (q, k, v), g)
+
+
+def test_part_wise_recompute_runs_each_part_twice_with_the_same_gradients(pretrained, monkeypatch):
+    """Backward's recompute of a block (`parts`): each segment's attention keeps its kernel's results for
+    the part's own recompute, and the video's feed-forward parts are skipped there (their outputs feed only
+    the block's output). A step then runs each attention kernel and each feed-forward part twice instead of
+    three times, with bit for bit the gradients of the step that runs them three times; nothing is kept
+    past backward."""
+    from ttt_video.models import cogvideox_ttt
+    from ttt_video.ops import attention, memo
+
+    kernels = _CountingKernels()
+    monkeypatch.setattr(attention, "_kernels", lambda q, k, v: kernels)
+    feed_forwards = []
+    monkeypatch.setattr(cogvideox_ttt.FeedForward, "forward",
+                        lambda self, x, real=cogvideox_ttt.FeedForward.forward: feed_forwards.append(1) or real(self, x))
+    torch.manual_seed(0)
+    model = CogVideoXTTT.from_diffusers(pretrained, ttt="linear", ttt_mini_batch_size=16)
+    model.enable_gradient_checkpointing(parts=True)
+    S, blocks = 3, len(model.transformer_blocks)
+    x, text, t = _segments_input(S)
+
+    def step(saving):
+        kernels.runs = 0
+        feed_forwards.clear()
+        model.zero_grad()
+        with monkeypatch.context() as m:
+            if not saving:
+                m.setattr(memo, "_in_backward", lambda: False)
+                m.setattr(cogvideox_ttt, "_block_recompute", contextlib.nullcontext)
+            model(x, text, t).square().mean().backward()
+        assert all(m.results is None for b in model.transformer_blocks for m in b._attention_memos.values())
+        return kernels.runs, len(feed_forwards), [p.grad for p in model.parameters()]
+
+    runs, ffs, grads = step(saving=True)
+    runs_plain, ffs_plain, plain = step(saving=False)
+    parts = -(-x.shape[1] // 13)  # the video's feed-forward parts of 13 frames; the captions' runs in the block
+    assert (runs, ffs) == (2 * S * blocks, (2 * parts + 2) * blocks)
+    assert (runs_plain, ffs_plain) == (3 * S * blocks, (3 * parts + 2) * blocks)
+    for a, b in zip(grads, plain):
+        assert torch.equal(a, b)
+    model.enable_gradient_checkpointing(False)
+    model.zero_grad()
+    model(x, text, t).square().mean().backward()
+    for a, b in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_zero_gates_give_plain_cogvideox(pretrained):

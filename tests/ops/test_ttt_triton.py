@@ -593,6 +593,31 @@ def test_layer_io_kernels_match_the_eager_layer_steps(dtype, reverse):
             close(a, r)
 
 
+@pytest.mark.skipif(not CUDA, reason="millions of tokens: the GPU only")
+def test_per_head_kernels_take_more_token_blocks_than_a_grid_axis_beyond_the_first():
+    """The per-head forward kernels (q, k, v preparation; q / k norm and RoPE) put their programs on the
+    grid's first axis: 2.2M tokens of one head are 68,750 blocks of 32, more than the 65,535 a second axis
+    takes. The rows past that point against the eager steps."""
+    from ttt_video.layers import ttt as ttt_layer
+    from ttt_video.layers.rope import norm_rope
+    from ttt_video.ops.ttt import layer_io
+
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    L, dh, tail = 2_200_000, 64, slice(2_150_000, None)
+    qkv = torch.randn(1, L, 3 * dh, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    cos, sin = (torch.randn(L, dh, generator=g, device=DEVICE) for _ in range(2))
+    w, b = torch.ones(dh, device=DEVICE), torch.zeros(dh, device=DEVICE)
+    with torch.no_grad():
+        got = layer_io.inner_inputs(qkv, cos, sin, w[None], b[None], 1)
+        ref = ttt_layer._inner_inputs(qkv[:, tail], cos[tail], sin[tail], w[None], b[None], 1)
+        for a, r in zip(got, ref):
+            assert _rel(a[:, :, tail], r) < 1e-2
+        x = qkv[..., :dh].unflatten(-1, (1, dh)).transpose(1, 2)
+        w, b = w.to(x.dtype), b.to(x.dtype)
+        got = layer_io.norm_rope(x, w, b, cos, sin, 1e-6)
+        assert _rel(got[:, :, tail], norm_rope(x[:, :, tail], w, b, cos[tail], sin[tail], 1e-6)) < 1e-2
+
+
 @pytest.mark.parametrize("layout", ["projection", "qkv"])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
@@ -708,7 +733,7 @@ def test_a_blocks_recompute_keeps_the_ttt_results_for_the_passes_recompute(monke
     from torch.utils.checkpoint import checkpoint
 
     from ttt_video.layers.ttt import BidirectionalTTT
-    from ttt_video.ops.ttt import memo
+    from ttt_video.ops import memo
 
     tri = _kernels(monkeypatch)
     launches, keeps = [], []

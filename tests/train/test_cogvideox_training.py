@@ -216,7 +216,7 @@ def test_long_stages_recompute_blocks_part_by_part_with_the_same_losses(pipeline
         train(cfg, tmp_path / name, progress=False)
         runs[name] = _losses(tmp_path / name)
         if name == "parts":  # per step, in the forward and again in the recompute: 2 segments, 2 passes
-            assert calls == {"Block": 2, "_attend": 8, "_gated_pass": 8, "_feed_forward": 8}, calls
+            assert calls == {"Block": 2, "_attend": 8, "_gated_pass": 8, "_frames_feed_forward": 8}, calls
     assert runs["parts"] == pytest.approx(runs["whole"], rel=1e-5)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import ttt_linear, ttt_mlp
-from ..ops.ttt.memo import OpMemo
+from ..ops.memo import OpMemo
 from .fusion import fused
 from .rope import apply_rope
 
@@ -90,7 +90,7 @@ class BidirectionalTTT(nn.Module):
     backward, so one pass's activations are held at a time (long-video training). Inside a
     checkpointed block (CogVideoX's part-wise recompute) the TTT kernels' results of each pass's run
     in the block's recompute are kept for the pass's own recompute, which then skips the kernels
-    (`ops.ttt.memo`: one TTT forward a pass fewer, for the output and inner-state checkpoints held
+    (`ops.memo`: one TTT forward a pass fewer, for the output and inner-state checkpoints held
     from the block's recompute to the pass's backward)."""
 
     def __init__(self, dim, num_heads, kind="mlp", mini_batch_size=64, base_lr=1.0, gate_init=0.1, impl=None):

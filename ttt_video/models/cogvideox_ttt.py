@@ -16,10 +16,12 @@ frame of two neighbouring segments is computed in both and the two outputs are a
 layout `[B, C, F, h, w]` instead.
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from ..errors import UserError
 from ..fileio import atomic_file, check_state_dict, read_json, read_safetensors, safetensors_files, write_text_atomic
@@ -37,6 +39,8 @@ from ..layers.fusion import fused
 from ..layers.rope import norm_rope, with_text
 from ..layers.ttt import KINDS as TTT_KINDS
 from ..layers.ttt import BidirectionalTTT
+from ..ops.attention import attend
+from ..ops.memo import OpMemo
 
 CONFIG_FILE = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -377,7 +381,7 @@ class Attention(nn.Module):
         prepare = fused(norm_rope, q, q.shape[-1])  # [B', H, L', Dh]
         q, k = (prepare(t, norm.weight, norm.bias, *(rope or (None, None)), norm.eps)
                 for t, norm in ((q, self.norm_q), (k, self.norm_k)))
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = attend(q, k, v)
         return self.to_out(o.transpose(1, 2).flatten(2))
 
 
@@ -392,13 +396,31 @@ class FeedForward(nn.Module):
         return self.proj_out(F.gelu(self.proj_in(x), approximate=self.approximate))
 
 
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def _block_recompute():
+    """Marks the recompute of a checkpointed block in backward (`CogVideoXTTT.forward`'s checkpoint)."""
+    outer, _RECOMPUTE.block = getattr(_RECOMPUTE, "block", False), True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.block = outer
+
+
 class Block(nn.Module):
     """Attention and feed-forward run segment by segment where nothing is saved for backward
     (inference: one segment's temporaries at a time, not the whole video's). With `parts`,
     training does the same and recomputes the block part by part in backward: each segment's
     attention, each TTT pass and each segment's worth of feed-forward keep only their inputs, so
-    one part's activations are held at a time, for a third forward pass of each part (the TTT
-    kernels' excepted: `BidirectionalTTT` keeps their results from the block's recompute)."""
+    one part's activations are held at a time. Backward's recompute of the block runs only what gives
+    the parts' inputs, and what it ran once is not run again: each segment's attention keeps its
+    kernel's results for the part's own recompute (`ops.attention`), as `BidirectionalTTT` keeps the
+    TTT kernels' (`ops.memo`), and the video's feed-forward parts, whose outputs feed only the block's
+    output, are skipped there. So a step runs the attention and TTT kernels and the video's feed-forward
+    twice (in its first forward and once in backward), the rest of the attention and TTT parts three
+    times."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -407,18 +429,19 @@ class Block(nn.Module):
         self.ttt = None
         self.norm2 = ExpertNorm(cfg.time_embed_dim, cfg.dim, cfg.norm_elementwise_affine, cfg.norm_eps)
         self.ff = FeedForward(cfg)
+        self._attention_memos = collections.defaultdict(OpMemo)  # by segment, between its runs in backward
 
     def forward(self, video, text, emb, segments, seg_rope, ttt_rope, parts=False):
         """video `[B, F, N, D]`, text `[B, S, L, D]`, emb `[B, E]`."""
         B, S, L, D = text.shape
         by_segment = parts or not torch.is_grad_enabled()
-        part = self._part if torch.is_grad_enabled() else (lambda fn, *args: fn(*args))
+        part = self._part if torch.is_grad_enabled() else (lambda fn, *args, memo=None: fn(*args))
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
         mod = (shift, scale, t_shift, t_scale)
         if by_segment and S > 1:
             one = Segments(segments.n, 1, segments.n)
-            x = torch.cat([part(self._attend, segments.frames(video, s), text[:, s:s + 1], *mod, one, seg_rope)
-                           for s in range(S)], 1)
+            x = torch.cat([part(self._attend, segments.frames(video, s), text[:, s:s + 1], *mod, one, seg_rope,
+                                memo=self._attention_memos[s]) for s in range(S)], 1)
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
         frames = (-1, video.shape[2])
@@ -431,15 +454,15 @@ class Block(nn.Module):
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm2.modulation(emb)
         n = segments.n
         if by_segment and video.shape[1] > n:
-            video = torch.cat([part(self._feed_forward, video[:, f:f + n], shift, scale, gate)
+            video = torch.cat([part(self._frames_feed_forward, video[:, f:f + n], shift, scale, gate)
                                for f in range(0, video.shape[1], n)], 1)
         else:
             video = self._feed_forward(video, shift, scale, gate)
         return video, self._feed_forward(text, t_shift, t_scale, t_gate)
 
     @staticmethod
-    def _part(fn, *args):
-        return checkpoint(fn, *args, use_reentrant=False)
+    def _part(fn, *args, memo=None):
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=memo.contexts if memo else noop_context_fn)
 
     def _attend(self, video, text, shift, scale, t_shift, t_scale, segments, rope):
         """Each segment's caption and frames through the first norm and attention: `[B, S, L + n N, D]`."""
@@ -448,6 +471,14 @@ class Block(nn.Module):
 
     def _feed_forward(self, x, shift, scale, gate):
         return add_gated(x, gate, self.ff(self.norm2(x, shift, scale)))
+
+    def _frames_feed_forward(self, x, shift, scale, gate):
+        """A part of the video's frames through the feed-forward. In the block's recompute its output feeds
+        only the block's output, which backward does not take: x stands in for it there (the part's own
+        recompute, after the block's, runs it)."""
+        if getattr(_RECOMPUTE, "block", False):
+            return x
+        return self._feed_forward(x, shift, scale, gate)
 
 
 class CogVideoXTTT(nn.Module):
@@ -536,7 +567,8 @@ class CogVideoXTTT(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 with host_copies(video, text) if self.offload_checkpoints else contextlib.nullcontext():
                     video, text = checkpoint(block, video, text, emb, segments, seg_rope, ttt_rope,
-                                             self.checkpoint_parts, use_reentrant=False)
+                                             self.checkpoint_parts, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), _block_recompute()))
             else:
                 video, text = block(video, text, emb, segments, seg_rope, ttt_rope)
 

@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UserError
 from ..models import build_model
-from ..ops.ttt import memo
+from ..ops import memo
 from ..ops.ttt.buffers import mlp_backward_padding, mlp_backward_scratch, mlp_hopper_backward_scratch
 from .adapters import apply_adapter, cast_frozen
 
@@ -170,12 +170,13 @@ class _LiveBytes(TorchDispatchMode):
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Shapes and saved tensors of a flash-attention kernel, no arithmetic."""
+    """Shapes and saved tensors of a flash-attention kernel, no arithmetic. Like `ops.attention.attend`, it
+    keeps its results for a checkpointed part's recompute where `ops.memo` asks."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        out, lse = memo.kept_or(lambda: (q.new_empty(*q.shape[:-1], v.shape[-1]),
+                                         q.new_empty(q.shape[:-1], dtype=torch.float32)))
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -192,7 +193,7 @@ class _TTTScan(torch.autograd.Function):
     """Shapes and saved tensors of the TTT kernels (ops/ttt), no arithmetic: the inputs, the output
     and the per-item inner weights at every `TTT_CHECKPOINT_GROUP`-th mini-batch; in backward also
     the scratch the kernels hold while they run (`_ttt_backward_scratch`). Like the kernels' op, it keeps
-    its results for a checkpointed TTT pass's recompute where `ops.ttt.memo` asks."""
+    its results for a checkpointed TTT pass's recompute where `ops.memo` asks."""
 
     @staticmethod
     def forward(ctx, mini_batch_size, q, k, v, eta, *weights):
@@ -413,8 +414,8 @@ def _stand_ins(autocast=None, host=None):
     recompute is an autocast region of its own too, its cache dropped at its end). With a list
     `host`, the bytes of every set of block inputs offloaded to host memory are appended to it."""
     attention = functools.partial(_fused_attention, dtype=autocast and autocast.dtype)
-    replaced = {"scaled_dot_product_attention": attention, "ttt_mlp": _ttt_scan, "ttt_linear": _ttt_scan,
-                "fused": _layer_kernels}
+    replaced = {"scaled_dot_product_attention": attention, "attend": attention, "ttt_mlp": _ttt_scan,
+                "ttt_linear": _ttt_scan, "fused": _layer_kernels}
     if host is not None:
         from ..models import cogvideox_ttt
 

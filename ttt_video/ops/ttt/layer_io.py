@@ -76,12 +76,19 @@ def _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H, DH: tl.cons
 
 
 @triton.jit
-def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_ptr, L, H,
+def _head_block(BH, BL: tl.constexpr):
+    """A per-head forward program's (batch x head) index and token rows: programs on one grid axis, the BH
+    heads fastest (a token block's programs share its RoPE rows in L2), so any length fits the grid."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid % BH, pid // BH * BL + tl.arange(0, BL)
+
+
+@triton.jit
+def _inputs_kernel(qkv_ptr, cos_ptr, sin_ptr, lnw_ptr, lnb_ptr, q_ptr, k_ptr, v_ptr, L, H, BH,
                    DH: tl.constexpr, BL: tl.constexpr, REV: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+    bh, rows = _head_block(BH, BL)
     b = bh // H
     h = bh % H
-    rows = tl.program_id(1) * BL + tl.arange(0, BL)
     cols = tl.arange(0, DH)
     m = (rows < L)[:, None]
     cos, sin, q, qu, qn, k, ku, kn, d, rstd = _head_rows(qkv_ptr, cos_ptr, sin_ptr, b, h, rows, cols, m, L, H,
@@ -207,10 +214,9 @@ def _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m,
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, y_ptr, H, L, sb, sh, sl, eps, DH: tl.constexpr,
+def _norm_rope_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, y_ptr, H, L, BH, sb, sh, sl, eps, DH: tl.constexpr,
                       BL: tl.constexpr, ROPE: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BL + tl.arange(0, BL)
+    bh, rows = _head_block(BH, BL)
     cols = tl.arange(0, DH)
     m = (rows < L)[:, None]
     y, xh, rstd, w, cos, sin = _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m, sb, sh,
@@ -372,8 +378,8 @@ class _InnerInputs(torch.autograd.Function):
         DH = D3 // 3 // num_heads
         qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
         q, k, v = (qkv.new_empty(B, num_heads, L, DH) for _ in range(3))
-        _inputs_kernel[(B * num_heads, triton.cdiv(L, HEAD_BLOCK))](
-            qkv, cos, sin, ln_weight.contiguous(), ln_bias.contiguous(), q, k, v, L, num_heads, DH=DH,
+        _inputs_kernel[(B * num_heads * triton.cdiv(L, HEAD_BLOCK), )](
+            qkv, cos, sin, ln_weight.contiguous(), ln_bias.contiguous(), q, k, v, L, num_heads, B * num_heads, DH=DH,
             BL=HEAD_BLOCK, REV=reverse, num_warps=4)
         ctx.save_for_backward(qkv, cos, sin, ln_weight)
         ctx.num_heads, ctx.reverse = num_heads, reverse
@@ -435,8 +441,8 @@ class _NormRope(torch.autograd.Function):
         cos, sin = (cos.float().contiguous(), sin.float().contiguous()) if rope else (weight, bias)  # unread without
         weight, bias = weight.contiguous(), bias.contiguous()
         y = x.new_empty(B, H, L, DH)
-        _norm_rope_kernel[(B * H, triton.cdiv(L, HEAD_BLOCK))](
-            x, cos, sin, weight, bias, y, H, L, *x.stride()[:3], eps, DH=DH, BL=HEAD_BLOCK, ROPE=rope,
+        _norm_rope_kernel[(B * H * triton.cdiv(L, HEAD_BLOCK), )](
+            x, cos, sin, weight, bias, y, H, L, B * H, *x.stride()[:3], eps, DH=DH, BL=HEAD_BLOCK, ROPE=rope,
             num_warps=4)
         ctx.save_for_backward(x, weight, bias, cos, sin)
         ctx.rope, ctx.eps = rope, eps

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import memo
+from .. import memo
 from .buffers import mlp_backward_padding, mlp_backward_scratch
 
 MLP_KEYS = ("w1", "b1", "w2", "b2")

@@ -1,18 +1,20 @@
-"""A TTT op call's forward results, kept from one run of a checkpointed function for its recompute.
+"""An op call's forward results, kept from one run of a checkpointed function for its recompute.
 
-With checkpoints nested as in CogVideoX's part-wise recompute (a checkpointed block whose TTT passes are
-checkpointed again), backward first recomputes the block, which runs each pass afresh to get the
-block's later parts' inputs, and then recomputes each pass on its own for the pass's backward: the
-same inputs, so the same TTT results, a moment apart (PyTorch's nested checkpoints recompute the frames
-of the step's first forward; the pass runs of the block's recompute are new frames, whose results only
-feed what comes after them). `OpMemo`, one per call site (a layer's pass), carries the TTT kernels'
-results (output, final inner state, inner-state checkpoints) from a run in backward to the next
-recompute, whose op returns them instead of running its kernels. A run outside backward keeps nothing:
-its results would be held until the step's backward, for every block; and nothing kept outlives the
-backward that kept it.
+With checkpoints nested as in CogVideoX's part-wise recompute (a checkpointed block whose parts, each
+segment's attention and each TTT pass, are checkpointed again), backward first recomputes the block,
+which runs each part afresh to get the block's later parts' inputs, and then recomputes each part on
+its own for the part's backward: the same inputs, so the same results, a moment apart (PyTorch's nested
+checkpoints recompute the frames of the step's first forward; the part runs of the block's recompute are
+new frames, whose results only feed what comes after them). `OpMemo`, one per call site (a layer's
+pass, a segment's attention), carries an op's results from a run in backward to the next recompute,
+whose op returns them instead of running its kernels. A run outside backward keeps nothing: its results
+would be held until the step's backward, for every block; and nothing kept outlives the backward that
+kept it.
 
-The Triton op (`triton.py`'s `_TTT`) and the memory plan's stand-in for it (`train/plan.py`) take part;
-the PyTorch ops, whose backward is autograd through their own forward, run as before."""
+Taking part: the TTT Triton op (`ttt/triton.py`'s `_TTT`: output, final inner state, inner-state
+checkpoints), attention through `ops.attention.attend` (output and log-sum-exp of a fused kernel), and
+the memory plan's stand-ins for both (`train/plan.py`); the PyTorch TTT ops, whose backward is autograd
+through their own forward, run as before."""
 
 import contextlib
 import threading
