@@ -46,7 +46,14 @@ class _Kernels:
             g, q, k, v, out, lse, None, None, Lq, Lk, 0.0, False, seed, offset)
 
 
-_KERNELS = {int(SDPBackend.CUDNN_ATTENTION): _Kernels("cudnn"), int(SDPBackend.FLASH_ATTENTION): _Kernels("flash")}
+def _takes(op, *names):
+    return set(names) <= {a.name for a in op.default._schema.arguments}
+
+
+_KERNELS = {int(SDPBackend.FLASH_ATTENTION): _Kernels("flash")}
+if _takes(torch.ops.aten._scaled_dot_product_cudnn_attention, "attn_bias", "compute_log_sumexp"):
+    # the cuDNN ops' arguments as called above (PyTorch 2.5 on; before, PyTorch's own path runs it)
+    _KERNELS[int(SDPBackend.CUDNN_ATTENTION)] = _Kernels("cudnn")
 
 
 class _Attention(torch.autograd.Function):
