@@ -133,6 +133,25 @@ def test_matches_reference(monkeypatch, kind, causal, T, mb):
     _assert_matches_reference(_kernels(monkeypatch), kind, causal, T, mb)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_backward_over_windows_of_groups_matches_reference(monkeypatch, causal):
+    """TTT-Linear's backward walks windows of `LINEAR_WINDOW` checkpoint groups, newest first (the
+    queries' halves of a window's groups side by side, then the keys' halves carrying the adjoint): 19
+    mini-batches of 16 in groups of 2 are windows of 4, 4 and 2 groups, the last mini-batch partial."""
+    from ttt_video.ops.ttt import reference
+    from ttt_video.ops.ttt.buffers import LINEAR_WINDOW
+
+    assert LINEAR_WINDOW == 4
+    tri = _kernels(monkeypatch)
+    args = _inputs("linear", 300, seed=11)
+    out_r, state_r, grads_r = _run(reference, "linear", args, mini_batch_size=16, causal=causal)
+    out, state, grads = _run(tri, "linear", [a.float().to(DEVICE) for a in args], mini_batch_size=16,
+                             causal=causal, checkpoint_group=2)
+    _check("out", out, out_r, TOL)
+    for name, gt, gr in zip(_names("linear"), grads, grads_r):
+        _check(f"grad {name}", gt, gr, TOL)
+
+
 @pytest.mark.parametrize("primal", [False, True])
 @pytest.mark.parametrize("T,mb", [(37, 16), (75, 32)])
 def test_mlp_forms_match_reference(monkeypatch, primal, T, mb):

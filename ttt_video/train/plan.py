@@ -71,7 +71,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import UserError
 from ..models import build_model
 from ..ops import memo
-from ..ops.ttt.buffers import mlp_backward_padding, mlp_backward_scratch, mlp_hopper_backward_scratch
+from ..ops.ttt.buffers import (linear_backward_scratch, mlp_backward_padding, mlp_backward_scratch,
+                               mlp_hopper_backward_scratch)
 from .adapters import apply_adapter, cast_frozen
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,8 +219,9 @@ class _TTTScan(torch.autograd.Function):
 def _ttt_backward_scratch(q, weights, mini_batch_size):
     """The buffers the TTT kernels' backward allocates besides the gradients it returns (`_TTT.backward`
     in ops/ttt/triton.py), for the inner weights `weights` (TTT-MLP's four or TTT-Linear's two). In
-    float32: the adjoint of each chain's inner state and the states recomputed for a checkpoint group;
-    for TTT-MLP the shapes the kernels take from `ops.ttt.buffers` (the recomputed states, their W1 and
+    float32: the adjoint of each chain's inner state; for TTT-Linear the window slots of `ops.ttt.buffers`
+    (the recomputed states and what the queries' halves leave the keys' halves, two windows' worth) and
+    LayerNorm gradient rows; for TTT-MLP the shapes the kernels take from there (the recomputed states, their W1 and
     W2 in bf16 for 16-bit q, what its queries' half leaves the keys' half, its step scratch, and q, k, v
     and the output gradient padded to a multiple of 16 tokens): the Hopper kernels' where they run (bf16,
     head dim and mini-batch 64, `_hopper_gpu`), else the portable kernel's."""
@@ -230,8 +232,10 @@ def _ttt_backward_scratch(q, weights, mini_batch_size):
     def f32(*shape):
         return q.new_empty(shape, dtype=torch.float32)
 
-    if len(weights) == 2:
-        return [f32(chains, state), f32(chains, group, state)]
+    if len(weights) == 2:  # the adjoint; two sets of window slots; LayerNorm gradient rows
+        *slots, rows = linear_backward_scratch(chains, -(-T // (bs * group)), group, bs, D)
+        return [f32(chains, state), *(f32(*shape) for shape in slots * 2), f32(*rows), f32(2, chains, D),
+                f32(2, chains, D)]
     low = q.dtype != torch.float32  # bf16 products: the recomputed W1 and W2 are kept in bf16
     if low and D == 64 and bs == 64 and _hopper_gpu():
         shapes = mlp_hopper_backward_scratch(chains, -(-T // (bs * group)), group, D, weights[0].shape[-1], bs)

@@ -1,6 +1,6 @@
-"""Shapes of what the TTT-MLP backward kernel allocates besides the gradients it returns, without
-Triton: `triton.py` allocates these buffers and the training memory plan (`train/plan.py`) counts
-them, so both read them here."""
+"""Shapes of what the TTT backward kernels allocate besides the gradients they return, without
+Triton: `triton.py` and `hopper.py` allocate these buffers and the training memory plan
+(`train/plan.py`) counts them, so both read them here."""
 
 
 def mlp_backward_padding(length):
@@ -45,3 +45,17 @@ def mlp_hopper_backward_scratch(chains, groups, group, head_dim, hidden, mini_ba
     return dict(low=(2, 2, *slots, D * F), b1=(2, *slots, F), b2=(2, *slots, D),
                 par=(2, *slots, D * F + F + D + bs * D), run=(chains * window, 2 * D * F + F + D),
                 ln=(2, chains * window, D))
+
+
+LINEAR_WINDOW = 4  # checkpoint groups the TTT-Linear backward recomputes side by side (`_linear_backward`)
+
+
+def linear_backward_scratch(chains, groups, group, mini_batch_size, head_dim):
+    """Shapes of the TTT-Linear backward's scratch (`_linear_backward` in triton.py) for `groups` checkpoint
+    groups of `group` mini-batches: of each of two sets (one a window in flight), the window's slots a chain
+    (one a mini-batch) for the states before the mini-batches (W, b), dg's part and the adjoint's parts
+    (W's, b's), all float32; then the queries' halves' LayerNorm gradient rows (weight and bias)."""
+    D, bs = head_dim, mini_batch_size
+    window = min(LINEAR_WINDOW, groups)
+    slots = (chains, window * group)
+    return (*slots, D, D), (*slots, D), (*slots, bs, D), (*slots, D, D), (*slots, D), (2, chains * window, D)

@@ -29,8 +29,6 @@ size (NOTES.md, v33).
 Gluon has no interpreter: these kernels run on the GPU only and are tested there against the reference.
 """
 
-import functools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -39,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from .buffers import mlp_hopper_backward_scratch
 from .triton import (_gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd, _load_eta, _load_rows,
-                     _mlp_out_rows, _store_rows)
+                     _mlp_out_rows, _store_rows, backward_streams)
 
 D_HOPPER = 64  # head dim, mini-batch size and hidden chunk of this kernel: one [64, 64] wgmma tile each
 WARPS = 8
@@ -615,7 +613,7 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
     qdln = torch.zeros_like(dln)  # the queries' halves'
     NB = -(-T // D_HOPPER)
     main = torch.cuda.current_stream(q.device)
-    keys, queries = _streams(q.device)
+    keys, queries = backward_streams(q.device)
     keys.wait_stream(main)
     queries.wait_stream(main)
     freed = [None, None]
@@ -639,9 +637,3 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
     main.wait_stream(queries)
     dln += qdln
     return tuple(dln.view(2, -1, H, D).sum(1))
-
-
-@functools.cache
-def _streams(device):
-    """The Hopper backward's two streams on `device`: the keys' halves' at the highest priority, the queries'."""
-    return torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device)

@@ -23,6 +23,7 @@ forward's programs exchange their partial sums in bf16. On an H100 some TTT-MLP 
 Gluon kernel of `hopper.py` instead (`_hopper_forward` says which).
 """
 
+import contextlib
 import ctypes
 import functools
 import types
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import memo
-from .buffers import mlp_backward_padding, mlp_backward_scratch
+from .buffers import linear_backward_scratch, mlp_backward_padding, mlp_backward_scratch
 
 MLP_KEYS = ("w1", "b1", "w2", "b2")
 LINEAR_KEYS = ("w1", "b1")
@@ -237,96 +238,120 @@ def _linear_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w_
 
 
 @triton.jit
-def _linear_bwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw_ptr, cb_ptr, sw_ptr, sb_ptr,
-                       dw_ptr, db_ptr, dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr,
-                       T, H, NG, eps, D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
-                       LP: tl.constexpr):
+def _linear_queries_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw_ptr, cb_ptr, sw_ptr, sb_ptr,
+                           dg_ptr, pw_ptr, pb_ptr, dq_ptr, dk_ptr, dlnw_ptr, dlnb_ptr, T, H, NG, g_lo, ng, eps,
+                           D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
+                           LP: tl.constexpr):
+    """TTT-Linear backward, the queries' halves of a window of `ng` checkpoint groups from `g_lo` on: program
+    (chain, group) steps the group's states from its checkpoint and runs each mini-batch's reverse mode as
+    far as it needs no adjoint of the state. It stores dq, dk's part ds^T q (in dk, which the keys' half
+    completes) and, for the keys' half, in the window's slots of the chain: the state before the
+    mini-batch (sw, sb), dg's part -A1^T dZq (dg), the adjoint's part Q^T dZq and its column sums (pw, pb).
+    Its LayerNorm gradients' parts go to row `pid` of dlnw, dlnb."""
+    pid = tl.program_id(0).to(tl.int64)
+    chain = pid // ng
+    grp = g_lo + pid % ng
+    h = chain % H
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    wofs = cols[:, None] * D + cols[None, :]
+    rofs = rows[:, None] * D + cols[None, :]
+    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    dlnw = tl.zeros([D], dtype=tl.float32)
+    dlnb = tl.zeros([D], dtype=tl.float32)
+    q_ptr += chain * T * D
+    k_ptr += chain * T * D
+    v_ptr += chain * T * D
+    do_ptr += chain * T * D
+    dq_ptr += chain * T * D
+    dk_ptr += chain * T * D
+    eta_ptr += chain * T
+    w = tl.load(cw_ptr + (chain * NG + grp) * D * D + wofs)
+    b = tl.load(cb_ptr + (chain * NG + grp) * D + cols[None, :])
+    slot = pid * G  # the window's slots of this chain and group, one a mini-batch
+    for j in range(0, tl.minimum(G, tl.cdiv(T, BS) - grp * G)):
+        t0 = (grp * G + j) * BS
+        tl.store(sw_ptr + (slot + j) * D * D + wofs, w)
+        tl.store(sb_ptr + (slot + j) * D + cols[None, :], b)
+        q = _load_rows(q_ptr, t0, T, rows, cols, D)
+        k = _load_rows(k_ptr, t0, T, rows, cols, D)
+        v = _load_rows(v_ptr, t0, T, rows, cols, D)
+        do = _load_rows(do_ptr, t0, T, rows, cols, D)
+        eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+        z = _dot(k, w, LP) + b
+        xh, rstd, dy, dxh, gr = _inner_grad(z, v - k, lnw, lnb, D, eps)
+        g = eta * gr
+        a1 = _scores(q, k, rows, CAUSAL, LP)
+        zq = _dot(q, w, LP) + b - _dot(a1, g, LP)
+        xhq, rstdq = _ln(zq, D, eps)
+        dlnw += tl.sum(do * xhq, 0)
+        dlnb += tl.sum(do, 0)
+        dzq = _ln_bwd(do * lnw, xhq, rstdq, D)
+        ds = -_dot(dzq, tl.trans(g), LP)
+        if CAUSAL:
+            ds = tl.where(rows[:, None] >= rows[None, :], ds, 0.0)
+        _store_rows(dq_ptr, do + _dot(dzq, tl.trans(w), LP) + _dot(ds, k, LP), t0, T, rows, cols, D)
+        _store_rows(dk_ptr, _dot(tl.trans(ds), q, LP), t0, T, rows, cols, D)
+        tl.store(dg_ptr + (slot + j) * BS * D + rofs, -_dot(tl.trans(a1), dzq, LP))
+        tl.store(pw_ptr + (slot + j) * D * D + wofs, _dot(tl.trans(q), dzq, LP))
+        tl.store(pb_ptr + (slot + j) * D + cols[None, :], tl.sum(dzq, 0, keep_dims=True))
+        w = w - _dot(tl.trans(k), g, LP)
+        b = b - tl.sum(g, 0, keep_dims=True)
+    tl.store(dlnw_ptr + pid * D + cols, dlnw)
+    tl.store(dlnb_ptr + pid * D + cols, dlnb)
+
+
+@triton.jit
+def _linear_keys_kernel(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw_ptr, sb_ptr, dg_ptr, pw_ptr, pb_ptr, dw_ptr,
+                        db_ptr, dk_ptr, dv_ptr, deta_ptr, dlnw_ptr, dlnb_ptr, T, H, n_lo, n_hi, slots, eps,
+                        D: tl.constexpr, BS: tl.constexpr, LP: tl.constexpr):
+    """TTT-Linear backward, the keys' halves of mini-batches n_hi - 1 down to n_lo (a window; `slots` a chain
+    in its scratch), one program a chain: carries the adjoint of the state (dw, db, in place) back through
+    them from what the queries' halves left, completes dk and stores dv and deta; adds its LayerNorm
+    gradients' parts to the chain's row of dlnw, dlnb."""
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     rows = tl.arange(0, BS)
     cols = tl.arange(0, D)
     wofs = cols[:, None] * D + cols[None, :]
+    rofs = rows[:, None] * D + cols[None, :]
     lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
     lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
-    dw = tl.load(dw_ptr + pid * D * D + wofs)  # adjoint of the state after the last mini-batch
+    dw = tl.load(dw_ptr + pid * D * D + wofs)  # adjoint of the state after mini-batch n_hi - 1
     db = tl.load(db_ptr + pid * D + cols[None, :])
     dlnw = tl.zeros([D], dtype=tl.float32)
     dlnb = tl.zeros([D], dtype=tl.float32)
-    q_ptr += pid * T * D
     k_ptr += pid * T * D
     v_ptr += pid * T * D
-    do_ptr += pid * T * D
-    dq_ptr += pid * T * D
     dk_ptr += pid * T * D
     dv_ptr += pid * T * D
     eta_ptr += pid * T
     deta_ptr += pid * T
-    sw_ptr += pid * G * D * D
-    sb_ptr += pid * G * D
-    NM = tl.cdiv(T, BS)
-    for gi in range(0, NG):
-        grp = NG - 1 - gi
-        n0 = grp * G
-        L = tl.minimum(G, NM - n0)
-        c = pid * NG + grp
-        w = tl.load(cw_ptr + c * D * D + wofs)
-        b = tl.load(cb_ptr + c * D + cols[None, :])
-        tl.debug_barrier()
-        for j in range(0, L - 1):
-            tl.store(sw_ptr + j * D * D + wofs, w)
-            tl.store(sb_ptr + j * D + cols[None, :], b)
-            t0 = (n0 + j) * BS
-            q = _load_rows(q_ptr, t0, T, rows, cols, D)
-            k = _load_rows(k_ptr, t0, T, rows, cols, D)
-            v = _load_rows(v_ptr, t0, T, rows, cols, D)
-            eta = _load_eta(eta_ptr, t0, T, rows)
-            out, w, b = _linear_step(q, k, v, eta, lnw, lnb, w, b, rows, D, CAUSAL, LP, eps)
-        tl.store(sw_ptr + (L - 1) * D * D + wofs, w)
-        tl.store(sb_ptr + (L - 1) * D + cols[None, :], b)
-        tl.debug_barrier()
-        for jj in range(0, L):
-            j = L - 1 - jj
-            w = tl.load(sw_ptr + j * D * D + wofs)
-            b = tl.load(sb_ptr + j * D + cols[None, :])
-            t0 = (n0 + j) * BS
-            q = _load_rows(q_ptr, t0, T, rows, cols, D)
-            k = _load_rows(k_ptr, t0, T, rows, cols, D)
-            v = _load_rows(v_ptr, t0, T, rows, cols, D)
-            do = _load_rows(do_ptr, t0, T, rows, cols, D)
-            eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
-            # recompute the mini-batch
-            z = _dot(k, w, LP) + b
-            xh, rstd, dy, dxh, gr = _inner_grad(z, v - k, lnw, lnb, D, eps)
-            g = eta * gr
-            a1 = _scores(q, k, rows, CAUSAL, LP)
-            zq = _dot(q, w, LP) + b - _dot(a1, g, LP)
-            xhq, rstdq = _ln(zq, D, eps)
-            # reverse mode
-            dlnw += tl.sum(do * xhq, 0)
-            dlnb += tl.sum(do, 0)
-            dzq = _ln_bwd(do * lnw, xhq, rstdq, D)
-            ds = -_dot(dzq, tl.trans(g), LP)
-            if CAUSAL:
-                ds = tl.where(rows[:, None] >= rows[None, :], ds, 0.0)
-            dq = do + _dot(dzq, tl.trans(w), LP) + _dot(ds, k, LP)
-            dk = _dot(tl.trans(ds), q, LP) - _dot(g, tl.trans(dw), LP)
-            dg = -_dot(tl.trans(a1), dzq, LP) - _dot(k, dw, LP) - db
-            deta = tl.sum(dg * gr, 1)
-            dz, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg, xh, rstd, dy, dxh, lnw, D)
-            dlnw += dlnw2
-            dlnb += dlnb2
-            dk += d_dy + _dot(dz, tl.trans(w), LP)
-            dw += _dot(tl.trans(q), dzq, LP) + _dot(tl.trans(k), dz, LP)
-            db += tl.sum(dzq, 0, keep_dims=True) + tl.sum(dz, 0, keep_dims=True)
-            _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
-            _store_rows(dk_ptr, dk, t0, T, rows, cols, D)
-            _store_rows(dv_ptr, -d_dy, t0, T, rows, cols, D)
-            tl.store(deta_ptr + t0 + rows, deta, mask=(t0 + rows) < T)
-        tl.debug_barrier()
+    for jj in range(0, n_hi - n_lo):
+        j = n_hi - n_lo - 1 - jj
+        slot = pid * slots + j
+        t0 = (n_lo + j) * BS
+        w = tl.load(sw_ptr + slot * D * D + wofs)
+        b = tl.load(sb_ptr + slot * D + cols[None, :])
+        k = _load_rows(k_ptr, t0, T, rows, cols, D)
+        v = _load_rows(v_ptr, t0, T, rows, cols, D)
+        eta = _load_eta(eta_ptr, t0, T, rows)[:, None]
+        xh, rstd, dy, dxh, gr = _inner_grad(_dot(k, w, LP) + b, v - k, lnw, lnb, D, eps)
+        dk = _load_rows(dk_ptr, t0, T, rows, cols, D) - _dot(eta * gr, tl.trans(dw), LP)
+        dg = tl.load(dg_ptr + slot * BS * D + rofs) - _dot(k, dw, LP) - db
+        dz, d_dy, dlnw2, dlnb2 = _inner_grad_bwd(eta * dg, xh, rstd, dy, dxh, lnw, D)
+        dlnw += dlnw2
+        dlnb += dlnb2
+        dw += tl.load(pw_ptr + slot * D * D + wofs) + _dot(tl.trans(k), dz, LP)
+        db += tl.load(pb_ptr + slot * D + cols[None, :]) + tl.sum(dz, 0, keep_dims=True)
+        _store_rows(dk_ptr, dk + d_dy + _dot(dz, tl.trans(w), LP), t0, T, rows, cols, D)
+        _store_rows(dv_ptr, -d_dy, t0, T, rows, cols, D)
+        tl.store(deta_ptr + t0 + rows, tl.sum(dg * gr, 1), mask=(t0 + rows) < T)
     tl.store(dw_ptr + pid * D * D + wofs, dw)
     tl.store(db_ptr + pid * D + cols[None, :], db)
-    tl.store(dlnw_ptr + pid * D + cols, dlnw)
-    tl.store(dlnb_ptr + pid * D + cols, dlnb)
+    tl.store(dlnw_ptr + pid * D + cols, tl.load(dlnw_ptr + pid * D + cols) + dlnw)
+    tl.store(dlnb_ptr + pid * D + cols, tl.load(dlnb_ptr + pid * D + cols) + dlnb)
 
 
 @triton.jit
@@ -1331,16 +1356,67 @@ class _TTT(torch.autograd.Function):
                 raise RuntimeError("TTT-MLP backward: the 2 programs of a chain were not resident together")
         else:
             S = 1
-            scratch = [c.new_empty((N, group, *c.shape[2:])) for c in ckpt]
-            dlnw = q.new_empty((N, D), dtype=torch.float32)
-            dlnb = torch.empty_like(dlnw)
-            _launch(_linear_bwd_kernel, (N,), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *scratch, *carry, dq, dk, dv,
-                    deta, dlnw, dlnb, T, H, NG, eps, **common)
+            dlnw, dlnb = _linear_backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps,
+                                          common)
         if lns is None:
             dlnw = dlnw.view(-1, H, S, D).sum((0, 2))
             dlnb = dlnb.view(-1, H, S, D).sum((0, 2))
         grads = (g[:, :length] for g in (dq, dk, dv, deta.to(eta.dtype)))
         return (None,) * 5 + (*grads, dlnw, dlnb, *carry)
+
+
+def _linear_backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, NG, eps, common):
+    """TTT-Linear's backward in windows of `LINEAR_WINDOW` checkpoint groups, newest first:
+    `_linear_queries_kernel` recomputes a window's groups side by side (one program a chain and group) and
+    runs their queries' halves, then `_linear_keys_kernel` carries the adjoint (`carry`, in place) back
+    through the window, one program a chain. On a GPU the keys' kernels run in turn on a stream of the
+    highest priority and the queries' kernels a window ahead on another (two sets of scratch), as in
+    `hopper.backward`. Returns the LayerNorm weight and bias gradients' rows: `[N, D]` and `[N, D]`."""
+    N, _, D = q.shape
+    shapes = linear_backward_scratch(N, NG, common["G"], common["BS"], D)
+    sets = [[q.new_empty(shape, dtype=torch.float32) for shape in shapes[:-1]] for _ in range(2)]
+    qdln = q.new_empty(shapes[-1], dtype=torch.float32)  # the queries' halves' LayerNorm gradient rows
+    dln = q.new_zeros((2, N, D), dtype=torch.float32)  # the keys' halves', summed in place
+    qsum = torch.zeros_like(dln)
+    wg, G, NM = shapes[-1][1] // N, common["G"], triton.cdiv(T, common["BS"])
+    streams = backward_streams(q.device) if q.is_cuda else None
+    if streams:
+        main = torch.cuda.current_stream(q.device)
+        for stream in streams:
+            stream.wait_stream(main)
+    freed = [None, None]
+    for i, g_lo in enumerate(reversed(range(0, NG, wg))):
+        ng, p = min(wg, NG - g_lo), i % 2
+        with _on(streams and streams[1]):
+            if freed[p] is not None:
+                streams[1].wait_event(freed[p])
+            _launch(_linear_queries_kernel, (N * ng, ), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *sets[p], dq, dk,
+                    *qdln, T, ln_w.shape[0], NG, g_lo, ng, eps, **common)
+            qsum += qdln[:, :N * ng].view(2, N, ng, D).sum(2)
+            ready = streams and streams[1].record_event()
+        with _on(streams and streams[0]):
+            if streams:
+                streams[0].wait_event(ready)
+            _launch(_linear_keys_kernel, (N, ), k, v, eta, ln_w, ln_b, *sets[p], *carry, dk, dv, deta, *dln, T,
+                    ln_w.shape[0], g_lo * G, min(NM, (g_lo + ng) * G), ng * G, eps, D=D, BS=common["BS"],
+                    LP=common["LP"], num_warps=common["num_warps"], num_stages=common["num_stages"])
+            freed[p] = streams and streams[0].record_event()
+    if streams:
+        for stream in streams:
+            main.wait_stream(stream)
+    return tuple(dln + qsum)
+
+
+def _on(stream):
+    """`torch.cuda.stream(stream)`, or nothing where there is no stream (the CPU's interpreter)."""
+    return torch.cuda.stream(stream) if stream else contextlib.nullcontext()
+
+
+@functools.cache
+def backward_streams(device):
+    """The windowed backwards' two streams on `device` (`_linear_backward`, `hopper.backward`): the keys'
+    halves' at the highest priority, the queries'."""
+    return torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device)
 
 
 def ttt_triton(q, k, v, eta, weights, ln_weight, ln_bias, *, mini_batch_size, causal, eps, initial_state,
