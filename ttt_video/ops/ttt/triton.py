@@ -10,7 +10,9 @@ of TTT-MLP compute instead (the primal form: fewer products; `_mlp_primal`).
 Forward walks the mini-batches and stores the inner state at every `checkpoint_group`-th
 mini-batch border. Backward walks the groups in reverse: it recomputes the states inside a group
 from its checkpoint into a scratch buffer, then runs reverse mode through each mini-batch, newest
-first, carrying the adjoint of the state. TTT-Linear keeps its state and the adjoint in registers;
+first, carrying the adjoint of the state. TTT-Linear keeps its state and the adjoint in registers, and
+its backward runs windows of groups on two kernels: one recomputes a window's groups side by side with
+each mini-batch's queries' half (what needs no adjoint), the other carries the adjoint (`_linear_backward`);
 TTT-MLP keeps them in global memory (per chain, so it stays in L2) and streams the hidden dim in
 chunks of `FC` columns of W1 / rows of W2. Where the GPU has room for them all, its forward splits
 the hidden dim over several programs per chain, and its backward runs each mini-batch's queries'
