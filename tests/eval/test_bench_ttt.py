@@ -30,8 +30,9 @@ def test_kernels_of_a_git_revision_load_as_a_module_of_their_own():
     if not (root / ".git").exists():
         pytest.skip("the package does not run from a git checkout")
     module = kernels_at("HEAD")
-    assert module.__name__ == "ttt_kernels_HEAD.triton" and callable(module.ttt_mlp) and callable(module.ttt_linear)
-    assert module.mlp_backward_scratch.__module__ == "ttt_kernels_HEAD.buffers"  # that revision's sibling module
+    assert module.__name__ == "ttt_kernels_HEAD.ttt.triton" and callable(module.ttt_mlp) and callable(module.ttt_linear)
+    assert module.mlp_backward_scratch.__module__ == "ttt_kernels_HEAD.ttt.buffers"  # that revision's sibling module
+    assert module.memo.__name__ == "ttt_kernels_HEAD.memo"  # and a module of the folder above
     with pytest.raises(UserError, match="--against no-such-rev: no ttt_video/ops/ttt/triton.py at that revision"):
         kernels_at("no-such-rev")
 

@@ -94,7 +94,8 @@ KERNELS = "ttt_video/ops/ttt/triton.py"
 def kernels_at(rev):
     """The Triton kernel module (`KERNELS`) as of git revision `rev` of the checkout this package
     runs from, loaded as a module of its own beside the current one, in a package of its own that
-    holds that revision's other modules of the folder (what its relative imports take)."""
+    holds that revision's other modules of the folder and of the folder above (what its relative
+    imports take): `<package>.ttt.triton`."""
     root = Path(__file__).resolve().parents[2]
 
     def show(path):
@@ -110,18 +111,18 @@ def kernels_at(rev):
     folder = tempfile.mkdtemp(prefix="ttt-kernels-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the source until it compiles
     package = f"ttt_kernels_{''.join(c if c.isalnum() else '_' for c in rev)}"
-    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, f"{Path(KERNELS).parent}/"],
-                           capture_output=True, text=True).stdout.split()
-    home = Path(folder) / package
-    home.mkdir()
-    (home / "__init__.py").write_text("")
-    for name in names:
-        if name.endswith(".py") and not name.endswith("__init__.py"):
-            (home / Path(name).name).write_text(git.stdout if name == KERNELS else show(name).stdout)
-    parent = importlib.util.spec_from_file_location(package, home / "__init__.py",
-                                                    submodule_search_locations=[str(home)])
-    sys.modules[package] = importlib.util.module_from_spec(parent)
-    spec = importlib.util.spec_from_file_location(f"{package}.triton", home / "triton.py")
+    kernels = Path(KERNELS).parent
+    for name, home in ((package, Path(folder) / package), (f"{package}.ttt", Path(folder) / package / "ttt")):
+        home.mkdir()
+        (home / "__init__.py").write_text("")
+        source = kernels if name.endswith(".ttt") else kernels.parent
+        for path in subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, f"{source}/"],
+                                   capture_output=True, text=True).stdout.split():
+            if path.endswith(".py") and not path.endswith("__init__.py"):
+                (home / Path(path).name).write_text(git.stdout if path == KERNELS else show(path).stdout)
+        spec = importlib.util.spec_from_file_location(name, home / "__init__.py", submodule_search_locations=[str(home)])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location(f"{package}.ttt.triton", home / "triton.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
