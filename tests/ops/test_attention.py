@@ -87,3 +87,18 @@ def test_without_a_gradient_it_is_sdpa():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     assert torch.equal(attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_it_takes_the_autocast_dtype_as_sdpa_does(dtype):
+    """q and k in float32 (an eager LayerNorm under autocast gives float32), v in half precision."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 2, 100, 64, device="cuda", requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 100, 64, device="cuda", dtype=dtype, requires_grad=True)
+    outs = []
+    for fn in (attention.attend, F.scaled_dot_product_attention):
+        with torch.autocast("cuda", dtype=dtype):
+            out = fn(q, k, v)
+        outs.append((out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and _rel(a, b) < 1e-2

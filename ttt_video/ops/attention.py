@@ -75,6 +75,8 @@ class _Attention(torch.autograd.Function):
 def attend(q, k, v):
     """softmax(q k^T / sqrt(d)) v for q, k, v `[B, H, L, d]`, as `F.scaled_dot_product_attention`."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad and q.is_cuda and torch.is_autocast_enabled("cuda"):  # as autocast casts the inputs of SDPA
+        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     kernels = _kernels(q, k, v) if grad else None
     if kernels is None:
         return F.scaled_dot_product_attention(q, k, v)
