@@ -240,6 +240,17 @@ def _linear_fwd_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w_
 
 
 @triton.jit
+def _linear_bwd_tiles(lnw_ptr, lnb_ptr, h, D: tl.constexpr, BS: tl.constexpr):
+    """A TTT-Linear backward program's row and column indices, the offsets of a `[D, D]` and a `[BS, D]`
+    tile, and head h's LayerNorm weight and bias rows."""
+    rows = tl.arange(0, BS)
+    cols = tl.arange(0, D)
+    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
+    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    return rows, cols, cols[:, None] * D + cols[None, :], rows[:, None] * D + cols[None, :], lnw, lnb
+
+
+@triton.jit
 def _linear_queries_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_ptr, cw_ptr, cb_ptr, sw_ptr, sb_ptr,
                            dg_ptr, pw_ptr, pb_ptr, dq_ptr, dk_ptr, dlnw_ptr, dlnb_ptr, T, H, NG, g_lo, ng, eps,
                            D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr,
@@ -254,12 +265,7 @@ def _linear_queries_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, lnw_ptr, lnb_pt
     chain = pid // ng
     grp = g_lo + pid % ng
     h = chain % H
-    rows = tl.arange(0, BS)
-    cols = tl.arange(0, D)
-    wofs = cols[:, None] * D + cols[None, :]
-    rofs = rows[:, None] * D + cols[None, :]
-    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
-    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    rows, cols, wofs, rofs, lnw, lnb = _linear_bwd_tiles(lnw_ptr, lnb_ptr, h, D, BS)
     dlnw = tl.zeros([D], dtype=tl.float32)
     dlnb = tl.zeros([D], dtype=tl.float32)
     q_ptr += chain * T * D
@@ -314,12 +320,7 @@ def _linear_keys_kernel(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw_ptr, sb_ptr,
     gradients' parts to the chain's row of dlnw, dlnb."""
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
-    rows = tl.arange(0, BS)
-    cols = tl.arange(0, D)
-    wofs = cols[:, None] * D + cols[None, :]
-    rofs = rows[:, None] * D + cols[None, :]
-    lnw = tl.load(lnw_ptr + h * D + cols)[None, :]
-    lnb = tl.load(lnb_ptr + h * D + cols)[None, :]
+    rows, cols, wofs, rofs, lnw, lnb = _linear_bwd_tiles(lnw_ptr, lnb_ptr, h, D, BS)
     dw = tl.load(dw_ptr + pid * D * D + wofs)  # adjoint of the state after mini-batch n_hi - 1
     db = tl.load(db_ptr + pid * D + cols[None, :])
     dlnw = tl.zeros([D], dtype=tl.float32)
