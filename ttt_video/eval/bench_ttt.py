@@ -112,10 +112,10 @@ def kernels_at(rev):
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the source until it compiles
     package = f"ttt_kernels_{''.join(c if c.isalnum() else '_' for c in rev)}"
     kernels = Path(KERNELS).parent
-    for name, home in ((package, Path(folder) / package), (f"{package}.ttt", Path(folder) / package / "ttt")):
+    for name, source in ((package, kernels.parent), (f"{package}.ttt", kernels)):
+        home = Path(folder, *name.split("."))
         home.mkdir()
         (home / "__init__.py").write_text("")
-        source = kernels if name.endswith(".ttt") else kernels.parent
         for path in subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, f"{source}/"],
                                    capture_output=True, text=True).stdout.split():
             if path.endswith(".py") and not path.endswith("__init__.py"):

@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from .buffers import mlp_hopper_backward_scratch
 from .triton import (_gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd, _load_eta, _load_rows,
-                     _mlp_out_rows, _store_rows, backward_streams)
+                     _mlp_out_rows, _store_rows, run_windows)
 
 D_HOPPER = 64  # head dim, mini-batch size and hidden chunk of this kernel: one [64, 64] wgmma tile each
 WARPS = 8
@@ -599,8 +599,8 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
     windows of `HOPPER_WINDOW` checkpoint groups, newest first: `_mlp_queries_hopper` recomputes a window's
     groups side by side (one program a chain and group) and runs their queries' halves, then
     `_mlp_keys_hopper` carries the adjoint (`carry`, in place) back through the window, one program a
-    chain. The keys' kernels run in turn on a stream of the highest priority, the queries' kernels on
-    another, one window ahead (two sets of scratch), so that they fill the SMs the keys' programs leave.
+    chain, the queries' kernels a window ahead of the keys' on a stream of their own (`run_windows`), so that
+    they fill the SMs the keys' programs leave.
     Returns the LayerNorm weight and bias gradients `[H, D]`."""
     N, H, D, F = q.shape[0], ln_w.shape[0], D_HOPPER, 4 * D_HOPPER
     shapes = mlp_hopper_backward_scratch(N, NG, group, D, F, D_HOPPER)
@@ -612,28 +612,18 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
     dln = q.new_zeros((2, N, D), dtype=torch.float32)  # the keys' halves' LayerNorm gradients
     qdln = torch.zeros_like(dln)  # the queries' halves'
     NB = -(-T // D_HOPPER)
-    main = torch.cuda.current_stream(q.device)
-    keys, queries = backward_streams(q.device)
-    keys.wait_stream(main)
-    queries.wait_stream(main)
-    freed = [None, None]
-    for i, g_lo in enumerate(reversed(range(0, NG, wg))):
-        ng, p = min(wg, NG - g_lo), i % 2
-        with torch.cuda.stream(queries):
-            if freed[p] is not None:
-                queries.wait_event(freed[p])
-            _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, low[p, 0], sb1[p],
-                                            low[p, 1], sb2[p], par[p], par[p].view(torch.bfloat16), *ln, T, H, NG, g_lo,
-                                            ng, eps, F=F, G=group, PEND=pend, num_warps=WARPS)
-            qdln += ln[:, :N * ng].view(2, N, ng, D).sum(2)
-            ready = queries.record_event()
-        with torch.cuda.stream(keys):
-            keys.wait_event(ready)
-            _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, low[p, 0], sb1[p], low[p, 1], *carry, par[p],
-                                    par[p].view(torch.bfloat16), dk, dv, deta, *dln, T, H, g_lo * group,
-                                    min(NB, (g_lo + ng) * group), ng * group, eps, F=F, PEND=pend, num_warps=WARPS)
-            freed[p] = keys.record_event()
-    main.wait_stream(keys)
-    main.wait_stream(queries)
+
+    def queries(g_lo, ng, p):
+        _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, low[p, 0], sb1[p], low[p, 1],
+                                        sb2[p], par[p], par[p].view(torch.bfloat16), *ln, T, H, NG, g_lo, ng, eps, F=F,
+                                        G=group, PEND=pend, num_warps=WARPS)
+        qdln.add_(ln[:, :N * ng].view(2, N, ng, D).sum(2))
+
+    def keys(g_lo, ng, p):
+        _mlp_keys_hopper[(N, )](k, v, eta, ln_w, ln_b, low[p, 0], sb1[p], low[p, 1], *carry, par[p],
+                                par[p].view(torch.bfloat16), dk, dv, deta, *dln, T, H, g_lo * group,
+                                min(NB, (g_lo + ng) * group), ng * group, eps, F=F, PEND=pend, num_warps=WARPS)
+
+    run_windows(q.device, NG, wg, queries, keys)
     dln += qdln
     return tuple(dln.view(2, -1, H, D).sum(1))

@@ -25,7 +25,6 @@ forward's programs exchange their partial sums in bf16. On an H100 some TTT-MLP 
 Gluon kernel of `hopper.py` instead (`_hopper_forward` says which).
 """
 
-import contextlib
 import ctypes
 import functools
 import types
@@ -1372,9 +1371,8 @@ def _linear_backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, de
     """TTT-Linear's backward in windows of `LINEAR_WINDOW` checkpoint groups, newest first:
     `_linear_queries_kernel` recomputes a window's groups side by side (one program a chain and group) and
     runs their queries' halves, then `_linear_keys_kernel` carries the adjoint (`carry`, in place) back
-    through the window, one program a chain. On a GPU the keys' kernels run in turn on a stream of the
-    highest priority and the queries' kernels a window ahead on another (two sets of scratch), as in
-    `hopper.backward`. Returns the LayerNorm weight and bias gradients' rows: `[N, D]` and `[N, D]`."""
+    through the window, one program a chain; the queries' kernels a window ahead of the keys' on a stream
+    of their own (`run_windows`, two sets of scratch), as in `hopper.backward`. Returns the LayerNorm weight and bias gradients' rows: `[N, D]` and `[N, D]`."""
     N, _, D = q.shape
     shapes = linear_backward_scratch(N, NG, common["G"], common["BS"], D)
     sets = [[q.new_empty(shape, dtype=torch.float32) for shape in shapes[:-1]] for _ in range(2)]
@@ -1382,43 +1380,57 @@ def _linear_backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, de
     dln = q.new_zeros((2, N, D), dtype=torch.float32)  # the keys' halves', summed in place
     qsum = torch.zeros_like(dln)
     wg, G, NM = shapes[-1][1] // N, common["G"], triton.cdiv(T, common["BS"])
-    streams = backward_streams(q.device) if q.is_cuda else None
+
+    def queries(g_lo, ng, p):
+        _launch(_linear_queries_kernel, (N * ng, ), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *sets[p], dq, dk, *qdln, T,
+                ln_w.shape[0], NG, g_lo, ng, eps, **common)
+        qsum.add_(qdln[:, :N * ng].view(2, N, ng, D).sum(2))
+
+    def keys(g_lo, ng, p):
+        _launch(_linear_keys_kernel, (N, ), k, v, eta, ln_w, ln_b, *sets[p], *carry, dk, dv, deta, *dln, T,
+                ln_w.shape[0], g_lo * G, min(NM, (g_lo + ng) * G), ng * G, eps, D=D, BS=common["BS"], LP=common["LP"],
+                num_warps=common["num_warps"], num_stages=common["num_stages"])
+
+    run_windows(q.device, NG, wg, queries, keys)
+    return tuple(dln + qsum)
+
+
+def run_windows(device, NG, wg, queries, keys):
+    """The windowed backwards' schedule (`_linear_backward`, `hopper.backward`): for windows of `wg` of the
+    `NG` checkpoint groups, newest first, `queries(g_lo, ng, p)` then `keys(g_lo, ng, p)` (groups g_lo to
+    g_lo + ng - 1, scratch set p of two). On a GPU the keys' calls run in turn on a stream of the highest
+    priority and the queries' calls on another, a window ahead: a window's keys wait for its queries, its
+    queries for the keys of the window before the last (the same scratch set), and the caller's stream
+    for both at the end. Elsewhere (the interpreter on the CPU) one after the other."""
+    streams = _backward_streams(device) if device.type == "cuda" else None
     if streams:
-        main = torch.cuda.current_stream(q.device)
+        main = torch.cuda.current_stream(device)
         for stream in streams:
             stream.wait_stream(main)
     freed = [None, None]
     for i, g_lo in enumerate(reversed(range(0, NG, wg))):
         ng, p = min(wg, NG - g_lo), i % 2
-        with _on(streams and streams[1]):
+        if not streams:
+            queries(g_lo, ng, p)
+            keys(g_lo, ng, p)
+            continue
+        with torch.cuda.stream(streams[1]):
             if freed[p] is not None:
                 streams[1].wait_event(freed[p])
-            _launch(_linear_queries_kernel, (N * ng, ), q, k, v, eta, dout, ln_w, ln_b, *ckpt, *sets[p], dq, dk,
-                    *qdln, T, ln_w.shape[0], NG, g_lo, ng, eps, **common)
-            qsum += qdln[:, :N * ng].view(2, N, ng, D).sum(2)
-            ready = streams and streams[1].record_event()
-        with _on(streams and streams[0]):
-            if streams:
-                streams[0].wait_event(ready)
-            _launch(_linear_keys_kernel, (N, ), k, v, eta, ln_w, ln_b, *sets[p], *carry, dk, dv, deta, *dln, T,
-                    ln_w.shape[0], g_lo * G, min(NM, (g_lo + ng) * G), ng * G, eps, D=D, BS=common["BS"],
-                    LP=common["LP"], num_warps=common["num_warps"], num_stages=common["num_stages"])
-            freed[p] = streams and streams[0].record_event()
+            queries(g_lo, ng, p)
+            ready = streams[1].record_event()
+        with torch.cuda.stream(streams[0]):
+            streams[0].wait_event(ready)
+            keys(g_lo, ng, p)
+            freed[p] = streams[0].record_event()
     if streams:
         for stream in streams:
             main.wait_stream(stream)
-    return tuple(dln + qsum)
-
-
-def _on(stream):
-    """`torch.cuda.stream(stream)`, or nothing where there is no stream (the CPU's interpreter)."""
-    return torch.cuda.stream(stream) if stream else contextlib.nullcontext()
 
 
 @functools.cache
-def backward_streams(device):
-    """The windowed backwards' two streams on `device` (`_linear_backward`, `hopper.backward`): the keys'
-    halves' at the highest priority, the queries'."""
+def _backward_streams(device):
+    """`run_windows`' two streams on `device`: the keys' halves' at the highest priority, the queries'."""
     return torch.cuda.Stream(device, priority=-100), torch.cuda.Stream(device)
 
 
