@@ -31,3 +31,18 @@ def test_without_a_gpu_the_benchmark_says_so(capsys):
         main(["--profile", "--skip-diffusers"])
     assert exit.value.code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_profiled_row_prints_its_kinds_and_longest_kernels(capsys):
+    from ttt_video.eval import bench_cogvideox as bench
+
+    names = {f"kernel_{i}": ["other", 10.0 - i * 0.5, i + 1] for i in range(bench.TOP_KERNELS + 3)}
+    rows = {}
+    bench.report(rows, "63s forward, 1 blocks, ttt-mlp", {"s": 0.5, "peak_gb": 1.0, "kernels_ms": {"other": 99.0},
+                                                           "kernel_names_ms": names})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["63s", "forward,", "1", "blocks,", "ttt-mlp", "500.0", "ms", "peak_gb", "1.00"]
+    assert out[1].split() == ["other", "99.0", "ms"]
+    assert [line.split()[-1] for line in out[2:]] == [f"kernel_{i}" for i in range(bench.TOP_KERNELS)]
+    assert out[2].split()[:4] == ["10.0", "ms", "1x", "[other]"]
+    assert rows["63s forward, 1 blocks, ttt-mlp"]["kernel_names_ms"] is names

@@ -15,7 +15,8 @@ segment, 226 text tokens each):
   presets run it (`train.offload_checkpoints` from 30 s, `train.checkpoint_parts` at 63 s).
 Peak memory is `torch.cuda.max_memory_allocated` of each row; a row that runs out of memory is
 reported as such. `--profile` adds, under each long-video row, one more run's GPU time by kernel kind
-(`KERNEL_KINDS`): where the TTT layer's extra time goes. The TTT-MLP backward's two kernels run side by
+(`KERNEL_KINDS`) and its `TOP_KERNELS` longest kernels by name (the JSON has every kernel name over
+0.5 ms): where the TTT layer's extra time goes. The TTT-MLP backward's two kernels run side by
 side on two streams, so a row's kernel times can add up to more than its time.
 """
 
@@ -56,25 +57,33 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel's name, lower case), first m
 )
 
 
+TOP_KERNELS = 10  # kernel names printed under a profiled row
+
+
 def kernel_kind(name):
     low = name.lower()
     return next((kind for kind, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
 
 
 def kernel_ms(fn):
-    """GPU time of one run of fn by kernel kind, in ms, largest first."""
+    """GPU time of one run of fn in ms: by kernel kind, largest first; and by kernel name (cut at 100
+    characters) where a name took at least 0.5 ms, largest first, as [kind, ms, launches]."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    out = {}
+    kinds, names = {}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            kind = kernel_kind(e.name)
-            out[kind] = out.get(kind, 0.0) + e.device_time / 1e3
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+            kind, ms = kernel_kind(e.name), e.device_time / 1e3
+            kinds[kind] = kinds.get(kind, 0.0) + ms
+            entry = names.setdefault(e.name[:100], [kind, 0.0, 0])
+            entry[1] += ms
+            entry[2] += 1
+    names = {name: entry for name, entry in sorted(names.items(), key=lambda kv: -kv[1][1]) if entry[1] >= 0.5}
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1])), names
 
 
 def _peak_gb(fn):
@@ -119,10 +128,13 @@ def inputs(segments, batch, device):
 
 def report(rows, name, row):
     rows[name] = row
-    extra = "".join(f"  {k} {v:.2f}" for k, v in row.items() if k not in ("s", "oom", "kernels_ms"))
+    extra = "".join(f"  {k} {v:.2f}" for k, v in row.items()
+                    if k not in ("s", "oom", "kernels_ms", "kernel_names_ms"))
     print(f"{name:<52} " + ("out of memory" if row.get("oom") else f"{row['s'] * 1000:>10.1f} ms") + extra, flush=True)
     for kind, ms in row.get("kernels_ms", {}).items():
         print(f"    {kind:<48} {ms:>10.1f} ms", flush=True)
+    for name, (kind, ms, launches) in list(row.get("kernel_names_ms", {}).items())[:TOP_KERNELS]:
+        print(f"      {ms:>8.1f} ms {launches:>5}x  [{kind}] {name[:70]}", flush=True)
 
 
 def short_rows(reps, device, sampling_steps):
@@ -164,7 +176,7 @@ def train_row(model, x, text, t, reps, layers, parts=False, offload=False, profi
         both = _time_s(train_step, max(1, reps - 1))
         row = {"s": both, "peak_gb": _peak_gb(train_step), "s_42_blocks": both / layers * DEPTH_5B}
         if profile:
-            row["kernels_ms"] = kernel_ms(train_step)
+            row["kernels_ms"], row["kernel_names_ms"] = kernel_ms(train_step)
         return row
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
@@ -187,7 +199,7 @@ def long_rows(layers, reps, device, segments, forward_only=False, parts=False, o
             fwd = _time_s(lambda: model(x, text, t), reps)
             row = {"s": fwd, "peak_gb": _peak_gb(lambda: model(x, text, t)), "s_42_blocks": fwd / layers * DEPTH_5B}
             if profile:
-                row["kernels_ms"] = kernel_ms(lambda: model(x, text, t))
+                row["kernels_ms"], row["kernel_names_ms"] = kernel_ms(lambda: model(x, text, t))
             report(rows, f"{length} forward, {layers} blocks, {name}", row)
         if not forward_only:
             report(rows, f"{length} forward+backward, {layers} blocks, {name}",

@@ -252,34 +252,70 @@ class Segments:
             return x[:, None]
         return x.unfold(1, self.n, self.n - 1).movedim(-1, 2)
 
-    def frames(self, x, s):
-        """Segment s's frames of x `[B, F, ...]` (a view)."""
-        return x[:, s * (self.n - 1):s * (self.n - 1) + self.n]
-
     def join(self, text, video):
         """text `[B, S, L, D]`, video `[B, F, N, D]` -> each segment's caption, then its frames
-        `[B, S, L + n N, D]`, written in one pass."""
-        B, S, L, D = text.shape
-        if S == 1:
+        `[B, S, L + n N, D]`, written in one pass (and so are the gradients of text and video)."""
+        if text.shape[1] == 1:
             return torch.cat([text[:, 0], video.flatten(1, 2)], 1)[:, None]
-        n, N = self.n, video.shape[2]
+        return _Join.apply(self, text, video)
+
+    def merge(self, x):
+        """x `[B, S, n, ...]` -> `[B, F, ...]`."""
+        if self.num_segments == 1:
+            return x[:, 0]
+        return _Merge.apply(self, x)
+
+    def _fold(self, x, mean):
+        """x `[B, S, n, ...]` -> `[B, F, ...]`, a shared frame the mean (or the sum) of its two segments'."""
+        S, n = self.num_segments, self.n
+        out = x.new_empty(x.shape[0], self.num_frames, *x.shape[3:])
+        out[:, :S * (n - 1)].unflatten(1, (S, n - 1)).copy_(x[:, :, :n - 1])
+        out[:, -1] = x[:, -1, -1]
+        if mean:
+            out[:, n - 1:-1:n - 1] = (x[:, :-1, -1] + x[:, 1:, 0]) / 2
+        else:
+            out[:, n - 1:-1:n - 1] += x[:, :-1, -1]
+        return out
+
+
+class _Join(torch.autograd.Function):
+    """`Segments.join` of several segments. Its backward writes each input's gradient once: autograd through
+    the forward's slice writes would clone the whole gradient at each of them."""
+
+    @staticmethod
+    def forward(ctx, segments, text, video):
+        B, S, L, D = text.shape
+        n, N = segments.n, video.shape[2]
         out = video.new_empty(B, S, L + n * N, D, dtype=torch.promote_types(text.dtype, video.dtype))
         out[:, :, :L] = text
         frames = out[:, :, L:].unflatten(2, (n, N))
         frames[:, :, :n - 1] = video[:, :S * (n - 1)].unflatten(1, (S, n - 1))
         frames[:, :, n - 1] = video[:, n - 1::n - 1]  # each segment's last frame opens the next one
+        ctx.segments, ctx.dtypes, ctx.L = segments, (text.dtype, video.dtype), L
         return out
 
-    def merge(self, x):
-        """x `[B, S, n, ...]` -> `[B, F, ...]`."""
-        S, n = self.num_segments, self.n
-        if S == 1:
-            return x[:, 0]
-        out = x.new_empty(x.shape[0], self.num_frames, *x.shape[3:])
-        out[:, :S * (n - 1)].unflatten(1, (S, n - 1)).copy_(x[:, :, :n - 1])
-        out[:, -1] = x[:, -1, -1]
-        out[:, n - 1:-1:n - 1] = (x[:, :-1, -1] + x[:, 1:, 0]) / 2
-        return out
+    @staticmethod
+    def backward(ctx, grad):
+        segments, L = ctx.segments, ctx.L
+        frames = grad[:, :, L:].unflatten(2, (segments.n, -1))
+        return None, grad[:, :, :L].to(ctx.dtypes[0]), segments._fold(frames, mean=False).to(ctx.dtypes[1])
+
+
+class _Merge(torch.autograd.Function):
+    """`Segments.merge` of several segments; its backward is one copy of the gradient, halved at the shared
+    frames (autograd through the forward's slices would give each slice a zero tensor of x's size)."""
+
+    @staticmethod
+    def forward(ctx, segments, x):
+        ctx.segments = segments
+        return segments._fold(x, mean=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = ctx.segments.split(grad).contiguous()
+        g[:, :-1, -1] /= 2
+        g[:, 1:, 0] /= 2
+        return None, g
 
 
 class PatchEmbed(nn.Module):
@@ -439,23 +475,27 @@ class Block(nn.Module):
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
         mod = (shift, scale, t_shift, t_scale)
         if by_segment and S > 1:
+            # the segments' inputs as outputs of one view op each (unbind, split): in backward their gradients
+            # are put together once, where a slice a segment would give each a zero gradient of the video's size
             one = Segments(segments.n, 1, segments.n)
-            x = torch.cat([part(self._attend, segments.frames(video, s), text[:, s:s + 1], *mod, one, seg_rope,
-                                memo=self._attention_memos[s]) for s in range(S)], 1)
+            inputs = zip(segments.split(video).unbind(1), text.split(1, 1))
+            x = torch.cat([part(self._attend, v, t, *mod, one, seg_rope, memo=self._attention_memos[s])
+                           for s, (v, t) in enumerate(inputs)], 1)
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
         frames = (-1, video.shape[2])
-        video = add_gated(video, gate, segments.merge(x[:, :, L:].unflatten(2, frames)))
-        text = add_gated(text, t_gate, x[:, :, :L])
+        x_text, x_video = x.split([L, x.shape[2] - L], 2)
+        video = add_gated(video, gate, segments.merge(x_video.unflatten(2, frames)))
+        text = add_gated(text, t_gate, x_text)
         if self.ttt is not None:
             x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
             x = self.ttt(x, *ttt_rope, checkpoint_passes=parts).unflatten(1, (S, -1))
-            text, video = x[:, :, :L], segments.merge(x[:, :, L:].unflatten(2, frames))
+            x_text, x_video = x.split([L, x.shape[2] - L], 2)
+            text, video = x_text, segments.merge(x_video.unflatten(2, frames))
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm2.modulation(emb)
         n = segments.n
         if by_segment and video.shape[1] > n:
-            video = torch.cat([part(self._frames_feed_forward, video[:, f:f + n], shift, scale, gate)
-                               for f in range(0, video.shape[1], n)], 1)
+            video = torch.cat([part(self._frames_feed_forward, v, shift, scale, gate) for v in video.split(n, 1)], 1)
         else:
             video = self._feed_forward(video, shift, scale, gate)
         return video, self._feed_forward(text, t_shift, t_scale, t_gate)
