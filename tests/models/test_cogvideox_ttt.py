@@ -251,7 +251,7 @@ def test_first_caption_reaches_third_segment_only_through_ttt(pretrained, ttt, g
 def test_segments_join_and_merge(num_segments):
     """Against gathering each segment's frames by index and averaging the shared frames by counting
     (outputs and gradients): join writes caption then frames per segment, merge takes the mean where
-    two segments share a frame."""
+    two segments share a frame, split and frames give each segment's frames."""
     n, N, L, D = 4, 3, 2, 5
     F = num_segments * (n - 1) + 1 if num_segments > 1 else 7
     seg = Segments(F, num_segments, n)
@@ -268,8 +268,8 @@ def test_segments_join_and_merge(num_segments):
         return joined, merged / count.view(-1, 1, 1), video[:, index]
 
     got, ref = ([t.double().requires_grad_() for t in (text, video, x)] for _ in range(2))
-    outs = (seg.join(*got[:2]), seg.merge(got[2]), seg.split(got[1]))
-    refs = reference(*ref)
+    outs = (seg.join(*got[:2]), seg.merge(got[2]), seg.split(got[1]), torch.stack(seg.frames(got[1]), 1))
+    refs = (*reference(*ref), ref[1][:, index])
     for a, r in zip(outs, refs):
         torch.testing.assert_close(a, r)
     probes = [torch.randn(r.shape, generator=g, dtype=torch.double) for r in refs]

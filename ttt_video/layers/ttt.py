@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import ttt_linear, ttt_mlp
 from ..ops.memo import OpMemo
+from .dit import add_gated
 from .fusion import fused
 from .rope import apply_rope
 
@@ -114,4 +115,4 @@ class BidirectionalTTT(nn.Module):
     def _gated_pass(self, x, cos, sin, reverse):
         norm, gate = (self.norm_bwd, self.gate_bwd) if reverse else (self.norm_fwd, self.gate_fwd)
         # the gate in the stream's dtype: under autocast a float32 gate would turn the bf16 stream float32
-        return torch.addcmul(x, torch.tanh(gate).to(x.dtype), self.ttt(norm(x), cos, sin, reverse=reverse))
+        return add_gated(x, torch.tanh(gate).to(x.dtype), self.ttt(norm(x), cos, sin, reverse=reverse))

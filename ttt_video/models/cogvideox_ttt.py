@@ -252,6 +252,12 @@ class Segments:
             return x[:, None]
         return x.unfold(1, self.n, self.n - 1).movedim(-1, 2)
 
+    def frames(self, video):
+        """Each segment's frames of video `[B, F, ...]`: S views `[B, n, ...]`, whose gradients backward writes
+        into the video's gradient in one pass (a slice a segment would give each a zero tensor of the video's
+        size, and `split(video).unbind(1)` a stack of them and a fold)."""
+        return (video,) if self.num_segments == 1 else _Frames.apply(self, video)
+
     def join(self, text, video):
         """text `[B, S, L, D]`, video `[B, F, N, D]` -> each segment's caption, then its frames
         `[B, S, L + n N, D]`, written in one pass (and so are the gradients of text and video)."""
@@ -276,6 +282,24 @@ class Segments:
         else:
             out[:, n - 1:-1:n - 1] += x[:, :-1, -1]
         return out
+
+
+class _Frames(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, segments, video):
+        ctx.segments = segments
+        return segments.split(video).unbind(1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        segments = ctx.segments
+        n = segments.n
+        out = grads[0].new_empty(grads[0].shape[0], segments.num_frames, *grads[0].shape[2:])
+        for s, g in enumerate(grads):
+            out[:, s * (n - 1):(s + 1) * (n - 1)] = g[:, :n - 1]
+        out[:, -1] = grads[-1][:, -1]
+        out[:, n - 1:-1:n - 1] += torch.stack([g[:, -1] for g in grads[:-1]], 1)
+        return None, out
 
 
 class _Join(torch.autograd.Function):
@@ -340,7 +364,8 @@ class PatchEmbed(nn.Module):
         B = latents.shape[0]
         if self.cfg.patch_size_t is None:
             x = self.proj(latents.flatten(0, 1))  # [B*F, D, h/p, w/p]
-            return x.flatten(2).transpose(1, 2).unflatten(0, (B, -1))
+            # one copy here, not one in each fused kernel that takes a part of the video later
+            return x.flatten(2).transpose(1, 2).unflatten(0, (B, -1)).contiguous()
         p, pt = self.cfg.patch_size, self.cfg.patch_size_t
         return self.proj(rearrange(latents, "b (t pt) c (y p) (x q) -> b t (y x) (c pt p q)", pt=pt, p=p, q=p))
 
@@ -475,10 +500,10 @@ class Block(nn.Module):
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
         mod = (shift, scale, t_shift, t_scale)
         if by_segment and S > 1:
-            # the segments' inputs as outputs of one view op each (unbind, split): in backward their gradients
-            # are put together once, where a slice a segment would give each a zero gradient of the video's size
+            # the segments' inputs as outputs of one op each (`Segments.frames`, split): in backward their
+            # gradients are put together once, where a slice a segment would give each a zero tensor of the input's size
             one = Segments(segments.n, 1, segments.n)
-            inputs = zip(segments.split(video).unbind(1), text.split(1, 1))
+            inputs = zip(segments.frames(video), text.split(1, 1))
             x = torch.cat([part(self._attend, v, t, *mod, one, seg_rope, memo=self._attention_memos[s])
                            for s, (v, t) in enumerate(inputs)], 1)
         else:
