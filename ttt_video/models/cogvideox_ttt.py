@@ -254,8 +254,7 @@ class Segments:
 
     def frames(self, video):
         """Each segment's frames of video `[B, F, ...]`: S views `[B, n, ...]`, whose gradients backward writes
-        into the video's gradient in one pass (a slice a segment would give each a zero tensor of the video's
-        size, and `split(video).unbind(1)` a stack of them and a fold)."""
+        into the video's gradient in one pass (`_Frames`)."""
         return (video,) if self.num_segments == 1 else _Frames.apply(self, video)
 
     def join(self, text, video):
@@ -285,6 +284,9 @@ class Segments:
 
 
 class _Frames(torch.autograd.Function):
+    """`Segments.frames` of several segments. A slice a segment would give each segment's gradient a zero
+    tensor of the video's size in backward, and `split(video).unbind(1)` a stack of them and a fold."""
+
     @staticmethod
     def forward(ctx, segments, video):
         ctx.segments = segments
@@ -500,8 +502,8 @@ class Block(nn.Module):
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm1.modulation(emb)
         mod = (shift, scale, t_shift, t_scale)
         if by_segment and S > 1:
-            # the segments' inputs as outputs of one op each (`Segments.frames`, split): in backward their
-            # gradients are put together once, where a slice a segment would give each a zero tensor of the input's size
+            # the segments' inputs from one op each (`Segments.frames`, split), whose backward puts their
+            # gradients together once
             one = Segments(segments.n, 1, segments.n)
             inputs = zip(segments.frames(video), text.split(1, 1))
             x = torch.cat([part(self._attend, v, t, *mod, one, seg_rope, memo=self._attention_memos[s])
