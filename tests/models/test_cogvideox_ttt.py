@@ -10,7 +10,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 from ttt_video.config import apply_overrides
 from ttt_video.errors import UserError
 from ttt_video.models import CogVideoXTTT, FrameworkCogVideoXTTT, build_model
-from ttt_video.models.cogvideox_ttt import Segments
+from ttt_video.models.cogvideox_ttt import Segments, host_copies
 from ttt_video.presets import get_preset
 from ttt_video.train.adapters import apply_adapter
 from ttt_video.train.trainer import param_groups
@@ -359,3 +359,21 @@ def test_build_model_needs_the_pretrained_folder():
     cfg = get_preset("cogvideox-5b-ttt-3s")
     with pytest.raises(UserError, match="model.pretrained"):
         build_model(cfg.model)
+
+
+def test_offloaded_block_inputs_come_back_one_block_early():
+    """`host_copies` with a chain (meta tensors, as `ttt-video plan` runs it): backward's first use of a
+    block's saved input starts the copy back of the block's before it, which that block's use then takes."""
+    chain, outs = [], []
+    xs = [torch.ones(3, device="meta", requires_grad=True) for _ in range(3)]
+    for x in xs:
+        with host_copies(x, chain=chain):
+            outs.append(x.sin())  # saves x
+    copies = [c for (c,) in chain]
+    assert [c.gpu for c in copies] == [None] * 3
+    outs[2].sum().backward()
+    assert [c.gpu is not None for c in copies] == [False, True, False]
+    outs[1].sum().backward()
+    assert [c.gpu is not None for c in copies] == [True, False, False]
+    outs[0].sum().backward()
+    assert [c.gpu for c in copies] == [None] * 3

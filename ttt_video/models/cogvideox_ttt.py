@@ -200,38 +200,72 @@ def cogvideox_rope(cfg, frames, grid_h, grid_w, theta=10000.0):
 _COPY_STREAMS = {}
 
 
-def host_copies(*tensors):
+class _HostCopy:
+    """A tensor's copy in pinned host memory, made on a side stream, and its way back to the GPU: started on
+    that stream by `prefetch`, or by `take` where nothing started it. On the meta device (`ttt-video plan`)
+    only the GPU copy's lifetime: made by `prefetch`, handed over by `take`."""
+
+    def __init__(self, t):
+        self.shape, self.dtype, self.device, self.gpu = t.shape, t.dtype, t.device, None
+        if t.is_meta:
+            return
+        self.stream = _COPY_STREAMS.setdefault(t.device, torch.cuda.Stream(t.device))
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.stream(self.stream):
+            self.host.copy_(t, non_blocking=True)
+            self.done = self.stream.record_event()
+        t.record_stream(self.stream)  # its memory is not reused before the copy is done
+
+    def prefetch(self):
+        if self.gpu is not None:
+            return
+        self.gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "meta":
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the memory's last use before this
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.done)
+            self.gpu.copy_(self.host, non_blocking=True)
+            self.ready = self.stream.record_event()
+        self.gpu.record_stream(self.stream)
+
+    def take(self):
+        self.prefetch()
+        gpu, self.gpu = self.gpu, None
+        if gpu.is_cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+        return gpu
+
+
+def host_copies(*tensors, chain=None):
     """A context in which autograd saves these tensors (a checkpointed block's inputs), where on
     CUDA, as copies in pinned host memory made on a side stream, and copies them back when backward
-    needs them; other saved tensors, and tensors on other devices, are saved as usual. On the meta
-    device (`ttt-video plan`) the GPU copy's lifetime is simulated: dropped, then made anew."""
+    needs them; other saved tensors, and tensors on other devices, are saved as usual. With `chain`, a
+    list the blocks of one forward share (each context appends its copies), backward's first use of a
+    block's inputs also starts the copy back of the block's before it, on the side stream, so that it
+    runs beside this block's backward: one block's inputs more on the GPU. On the meta device (`ttt-video
+    plan`) the GPU copies' lifetimes are simulated."""
 
     ids = {id(t) for t in tensors}  # not the tensors: the hooks live as long as what they saved
+    copies, before = [], chain[-1] if chain else []
+    if chain is not None:
+        chain.append(copies)
 
     def pack(t):
-        if id(t) not in ids:
+        if id(t) not in ids or not (t.is_cuda or t.is_meta):
             return t
-        if t.is_meta:
-            return lambda shape=t.shape, dtype=t.dtype: torch.empty(shape, dtype=dtype, device="meta")
-        if not t.is_cuda:
-            return t
-        device = t.device
-        stream = _COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
-        stream.wait_stream(torch.cuda.current_stream(device))
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            host.copy_(t, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-        t.record_stream(stream)  # its memory is not reused before the copy is done
+        copies.append(_HostCopy(t))
+        return copies[-1]
 
-        def back():
-            torch.cuda.current_stream(device).wait_event(done)
-            return host.to(device, non_blocking=True)
+    def unpack(packed):
+        if not isinstance(packed, _HostCopy):
+            return packed
+        for copy in before:
+            copy.prefetch()
+        return packed.take()
 
-        return back
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed() if callable(packed) else packed)
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class Segments:
@@ -630,9 +664,12 @@ class CogVideoXTTT(nn.Module):
             seg_rope = with_text(cos, sin, L, 1)
         if cfg.ttt is not None:
             ttt_rope = with_text(cos, sin, L, S)
+        offloaded = []  # the blocks' inputs in host memory, in order (`host_copies`)
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                with host_copies(video, text) if self.offload_checkpoints else contextlib.nullcontext():
+                saving = (host_copies(video, text, chain=offloaded) if self.offload_checkpoints
+                          else contextlib.nullcontext())
+                with saving:
                     video, text = checkpoint(block, video, text, emb, segments, seg_rope, ttt_rope,
                                              self.checkpoint_parts, use_reentrant=False,
                                              context_fn=lambda: (contextlib.nullcontext(), _block_recompute()))

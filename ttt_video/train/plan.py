@@ -423,9 +423,9 @@ def _stand_ins(autocast=None, host=None):
     if host is not None:
         from ..models import cogvideox_ttt
 
-        def host_copies(*tensors, real=cogvideox_ttt.host_copies):
+        def host_copies(*tensors, real=cogvideox_ttt.host_copies, **kwargs):
             host.append(sum(t.numel() * t.element_size() for t in tensors))
-            return real(*tensors)
+            return real(*tensors, **kwargs)
 
         replaced["host_copies"] = host_copies
     if autocast is not None:
