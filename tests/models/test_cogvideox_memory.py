@@ -47,8 +47,7 @@ def test_parts_and_offload_keep_gradients_and_lower_peak_memory():
             torch.testing.assert_close(grad, whole[name], rtol=1e-4, atol=1e-6, msg=name)
     assert parts_peak < 0.7 * whole_peak, (parts_peak, whole_peak)
     # the blocks' inputs wait in host memory: after the forward at most the last copy's source is on
-    # the GPU (the allocator frees it once the side stream's copy is done), in backward two at a time
-    # (the block's, and the one before it, copied back beside the block's backward)
+    # the GPU (the allocator frees it once the side stream's copy is done), in backward one at a time
     video = (x.shape[1] * 256) * cfg.dim * 4
     assert offloaded_held < parts_held - (LAYERS - 1) * video, (offloaded_held, parts_held)
-    assert offloaded_peak < parts_peak, (offloaded_peak, parts_peak)
+    assert offloaded_peak < parts_peak - video, (offloaded_peak, parts_peak)

@@ -10,7 +10,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 from ttt_video.config import apply_overrides
 from ttt_video.errors import UserError
 from ttt_video.models import CogVideoXTTT, FrameworkCogVideoXTTT, build_model
-from ttt_video.models.cogvideox_ttt import Segments, host_copies
+from ttt_video.models.cogvideox_ttt import CogVideoXTTTConfig, Segments
 from ttt_video.presets import get_preset
 from ttt_video.train.adapters import apply_adapter
 from ttt_video.train.trainer import param_groups
@@ -361,19 +361,38 @@ def test_build_model_needs_the_pretrained_folder():
         build_model(cfg.model)
 
 
-def test_offloaded_block_inputs_come_back_one_block_early():
-    """`host_copies` with a chain (meta tensors, as `ttt-video plan` runs it): backward's first use of a
-    block's saved input starts the copy back of the block's before it, which that block's use then takes."""
-    chain, outs = [], []
-    xs = [torch.ones(3, device="meta", requires_grad=True) for _ in range(3)]
-    for x in xs:
-        with host_copies(x, chain=chain):
-            outs.append(x.sin())  # saves x
-    copies = [c for (c,) in chain]
-    assert [c.gpu for c in copies] == [None] * 3
-    outs[2].sum().backward()
-    assert [c.gpu is not None for c in copies] == [False, True, False]
-    outs[1].sum().backward()
-    assert [c.gpu is not None for c in copies] == [True, False, False]
-    outs[0].sum().backward()
-    assert [c.gpu for c in copies] == [None] * 3
+@pytest.mark.parametrize("parts", [False, True])
+def test_offloaded_block_inputs_come_back_during_the_next_blocks_backward(monkeypatch, parts):
+    """With offloaded inputs (on the meta device, as `ttt-video plan` runs it) the copy back of a block's
+    inputs starts in the backward of the block after it, once that backward is past its TTT layer (the
+    block's recompute and the TTT passes' backward: its peak), before the block itself takes them."""
+    from ttt_video.layers.ttt import BidirectionalTTT
+    from ttt_video.models import cogvideox_ttt
+
+    cfg = CogVideoXTTTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                             time_embed_dim=16, text_embed_dim=16, num_layers=3, sample_height=16, sample_width=16,
+                             max_text_seq_length=8, use_rotary_positional_embeddings=True, ttt="linear",
+                             ttt_mini_batch_size=16)
+    with torch.device("meta"):
+        model = CogVideoXTTT(cfg).train()
+        x, text, t = torch.randn(1, 25, 4, 8, 8), torch.randn(1, 2, 8, 16), torch.tensor([500])
+    model.enable_gradient_checkpointing(parts=parts, offload=True)
+    log, copies = [], {}
+
+    def logged(name, fn):
+        def run(self, *args):
+            copy = isinstance(self, cogvideox_ttt._HostCopy)  # each block's video and captions, in order
+            log.append((name, copies.setdefault(id(self), len(copies)) // 2 if copy else None))
+            return fn(self, *args)
+        return run
+
+    for name in ("__init__", "prefetch", "take"):
+        monkeypatch.setattr(cogvideox_ttt._HostCopy, name, logged(name, getattr(cogvideox_ttt._HostCopy, name)))
+    monkeypatch.setattr(BidirectionalTTT, "_gated_pass", logged("ttt", BidirectionalTTT._gated_pass))
+    model(x, text, t).square().mean().backward()
+    first = {event: i for i, event in reversed(list(enumerate(log)))}
+    for k in (2, 1):
+        taken, started = first[("take", k)], first[("prefetch", k - 1)]
+        ttt = [name for name, _ in log[taken:started]].count("ttt")
+        assert ttt == (4 if parts else 2)  # the passes in the block's recompute (and in their own)
+        assert started < first[("take", k - 1)]

@@ -198,6 +198,7 @@ def cogvideox_rope(cfg, frames, grid_h, grid_w, theta=10000.0):
 
 
 _COPY_STREAMS = {}
+_OFFLOADED = threading.local()  # in a `host_copies` context: the copies of the block before
 
 
 class _HostCopy:
@@ -238,14 +239,15 @@ class _HostCopy:
         return gpu
 
 
+@contextlib.contextmanager
 def host_copies(*tensors, chain=None):
     """A context in which autograd saves these tensors (a checkpointed block's inputs), where on
     CUDA, as copies in pinned host memory made on a side stream, and copies them back when backward
     needs them; other saved tensors, and tensors on other devices, are saved as usual. With `chain`, a
-    list the blocks of one forward share (each context appends its copies), backward's first use of a
-    block's inputs also starts the copy back of the block's before it, on the side stream, so that it
-    runs beside this block's backward: one block's inputs more on the GPU. On the meta device (`ttt-video
-    plan`) the GPU copies' lifetimes are simulated."""
+    list the blocks of one forward share (each context appends its copies), the copy back of the inputs
+    of the block before this one starts on the side stream during this block's backward, once that is
+    past the block's TTT layer (`Block`: past its peak), so that no block waits for its inputs. On the
+    meta device (`ttt-video plan`) the GPU copies' lifetimes are simulated."""
 
     ids = {id(t) for t in tensors}  # not the tensors: the hooks live as long as what they saved
     copies, before = [], chain[-1] if chain else []
@@ -258,14 +260,24 @@ def host_copies(*tensors, chain=None):
         copies.append(_HostCopy(t))
         return copies[-1]
 
-    def unpack(packed):
-        if not isinstance(packed, _HostCopy):
-            return packed
-        for copy in before:
-            copy.prefetch()
-        return packed.take()
+    outer, _OFFLOADED.before = getattr(_OFFLOADED, "before", None), before
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda p: p.take() if isinstance(p, _HostCopy) else p):
+            yield
+    finally:
+        _OFFLOADED.before = outer
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+def _prefetch_at(x):
+    """In a block's forward inside `host_copies`: the copy back of the block before's inputs starts when
+    backward reaches x."""
+    before = getattr(_OFFLOADED, "before", None)
+    if before and x.requires_grad:
+        def start(grad):
+            for copy in before:
+                copy.prefetch()
+
+        x.register_hook(start)
 
 
 class Segments:
@@ -544,6 +556,7 @@ class Block(nn.Module):
                            for s, (v, t) in enumerate(inputs)], 1)
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
+        _prefetch_at(x)  # the attention's output: its gradient comes after the TTT layer's backward
         frames = (-1, video.shape[2])
         x_text, x_video = x.split([L, x.shape[2] - L], 2)
         video = add_gated(video, gate, segments.merge(x_video.unflatten(2, frames)))
