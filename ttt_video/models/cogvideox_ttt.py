@@ -316,16 +316,23 @@ class Segments:
             return x[:, 0]
         return _Merge.apply(self, x)
 
-    def _fold(self, x, mean):
-        """x `[B, S, n, ...]` -> `[B, F, ...]`, a shared frame the mean (or the sum) of its two segments'."""
-        S, n = self.num_segments, self.n
-        out = x.new_empty(x.shape[0], self.num_frames, *x.shape[3:])
-        out[:, :S * (n - 1)].unflatten(1, (S, n - 1)).copy_(x[:, :, :n - 1])
-        out[:, -1] = x[:, -1, -1]
+    def unjoin(self, x, text_len, tokens_per_frame):
+        """`join`'s inverse: x `[B, S, L + n N, D]` -> text `[B, S, L, D]`, video `[B, F, N, D]` (`merge`)."""
+        text, video = x.split([text_len, x.shape[2] - text_len], 2)
+        return text, self.merge(video.unflatten(2, (-1, tokens_per_frame)))
+
+    def _fold(self, parts, mean):
+        """The S segments' `[B, n, ...]` -> `[B, F, ...]`, a shared frame the mean (or the sum) of its two
+        segments'."""
+        n = self.n
+        out = parts[0].new_empty(parts[0].shape[0], self.num_frames, *parts[0].shape[2:])
+        for s, part in enumerate(parts):
+            out[:, s * (n - 1):(s + 1) * (n - 1)] = part[:, :n - 1]
+        out[:, -1] = parts[-1][:, -1]
+        shared = out[:, n - 1:-1:n - 1]  # each holds the first frame of the segment after it; add the last before
+        shared += torch.stack([part[:, -1] for part in parts[:-1]], 1)
         if mean:
-            out[:, n - 1:-1:n - 1] = (x[:, :-1, -1] + x[:, 1:, 0]) / 2
-        else:
-            out[:, n - 1:-1:n - 1] += x[:, :-1, -1]
+            shared /= 2
         return out
 
 
@@ -340,14 +347,7 @@ class _Frames(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        segments = ctx.segments
-        n = segments.n
-        out = grads[0].new_empty(grads[0].shape[0], segments.num_frames, *grads[0].shape[2:])
-        for s, g in enumerate(grads):
-            out[:, s * (n - 1):(s + 1) * (n - 1)] = g[:, :n - 1]
-        out[:, -1] = grads[-1][:, -1]
-        out[:, n - 1:-1:n - 1] += torch.stack([g[:, -1] for g in grads[:-1]], 1)
-        return None, out
+        return None, ctx.segments._fold(grads, mean=False)
 
 
 class _Join(torch.autograd.Function):
@@ -369,7 +369,7 @@ class _Join(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         segments, L = ctx.segments, ctx.L
-        frames = grad[:, :, L:].unflatten(2, (segments.n, -1))
+        frames = grad[:, :, L:].unflatten(2, (segments.n, -1)).unbind(1)
         return None, grad[:, :, :L].to(ctx.dtypes[0]), segments._fold(frames, mean=False).to(ctx.dtypes[1])
 
 
@@ -380,7 +380,7 @@ class _Merge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, segments, x):
         ctx.segments = segments
-        return segments._fold(x, mean=True)
+        return segments._fold(x.unbind(1), mean=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -557,15 +557,12 @@ class Block(nn.Module):
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
         _prefetch_at(x)  # the attention's output: its gradient comes after the TTT layer's backward
-        frames = (-1, video.shape[2])
-        x_text, x_video = x.split([L, x.shape[2] - L], 2)
-        video = add_gated(video, gate, segments.merge(x_video.unflatten(2, frames)))
-        text = add_gated(text, t_gate, x_text)
+        N = video.shape[2]
+        x_text, x_video = segments.unjoin(x, L, N)
+        video, text = add_gated(video, gate, x_video), add_gated(text, t_gate, x_text)
         if self.ttt is not None:
             x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
-            x = self.ttt(x, *ttt_rope, checkpoint_passes=parts).unflatten(1, (S, -1))
-            x_text, x_video = x.split([L, x.shape[2] - L], 2)
-            text, video = x_text, segments.merge(x_video.unflatten(2, frames))
+            text, video = segments.unjoin(self.ttt(x, *ttt_rope, checkpoint_passes=parts).unflatten(1, (S, -1)), L, N)
         shift, scale, gate, t_shift, t_scale, t_gate = self.norm2.modulation(emb)
         n = segments.n
         if by_segment and video.shape[1] > n:
