@@ -22,11 +22,17 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _heads(x, contiguous):
-    """q, k, v of a joint projection x `[B, L, 3 H D]`: views `[B, H, L, D]`, or contiguous copies of q and k
-    (CogVideoX's attention: q and k come out of the fused norm and RoPE head-major)."""
+LAYOUTS = ["views", "tokens", "heads"]
+
+
+def _heads(x, layout):
+    """q, k, v `[B, H, L, D]` of a joint projection x `[B, L, 3 H D]`: its views; each in `[B, L, H, D]` memory
+    of its own (CogVideoX's attention: q and k out of the fused norm and RoPE, v a view of its projection); or
+    each contiguous."""
     q, k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in x.chunk(3, -1))
-    return (q.contiguous(), k.contiguous(), v) if contiguous else (q, k, v)
+    if layout == "tokens":
+        return tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    return (q.contiguous(), k.contiguous(), v.contiguous()) if layout == "heads" else (q, k, v)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,7 +50,7 @@ def test_a_blocks_recompute_keeps_the_attention_results_for_the_parts_recompute(
 
     def block(x, memo):
         context = memo.contexts if memo else torch.utils.checkpoint.noop_context_fn
-        y = checkpoint(lambda t: attention.attend(*_heads(t, True)).transpose(1, 2).flatten(2), x * 1.5,
+        y = checkpoint(lambda t: attention.attend(*_heads(t, "tokens")).transpose(1, 2).flatten(2), x * 1.5,
                        use_reentrant=False, context_fn=context)
         return checkpoint(lambda t: t.sin() * scale, y, use_reentrant=False)
 
@@ -67,20 +73,20 @@ def test_a_blocks_recompute_keeps_the_attention_results_for_the_parts_recompute(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_are_right_whatever_layout_the_output_gradient_comes_in(backend):
-    """The same q, k, v layouts (one cached cuDNN graph) with the output's gradient arriving in two layouts,
-    one call after the other: both right."""
+    """For each layout of q, k and v (one cached cuDNN graph each), the output's gradient arriving in two
+    layouts, one call after the other: both right."""
     torch.manual_seed(1)
     x0 = torch.randn(B, L, 3 * H * D, device="cuda", dtype=torch.bfloat16)
     probe = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
-    for contiguous in (True, False):
+    for layout in LAYOUTS:
         for merge in (lambda o: o.transpose(1, 2).flatten(2), lambda o: o):
             grads = []
             for b in (backend, SDPBackend.MATH):
                 x = x0.clone().requires_grad_()
                 with sdpa_kernel(b):
-                    y = merge(attention.attend(*_heads(x, contiguous)))
+                    y = merge(attention.attend(*_heads(x, layout)))
                 grads.append(torch.autograd.grad((y * merge(probe)).float().sum(), x)[0])
-            assert _rel(*grads) < 1e-2, (contiguous, _rel(*grads))
+            assert _rel(*grads) < 1e-2, (layout, _rel(*grads))
 
 
 def test_without_a_gradient_it_is_sdpa():

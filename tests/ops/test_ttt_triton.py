@@ -644,7 +644,9 @@ def test_norm_rope_kernels_match_the_eager_step(dtype, rotate, layout):
     """Attention's q / k LayerNorm and RoPE (`layer_io.norm_rope` against `layers.rope.norm_rope` and its
     autograd): the output and the gradients of x, the weight and the bias, for q as a head view of its own
     projection (the input gradient then comes back with the projection's layout, no copy) and of a joint
-    q, k, v projection."""
+    q, k, v projection. The output holds each token's heads together (`[B, L, H, Dh]` memory), so that
+    attention's output, in q's layout, is the output projection's input as it is; the output's gradient
+    comes back in that layout, and is also taken in another one."""
     _module()
     from ttt_video.layers.rope import norm_rope, rope_3d
     from ttt_video.ops.ttt import layer_io
@@ -658,14 +660,17 @@ def test_norm_rope_kernels_match_the_eager_step(dtype, rotate, layout):
     cos, sin = (t[:L].to(DEVICE) for t in rope_3d(3, 4, 4, dh)) if rotate else (None, None)
     probe = torch.randn(B, heads, L, dh, generator=g).to(DEVICE, dtype)
 
-    def run(fn):
+    def run(fn, gy=probe.transpose(1, 2).contiguous().transpose(1, 2)):
         p, wt, bt = (t.detach().requires_grad_() for t in (proj, w, b))
         x = p[..., :heads * dh].unflatten(-1, (heads, dh)).transpose(1, 2)
         y = fn(x, wt, bt, cos, sin, 1e-6)
-        return [y, *torch.autograd.grad((y * probe).float().sum(), [p, wt, bt])]
+        return [y, *torch.autograd.grad(y, [p, wt, bt], gy)]
 
     got, ref = run(layer_io.norm_rope), run(norm_rope)
-    assert got[0].is_contiguous() and got[0].dtype == dtype
+    assert got[0].transpose(1, 2).is_contiguous() and got[0].dtype == dtype
+    heads_apart = run(layer_io.norm_rope, probe)  # the output's gradient in `[B, H, L, Dh]` memory
+    for a, r in zip(heads_apart[1:], got[1:]):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
     for a, r in zip(got, ref):
         if dtype == torch.bfloat16:  # the eager step rounds the LayerNorm's output, the kernel does not
             assert _rel(a, r) < 1e-2, _rel(a, r)

@@ -176,8 +176,7 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out, lse = memo.kept_or(lambda: (q.new_empty(*q.shape[:-1], v.shape[-1]),
-                                         q.new_empty(q.shape[:-1], dtype=torch.float32)))
+        out, lse = memo.kept_or(lambda: (_like_q(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)))
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -185,6 +184,11 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _like_q(q, dv):
+    """An attention output of head dim dv in q's layout, as cuDNN's kernels give it."""
+    return torch.empty_like(q) if q.shape[-1] == dv else q.new_empty(*q.shape[:-1], dv)
 
 
 TTT_CHECKPOINT_GROUP = 16  # mini-batches between the inner states the TTT kernels keep
@@ -305,10 +309,24 @@ class _MergeHeads(torch.autograd.Function):
         return torch.empty_like(ctx.saved_tensors[0])
 
 
+class _NormRope(torch.autograd.Function):
+    """Shapes and saved tensors of attention's fused q / k LayerNorm and RoPE: it keeps the projection's rows
+    and gives the heads of each token together (`[B, H, L, Dh]` over `[B, L, H, Dh]` memory)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        B, H, L, Dh = x.shape
+        return x.new_empty(B, L, H, Dh).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0])
+
+
 class _KeepsInputs(torch.autograd.Function):
     """Shapes and saved tensors of a fused step that keeps the inputs it takes a gradient at and gives one
-    output shaped as the first: attention's q / k LayerNorm and RoPE (the projection's rows), the adaLN
-    (its input, shift and scale)."""
+    output shaped as the first: the adaLN (its input, shift and scale)."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -352,7 +370,7 @@ def _layer_kernels(fn, x, head_dim=None):
     if fn is ttt._inner_inputs:
         return lambda qkv, cos, sin, ln_weight, ln_bias, num_heads, reverse=False: _InnerInputs.apply(qkv, num_heads)
     if fn is rope.norm_rope:
-        return lambda x, weight, bias, cos=None, sin=None, eps=1e-6: _KeepsInputs.apply(x)
+        return lambda x, weight, bias, cos=None, sin=None, eps=1e-6: _NormRope.apply(x)
     return lambda o, weight, bias, reverse=False: _MergeHeads.apply(o)
 
 

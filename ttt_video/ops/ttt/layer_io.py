@@ -10,7 +10,9 @@ them head-major; one program per token block gathers every head of o and layer-n
 write and read it at mirrored rows, so no flipped copy of the sequence is made. `norm_rope(x, weight,
 bias, cos, sin, eps)` does what `ttt_video.layers.rope.norm_rope` does to attention's q or k: one
 program per (batch x head, token block) reads that head's rows of the projection (any strides with
-the head dim contiguous), layer-norms and rotates them and writes them head-major.
+the head dim contiguous), layer-norms and rotates them and writes them with each token's heads together
+(`[B, L, H, Dh]` memory: attention gives its output in q's layout, which the output projection then
+reads as it is).
 `modulated_norm(x, weight, bias, shift, scale, eps)` does what `ttt_video.layers.dit.modulated_norm`
 does (adaLN: a LayerNorm, then each batch element's scale and shift), and `gated_residual(x, gate, y)`
 what `ttt_video.layers.dit.gated_residual` does (x + gate y, the gate a batch element's or everyone's):
@@ -214,21 +216,24 @@ def _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m,
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, y_ptr, H, L, BH, sb, sh, sl, eps, DH: tl.constexpr,
-                      BL: tl.constexpr, ROPE: tl.constexpr):
+def _norm_rope_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, y_ptr, H, L, BH, sb, sh, sl, yb, yh, yl, eps,
+                      DH: tl.constexpr, BL: tl.constexpr, ROPE: tl.constexpr):
+    """y has strides yb, yh, yl over batch, head and token."""
     bh, rows = _head_block(BH, BL)
     cols = tl.arange(0, DH)
     m = (rows < L)[:, None]
     y, xh, rstd, w, cos, sin = _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m, sb, sh,
                                                sl, eps, DH, BL, ROPE)
-    tl.store(y_ptr + (bh * L + rows[:, None]) * DH + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + (bh // H) * yb + (bh % H) * yh + rows[:, None] * yl + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m)
 
 
 @triton.jit
 def _norm_rope_bwd_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr, dw_ptr, db_ptr, H, L, sb, sh, sl,
-                          gb, gh, gl, eps, DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):
-    """Program (batch x head, p) takes R token blocks from p R on; gx has strides gb, gh, gl; writes
-    `[B H, P, DH]` partial sums."""
+                          yb, yh, yl, gb, gh, gl, eps, DH: tl.constexpr, BL: tl.constexpr, R: tl.constexpr,
+                          ROPE: tl.constexpr):
+    """Program (batch x head, p) takes R token blocks from p R on; gy has strides yb, yh, yl, gx gb, gh, gl;
+    writes `[B H, P, DH]` partial sums."""
     bh = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     cols = tl.arange(0, DH)
@@ -239,7 +244,8 @@ def _norm_rope_bwd_kernel(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr,
         m = (rows < L)[:, None]
         y, xh, rstd, w, cos, sin = _norm_rope_rows(x_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, bh, H, rows, cols, m, sb,
                                                    sh, sl, eps, DH, BL, ROPE)
-        g = tl.load(gy_ptr + (bh * L + rows[:, None]) * DH + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gy_ptr + (bh // H) * yb + (bh % H) * yh + rows[:, None] * yl + cols[None, :], mask=m,
+                    other=0.0).to(tl.float32)
         if ROPE:  # RoPE transposed
             g = g * cos - _rotated(g * sin, BL, DH)
         dw += tl.sum(g * xh, 0)
@@ -398,7 +404,7 @@ class _InnerInputs(torch.autograd.Function):
         dlnw = qkv.new_empty(B * H, P, DH, dtype=torch.float32)
         dlnb = torch.empty_like(dlnw)
         _inputs_bwd_kernel[(B * H, P)](qkv, cos, sin, ln_weight.contiguous(), *grads, gqkv, dlnw, dlnb, L, H, DH=DH,
-                                       BL=HEAD_BLOCK, R=HEAD_BWD_BLOCKS, REV=ctx.reverse, num_warps=4)
+                                       BL=HEAD_BLOCK, R=HEAD_BWD_BLOCKS, REV=ctx.reverse, num_warps=8)
         dlnw = dlnw.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
         dlnb = dlnb.view(B, H, P, DH).sum((0, 2)).to(ln_weight.dtype)
         return gqkv, None, None, dlnw, dlnb, None, None
@@ -440,10 +446,11 @@ class _NormRope(torch.autograd.Function):
         rope = cos is not None
         cos, sin = (cos.float().contiguous(), sin.float().contiguous()) if rope else (weight, bias)  # unread without
         weight, bias = weight.contiguous(), bias.contiguous()
-        y = x.new_empty(B, H, L, DH)
+        y = x.new_empty(B, L, H, DH).transpose(1, 2)  # the heads of each token together, as attention gives its
+        # output in q's layout and the output projection reads that as is
         _norm_rope_kernel[(B * H * triton.cdiv(L, HEAD_BLOCK), )](
-            x, cos, sin, weight, bias, y, H, L, B * H, *x.stride()[:3], eps, DH=DH, BL=HEAD_BLOCK, ROPE=rope,
-            num_warps=4)
+            x, cos, sin, weight, bias, y, H, L, B * H, *x.stride()[:3], *y.stride()[:3], eps, DH=DH, BL=HEAD_BLOCK,
+            ROPE=rope, num_warps=4)
         ctx.save_for_backward(x, weight, bias, cos, sin)
         ctx.rope, ctx.eps = rope, eps
         return y
@@ -456,8 +463,10 @@ class _NormRope(torch.autograd.Function):
         gx = torch.empty_like(x)  # x's strides where x is dense (a view of the projection), else contiguous
         dw = x.new_empty(B * H, P, DH, dtype=torch.float32)
         db = torch.empty_like(dw)
-        _norm_rope_bwd_kernel[(B * H, P)](x, cos, sin, weight, bias, gy.contiguous(), gx, dw, db, H, L,
-                                          *x.stride()[:3], *gx.stride()[:3], ctx.eps, DH=DH, BL=HEAD_BLOCK,
+        if gy.stride(3) != 1:
+            gy = gy.contiguous()
+        _norm_rope_bwd_kernel[(B * H, P)](x, cos, sin, weight, bias, gy, gx, dw, db, H, L, *x.stride()[:3],
+                                          *gy.stride()[:3], *gx.stride()[:3], ctx.eps, DH=DH, BL=HEAD_BLOCK,
                                           R=HEAD_BWD_BLOCKS, ROPE=ctx.rope, num_warps=4)
         return gx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype), None, None, None
 
