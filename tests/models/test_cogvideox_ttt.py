@@ -251,7 +251,8 @@ def test_first_caption_reaches_third_segment_only_through_ttt(pretrained, ttt, g
 def test_segments_join_and_merge(num_segments):
     """Against gathering each segment's frames by index and averaging the shared frames by counting
     (outputs and gradients): join writes caption then frames per segment, merge takes the mean where
-    two segments share a frame, split and frames give each segment's frames."""
+    two segments share a frame, split and frames give each segment's frames, unjoin (of one tensor, or of
+    the segments' tensors) gives the captions and the merged frames."""
     n, N, L, D = 4, 3, 2, 5
     F = num_segments * (n - 1) + 1 if num_segments > 1 else 7
     seg = Segments(F, num_segments, n)
@@ -261,15 +262,24 @@ def test_segments_join_and_merge(num_segments):
     g = torch.Generator().manual_seed(0)
     text, video = torch.randn(2, num_segments, L, D, generator=g), torch.randn(2, F, N, D, generator=g)
     x = torch.randn(2, num_segments, index.shape[1], N, D, generator=g)
+    y = torch.randn(2, num_segments, L + index.shape[1] * N, D, generator=g)
 
-    def reference(text, video, x):
+    def merged(x):
+        summed = torch.zeros(2, F, N, D, dtype=x.dtype).index_add(1, index.flatten(), x.flatten(1, 2))
+        return summed / count.view(-1, 1, 1)
+
+    def reference(text, video, x, y):
         joined = torch.cat([text, video[:, index].flatten(2, 3)], 2)
-        merged = torch.zeros(2, F, N, D, dtype=x.dtype).index_add(1, index.flatten(), x.flatten(1, 2))
-        return joined, merged / count.view(-1, 1, 1), video[:, index]
+        frames = video[:, index]
+        return joined, merged(x), frames, frames, y[:, :, :L], merged(y[:, :, L:].unflatten(2, (-1, N)))
 
-    got, ref = ([t.double().requires_grad_() for t in (text, video, x)] for _ in range(2))
-    outs = (seg.join(*got[:2]), seg.merge(got[2]), seg.split(got[1]), torch.stack(seg.frames(got[1]), 1))
-    refs = (*reference(*ref), ref[1][:, index])
+    got, ref = ([t.double().requires_grad_() for t in (text, video, x, y)] for _ in range(2))
+    outs = (seg.join(*got[:2]), seg.merge(got[2]), seg.split(got[1]), torch.stack(seg.frames(got[1]), 1),
+            *seg.unjoin(got[3], L, N))
+    refs = reference(*ref)
+    if num_segments > 1:
+        outs += seg.unjoin(list(got[3].unbind(1)), L, N)
+        refs += refs[-2:]
     for a, r in zip(outs, refs):
         torch.testing.assert_close(a, r)
     probes = [torch.randn(r.shape, generator=g, dtype=torch.double) for r in refs]

@@ -317,9 +317,12 @@ class Segments:
         return _Merge.apply(self, x)
 
     def unjoin(self, x, text_len, tokens_per_frame):
-        """`join`'s inverse: x `[B, S, L + n N, D]` -> text `[B, S, L, D]`, video `[B, F, N, D]` (`merge`)."""
-        text, video = x.split([text_len, x.shape[2] - text_len], 2)
-        return text, self.merge(video.unflatten(2, (-1, tokens_per_frame)))
+        """`join`'s inverse: x `[B, S, L + n N, D]`, or the S segments' `[B, L + n N, D]`, -> text `[B, S, L, D]`,
+        video `[B, F, N, D]` (as `merge`), each way in one pass (`_Unjoin`)."""
+        if self.num_segments == 1:
+            text, video = x.split([text_len, x.shape[2] - text_len], 2)
+            return text, video[:, 0].unflatten(1, (-1, tokens_per_frame))
+        return _Unjoin.apply(self, text_len, tokens_per_frame, *((x, ) if isinstance(x, torch.Tensor) else x))
 
     def _fold(self, parts, mean):
         """The S segments' `[B, n, ...]` -> `[B, F, ...]`, a shared frame the mean (or the sum) of its two
@@ -356,21 +359,32 @@ class _Join(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, segments, text, video):
-        B, S, L, D = text.shape
-        n, N = segments.n, video.shape[2]
-        out = video.new_empty(B, S, L + n * N, D, dtype=torch.promote_types(text.dtype, video.dtype))
-        out[:, :, :L] = text
-        frames = out[:, :, L:].unflatten(2, (n, N))
-        frames[:, :, :n - 1] = video[:, :S * (n - 1)].unflatten(1, (S, n - 1))
-        frames[:, :, n - 1] = video[:, n - 1::n - 1]  # each segment's last frame opens the next one
-        ctx.segments, ctx.dtypes, ctx.L = segments, (text.dtype, video.dtype), L
-        return out
+        ctx.segments, ctx.dtypes, ctx.L = segments, (text.dtype, video.dtype), text.shape[2]
+        return _joined(segments, text, video)
 
     @staticmethod
     def backward(ctx, grad):
         segments, L = ctx.segments, ctx.L
         frames = grad[:, :, L:].unflatten(2, (segments.n, -1)).unbind(1)
         return None, grad[:, :, :L].to(ctx.dtypes[0]), segments._fold(frames, mean=False).to(ctx.dtypes[1])
+
+
+def _joined(segments, text, video):
+    """`Segments.join`'s output, written once."""
+    B, S, L, D = text.shape
+    n, N = segments.n, video.shape[2]
+    out = video.new_empty(B, S, L + n * N, D, dtype=torch.promote_types(text.dtype, video.dtype))
+    out[:, :, :L] = text
+    frames = out[:, :, L:].unflatten(2, (n, N))
+    frames[:, :, :n - 1] = video[:, :S * (n - 1)].unflatten(1, (S, n - 1))
+    frames[:, :, n - 1] = video[:, n - 1::n - 1]  # each segment's last frame opens the next one
+    return out
+
+
+def _halve_shared(frames):
+    """A mean's gradient at the shared frames of `[B, S, n, ...]`, in place."""
+    frames[:, :-1, -1].div_(2)
+    frames[:, 1:, 0].div_(2)
 
 
 class _Merge(torch.autograd.Function):
@@ -385,9 +399,28 @@ class _Merge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g = ctx.segments.split(grad).contiguous()
-        g[:, :-1, -1] /= 2
-        g[:, 1:, 0] /= 2
+        _halve_shared(g)
         return None, g
+
+
+class _Unjoin(torch.autograd.Function):
+    """`Segments.unjoin` of several segments, from x `[B, S, L + n N, D]` or the S segments' tensors. Its
+    backward writes x's gradient once, as `join` writes its output (through a split and `merge`, autograd
+    writes it twice; a list's, concatenated first, three times)."""
+
+    @staticmethod
+    def forward(ctx, segments, text_len, tokens_per_frame, *xs):
+        parts = xs[0].unbind(1) if len(xs) == 1 else xs
+        text = torch.stack([p[:, :text_len] for p in parts], 1)
+        video = segments._fold([p[:, text_len:].unflatten(1, (-1, tokens_per_frame)) for p in parts], mean=True)
+        ctx.segments, ctx.text_len, ctx.whole = segments, text_len, len(xs) == 1
+        return text, video
+
+    @staticmethod
+    def backward(ctx, g_text, g_video):
+        g = _joined(ctx.segments, g_text, g_video)
+        _halve_shared(g[:, :, ctx.text_len:].unflatten(2, (ctx.segments.n, -1)))
+        return None, None, None, *((g, ) if ctx.whole else g.unbind(1))
 
 
 class PatchEmbed(nn.Module):
@@ -552,13 +585,13 @@ class Block(nn.Module):
             # gradients together once
             one = Segments(segments.n, 1, segments.n)
             inputs = zip(segments.frames(video), text.split(1, 1))
-            x = torch.cat([part(self._attend, v, t, *mod, one, seg_rope, memo=self._attention_memos[s])
-                           for s, (v, t) in enumerate(inputs)], 1)
+            x = [part(self._attend, v, t, *mod, one, seg_rope, memo=self._attention_memos[s])[:, 0]
+                 for s, (v, t) in enumerate(inputs)]
         else:
             x = self._attend(video, text, *mod, segments, seg_rope)
-        _prefetch_at(x)  # the attention's output: its gradient comes after the TTT layer's backward
         N = video.shape[2]
         x_text, x_video = segments.unjoin(x, L, N)
+        _prefetch_at(x_video)  # the attention's output: its gradient comes after the TTT layer's backward
         video, text = add_gated(video, gate, x_video), add_gated(text, t_gate, x_text)
         if self.ttt is not None:
             x = segments.join(text, video).flatten(1, 2)  # [B, S*(L + n*N), D]
