@@ -34,9 +34,10 @@ def build(name, fn, pointers, low, scalars, constants):
 
 tokens = ["q_ptr", "k_ptr", "v_ptr", "eta_ptr"]
 ckpt = ["cw1_ptr", "cb1_ptr", "cw2_ptr", "cb2_ptr"]
-for save in (False, True):
-    build(f"forward-{save}", hopper._mlp_fwd_hopper, tokens + ["o_ptr", "lnw_ptr", "lnb_ptr", "w1_ptr", "b1_ptr",
-          "w2_ptr", "b2_ptr"] + ckpt, tokens + ["o_ptr"], ["T", "H", "NG", "eps"], {"F": 256, "G": 16, "SAVE": save})
+for save, split in ((False, 1), (True, 1), (True, 2)):
+    build(f"forward-{save}-{split}", hopper._mlp_fwd_hopper, tokens + ["o_ptr", "lnw_ptr", "lnb_ptr", "w1_ptr",
+          "b1_ptr", "w2_ptr", "b2_ptr"] + ckpt + ["xch_ptr", "xb2_ptr"], tokens + ["o_ptr", "xch_ptr"],
+          ["T", "H", "NG", "eps"], {"F": 256, "G": 16, "SAVE": save, "S": split})
 states = ["sw1_ptr", "sb1_ptr", "sw2_ptr", "sb2_ptr", "par_ptr", "parl_ptr"]
 low = ["sw1_ptr", "sw2_ptr", "parl_ptr"]
 pend = 64 * 256 + 256 + 64 + 64 * 64
@@ -92,8 +93,9 @@ def test_register_operand_check_flags_an_operand_left_unguarded():
 
 
 def test_hopper_kernels_compile_for_sm90(tmp_path):
-    """Every build compiles for compute capability 9.0: the forward with and without checkpoints, and the
-    backward's two kernels (the queries' halves with the group recompute, the keys' halves). Their products
+    """Every build compiles for compute capability 9.0: the forward with and without checkpoints, one program a
+    chain and two (a cluster that splits the hidden units: half the W1 and W2 chunks), and the backward's two
+    kernels (the queries' halves with the group recompute, the keys' halves). Their products
     are wgmma, counted as written in the loops (4 instructions of K = 16 a product): the forward's 8 a
     hidden chunk and the bias updates' column sums, b1's a chunk and b2's (40), waited for in 7 groups; the
     queries' kernel's forward step and the query path's reverse (68, in 10 groups); the keys' kernel's 8
@@ -106,11 +108,12 @@ def test_hopper_kernels_compile_for_sm90(tmp_path):
     run = subprocess.run([sys.executable, "-c", COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    expect = {"forward-False": (40, 7), "forward-True": (40, 7), "queries": (68, 10), "keys": (60, 5)}
+    expect = {"forward-False-1": (40, 7), "forward-True-1": (40, 7), "forward-True-2": (40, 7), "queries": (68, 10),
+              "keys": (60, 5)}
     lines = [line.split() for line in run.stdout.splitlines()]
     assert [line[0] for line in lines] == list(expect)
     for name, shared, wgmma, copies, waits, fences in lines:
-        assert 64 * 1024 < int(shared) <= 227 * 1024, name  # W1 and W2 of the chain in bf16: 64 KB
+        assert 64 * 1024 < int(shared) <= 227 * 1024, name  # W1 and W2 of the chain (or half of them) in bf16
         assert (int(wgmma), int(waits)) == expect[name]
         assert int(copies) > 0 and int(fences) > 0, name
         assert _unguarded_register_operands((tmp_path / f"{name}.ptx").read_text()) == [], name

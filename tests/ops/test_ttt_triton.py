@@ -404,32 +404,39 @@ def _check_16bit(triton_impl, kind, causal, dim, mb, dtype, batch=1):
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU")
 def test_cuda_mlp_forward_takes_the_hopper_kernel_where_it_applies(monkeypatch):
-    """With more chains than half the SMs and at most as many (here as many: 132 chains of 2 heads on an
-    H100), the bf16 TTT-MLP forward at head dim 64 and mini-batch 64 runs the Hopper kernel (`hopper.py`,
-    one program a chain), with and without checkpoints (T = 1,000: a last mini-batch of 40 tokens), and
-    gives the reference's outputs, states and gradients (the backward starting from its checkpoints);
-    2 chains and causal mini-batches keep the portable kernel."""
+    """The bf16 TTT-MLP forward at head dim 64 and mini-batch 64 runs the Hopper kernel (`hopper.py`): one
+    program a chain with more chains than half the SMs and at most as many (here as many: 132 chains of 2
+    heads on an H100), two a chain as a cluster with at most half as many and more than a quarter (48 chains,
+    as a CogVideoX-5B layer's pass). With and
+    without checkpoints (T = 1,000: a last mini-batch of 40 tokens) it gives the reference's outputs, states
+    and gradients (the backward starting from its checkpoints), and the portable kernel's outputs; 2 chains
+    and causal mini-batches keep the portable kernel."""
     from ttt_video.ops.ttt import hopper
 
     triton_impl = _module()
-    ran = []
+    ran, splits = [], []
     forward = hopper.forward
-    monkeypatch.setattr(hopper, "forward", lambda *args: (ran.append(forward(*args)), ran[-1])[1])
+
+    def spy(*args):  # hopper.forward, its launch recording each build's programs a chain
+        launch = args[8]
+        ran.append(forward(*args[:8], lambda *a, **k: (splits.append(k["cluster"]), launch(*a, **k)), *args[9:]))
+        return ran[-1]
+
+    monkeypatch.setattr(hopper, "forward", spy)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=sms // H)
-    assert ran == [True]
-    args = [a.to(torch.bfloat16) if i < 4 else a.float()
-            for i, a in enumerate(_inputs("mlp", 1000, seed=3, batch=sms // H, dim=64, device="cuda", eta_scale=0.02))]
-    with torch.no_grad():
-        out = triton_impl.ttt_mlp(*args, mini_batch_size=64)
-    with monkeypatch.context() as portable_only, torch.no_grad():
-        portable_only.setattr(triton_impl, "_hopper_forward", lambda *args: False)
-        portable = triton_impl.ttt_mlp(*args, mini_batch_size=64)
-    assert ran == [True, True]
-    _check("hopper against portable", out, portable, 1e-2)
+    for batch in (sms // H, 48 // H):
+        _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16, batch=batch)
+        args = [a.to(torch.bfloat16) if i < 4 else a.float()
+                for i, a in enumerate(_inputs("mlp", 1000, seed=3, batch=batch, dim=64, device="cuda", eta_scale=0.02))]
+        with torch.no_grad():
+            out = triton_impl.ttt_mlp(*args, mini_batch_size=64)
+        with monkeypatch.context() as portable_only, torch.no_grad():
+            portable_only.setattr(triton_impl, "_hopper_forward", lambda *args: False)
+            portable = triton_impl.ttt_mlp(*args, mini_batch_size=64)
+        _check("hopper against portable", out, portable, 1e-2)
     _check_16bit(triton_impl, "mlp", False, 64, 64, torch.bfloat16)
     _check_16bit(triton_impl, "mlp", True, 64, 64, torch.bfloat16, batch=sms // H)
-    assert ran == [True, True, False]
+    assert ran == [True] * 4 + [False] and splits == [1, 1, 2, 2]
 
 
 def _layer_inputs(T, seed, dim=64):

@@ -1,7 +1,9 @@
 """TTT-MLP forward and backward for Hopper GPUs (compute capability 9.0), in Gluon, for head dim 64,
 mini-batch 64, the primal form (not causal) and bf16 products. The forward is one program of two warp
 groups a chain, launched where one program a chain keeps all chains resident and the portable
-`_mlp_fwd_kernel` would split each chain over two programs (v32 and v33 in NOTES.md). The backward
+`_mlp_fwd_kernel` would split each chain over two programs (v32 and v33 in NOTES.md), or two such programs
+a chain, a thread-block cluster that splits the hidden units, where the chains are at most half the SMs
+and more than a quarter (v37; the checkpoints stored from the update that makes each). The backward
 (`backward`, v34) is two kernels in turn over windows of checkpoint groups: one recomputes a window's
 groups side by side and runs their queries' halves, the other carries the adjoint back through the
 window, one program a chain.
@@ -36,8 +38,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .buffers import mlp_hopper_backward_scratch
-from .triton import (_gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd, _load_eta, _load_rows,
-                     _mlp_out_rows, _store_rows, run_windows)
+from .triton import (_cluster_barrier, _gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd,
+                     _load_eta, _load_rows, _mlp_out_rows, _store_rows, run_windows)
 
 D_HOPPER = 64  # head dim, mini-batch size and hidden chunk of this kernel: one [64, 64] wgmma tile each
 WARPS = 8
@@ -47,6 +49,7 @@ _MMA = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WARPS // 4], 
 MMA = gl.constexpr(_MMA)
 OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
 ROWS = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0]))
+HALF = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0]))  # [32, 64]: half a tile's rows
 # the warp groups split each product's N in halves of 64 bytes: the swizzle must not be wider
 TILE = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=512 // WARPS, element_bitwidth=16, rank=2))
 # names that later Tritons changed: `cp.async` into shared memory and the CTA's barrier (3.6's first)
@@ -56,38 +59,66 @@ _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 @gluon.jit
 def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, T, H, NG, eps, F: gl.constexpr, G: gl.constexpr,
-                    SAVE: gl.constexpr, num_warps: gl.constexpr):
-    """Program `chain` walks the mini-batches as `_mlp_fwd_kernel` does at one program a chain, the hidden
-    units in NCH chunks of 64. Shared memory: the W1 `[D, FC]` and W2 `[FC, D]` chunks in bf16, kept across
-    mini-batches; k (two buffers: the next mini-batch's arrives while this one's takes part in its
-    update), q and v; -G2, and a chunk's -G1 and X2 for its update. The biases' updates (products whose
-    accumulator is the bias in every row) give tiles whose first row is stored; b1 is loaded a chunk ahead,
-    b2 at the top of the step, so that their loads are not waited for."""
+                    cw1_ptr, cb1_ptr, cw2_ptr, cb2_ptr, xch_ptr, xb2_ptr, T, H, NG, eps, F: gl.constexpr,
+                    G: gl.constexpr, SAVE: gl.constexpr, S: gl.constexpr, num_warps: gl.constexpr):
+    """Program (chain, s) walks the mini-batches as `_mlp_fwd_kernel` does, the hidden units
+    [s F / S, (s + 1) F / S) in NCH chunks of 64: S = 1, one program a chain, or S = 2, the chain's two
+    programs a thread-block cluster that exchange their partial Z2 and Z_q2 through `xch` (as the portable
+    kernel's, bf16) at the cluster's barrier, one a mini-batch, after which program s writes its half of the
+    rows of mini-batch n - 1's output; each keeps its own b2 at `xb2_ptr` (they update it alike).
+    Shared memory: the W1 `[D, FC]` and W2 `[FC, D]` chunks in bf16, kept across mini-batches; k (two
+    buffers: the next mini-batch's arrives while this one's takes part in its update), q and v; -G2, and a
+    chunk's -G1 and X2 for its update. The biases' updates (products whose accumulator is the bias in every
+    row) give tiles whose first row is stored; b1 is loaded a chunk ahead, b2 at the top of the step, so that
+    their loads are not waited for. With SAVE, each checkpoint is stored from the update that makes it (the
+    first from the state as it comes in)."""
     D: gl.constexpr = 64
     BS: gl.constexpr = 64
     FC: gl.constexpr = 64
-    NCH: gl.constexpr = F // FC
+    NCH: gl.constexpr = F // FC // S
 
-    chain = gl.program_id(0).to(gl.int64)
+    pid = gl.program_id(0).to(gl.int64)
+    chain = pid // S
+    s = pid % S
     h = chain % H
     rows, cols, trows, tcols = _ranges()
     lnw_ptr += h * D
     lnb_ptr += h * D
-    w1_ptr += chain * D * F
-    b1_ptr += chain * F
-    w2_ptr += chain * F * D
-    b2_ptr += chain * D
+    mine = s * NCH * FC  # the program's first hidden unit
+    w1_ptr += chain * D * F + mine
+    b1_ptr += chain * F + mine
+    w2_ptr += chain * F * D + mine * D
+    cw1_ptr += mine
+    cb1_ptr += mine
+    cw2_ptr += mine * D
     q_ptr += chain * T * D
     k_ptr += chain * T * D
     v_ptr += chain * T * D
     o_ptr += chain * T * D
     eta_ptr += chain * T
+    xch_ptr += chain * 4 * S * BS * D
+    tile = rows[:, None] * D + cols[None, :]
+    b2_at = b2_ptr + chain * D
+    if S > 1:  # the program's own b2
+        b2_at = xb2_ptr + pid * D
+        gl.store(b2_at + cols, gl.load(b2_ptr + chain * D + cols))
 
     w1s, w2s, kb, qb, vb, x2s, g1s, g2s = _step_buffers(NCH)
+    cg = chain * NG  # the first checkpoint: the state as it comes in
     for c in gl.static_range(NCH):
-        w1s.index(c).store(gl.load(w1_ptr + rows[:, None] * F + c * FC + cols[None, :]).to(gl.bfloat16))
-        w2s.index(c).store(gl.load(w2_ptr + (c * FC + rows[:, None]) * D + cols[None, :]).to(gl.bfloat16))
+        w1t = rows[:, None] * F + c * FC + cols[None, :]
+        w2t = (c * FC + rows[:, None]) * D + cols[None, :]
+        w1 = gl.load(w1_ptr + w1t)
+        w2 = gl.load(w2_ptr + w2t)
+        w1s.index(c).store(w1.to(gl.bfloat16))
+        w2s.index(c).store(w2.to(gl.bfloat16))
+        if SAVE:
+            gl.store(cw1_ptr + cg * D * F + w1t, w1)
+            gl.store(cb1_ptr + cg * F + c * FC + cols, gl.load(b1_ptr + c * FC + cols))
+            gl.store(cw2_ptr + cg * F * D + w2t, w2)
+    if SAVE:
+        if s == 0:
+            gl.store(cb2_ptr + cg * D + cols, gl.load(b2_at + cols))
     _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index(0), vb, 0, T, trows, tcols, D)
     eta = _load_eta(eta_ptr, 0, T, rows)
 
@@ -95,70 +126,104 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
     ones = gl.full([BS, BS], 1.0, gl.bfloat16, layout=OPA)  # column sums as products: ones^T X
     bcast = cols[None, :] + 0 * rows[:, None]  # a bias's addresses for a tile whose rows are all the bias
     first = rows[:, None] == 0  # the row that stores it
+    patience = pid.to(gl.int32) * 0  # what the cluster's barrier orders
     NB = gl.cdiv(T, BS)
     b1n = gl.load(b1_ptr + cols)[None, :]  # the next chunk's b1, loaded a chunk ahead
-    for n0 in range(0, NB if SAVE else 1, G if SAVE else 1):
-        if SAVE:
-            cg = chain * NG + n0 // G
-            for c in gl.static_range(NCH):
-                w1t = rows[:, None] * F + c * FC + cols[None, :]
-                w2t = (c * FC + rows[:, None]) * D + cols[None, :]
-                gl.store(cw1_ptr + cg * D * F + w1t, gl.load(w1_ptr + w1t))
-                gl.store(cb1_ptr + cg * F + c * FC + cols, gl.load(b1_ptr + c * FC + cols))
-                gl.store(cw2_ptr + cg * F * D + w2t, gl.load(w2_ptr + w2t))
-            gl.store(cb2_ptr + cg * D + cols, gl.load(b2_ptr + cols))
-        for n in range(n0, gl.minimum(n0 + G, NB) if SAVE else NB):
-            t0 = n * BS
-            kt = kb.index(n % 2)
-            b2 = gl.load(b2_ptr + cols)[None, :]
-            async_copy.wait_group(0)  # this mini-batch's k, q and v
-            _handoff()
-            # first pass: Z2 = gelu(k W1 + b1) W2
-            part = zero
-            for ch in range(NCH):
-                b1 = b1n
-                b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]
-                z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
-                z1 = warpgroup_mma_wait(0, deps=(z1, ))
-                x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), OPA)
-                part = warpgroup_mma(x2, w2s.index(ch), part)
+    for n in range(0, NB):
+        t0 = n * BS
+        kt = kb.index(n % 2)
+        b2 = gl.load(b2_at + cols)[None, :]
+        async_copy.wait_group(0)  # this mini-batch's k, q and v
+        _handoff()
+        # first pass: Z2 = gelu(k W1 + b1) W2
+        part = zero
+        for ch in range(NCH):
+            b1 = b1n
+            b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]
+            z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
+            z1 = warpgroup_mma_wait(0, deps=(z1, ))
+            x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), OPA)
+            part = warpgroup_mma(x2, w2s.index(ch), part)
+        if S > 1:  # the chain's partial sums, in a fixed order in every program
+            gl.store(xch_ptr + ((n % 2) * S + s) * BS * D + tile, part.to(gl.bfloat16))
+            patience = _cluster_barrier(patience)
+            if n > 0:
+                _out_half(xch_ptr, q_ptr, o_ptr, lnw_ptr, lnb_ptr, n - 1, T, s, eps, S)
+            z2 = zero + b2
+            for j in gl.static_range(S):
+                z2 += gl.load(xch_ptr + ((n % 2) * S + j) * BS * D + tile + patience).to(gl.float32)
+        else:
             z2 = part + b2
-            target = vb.load(MMA).to(gl.float32) - kt.load(MMA).to(gl.float32)
-            xh, rstd, dy, dxh, gr = _inner_grad(z2, target, gl.load(lnw_ptr + cols)[None, :],
-                                                gl.load(lnb_ptr + cols)[None, :], D, eps)
-            qa = qb.load(OPA)
-            _barrier()  # every thread's reads of q and v before the next mini-batch's copies
-            _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((n + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
-            g2 = eta[:, None] * gr
-            eta = _load_eta(eta_ptr, t0 + BS, T, rows)  # the next mini-batch's
-            g2 = (-g2).to(gl.bfloat16)  # the update's sign folded into its operands: W += X^T (-G)
-            g2s.store(g2)
+        target = vb.load(MMA).to(gl.float32) - kt.load(MMA).to(gl.float32)
+        xh, rstd, dy, dxh, gr = _inner_grad(z2, target, gl.load(lnw_ptr + cols)[None, :],
+                                            gl.load(lnb_ptr + cols)[None, :], D, eps)
+        qa = qb.load(OPA)
+        _barrier()  # every thread's reads of q and v before the next mini-batch's copies
+        _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((n + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
+        g2 = eta[:, None] * gr
+        eta = _load_eta(eta_ptr, t0 + BS, T, rows)  # the next mini-batch's
+        g2 = (-g2).to(gl.bfloat16)  # the update's sign folded into its operands: W += X^T (-G)
+        g2s.store(g2)
+        _handoff()
+        partq = warpgroup_mma(ones, g2s, zero + b2)  # b2's update, where Z_q2 starts
+        gl.store(b2_at + bcast, partq, mask=first)
+        keep = ((n + 1) % G == 0) & (n + 1 < NB)  # the updated state opens a checkpoint group
+        cg = chain * NG + (n + 1) // G
+        if SAVE:
+            if keep & (s == 0):
+                gl.store(cb2_ptr + cg * D + bcast, partq, mask=first)
+        if S > 1:
+            if s > 0:  # the bias counts once in the chain's Z_q2
+                partq = zero
+        # second pass: each chunk's update, then the queries through the updated chunk
+        for ch in range(NCH):
+            p = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
+            z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
+            w1 = gl.load(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :])
+            w2 = gl.load(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :])
+            b1 = b1n
+            b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]  # at the last, the next step's first
+            p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
+            w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1)
+            gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
+            gl.store(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :], w1)
+            gl.store(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :], w2)
+            if SAVE:
+                if keep:
+                    gl.store(cb1_ptr + cg * F + ch * FC + bcast, b1, mask=first)
+                    gl.store(cw1_ptr + cg * D * F + rows[:, None] * F + ch * FC + cols[None, :], w1)
+                    gl.store(cw2_ptr + cg * F * D + (ch * FC + rows[:, None]) * D + cols[None, :], w2)
+            w1s.index(ch).store(w1.to(gl.bfloat16))
+            w2s.index(ch).store(w2.to(gl.bfloat16))
             _handoff()
-            partq = warpgroup_mma(ones, g2s, zero + b2)  # b2's update, where Z_q2 starts
-            gl.store(b2_ptr + bcast, partq, mask=first)
-            # second pass: each chunk's update, then the queries through the updated chunk
-            for ch in range(NCH):
-                p = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
-                z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
-                w1 = gl.load(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :])
-                w2 = gl.load(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :])
-                b1 = b1n
-                b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]  # at the last, the next step's first
-                p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
-                w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1)
-                gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
-                gl.store(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :], w1)
-                gl.store(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :], w2)
-                w1s.index(ch).store(w1.to(gl.bfloat16))
-                w2s.index(ch).store(w2.to(gl.bfloat16))
-                _handoff()
-                zq = warpgroup_mma(qa, w1s.index(ch), zero, use_acc=False, is_async=True)
-                zq, qa = warpgroup_mma_wait(0, deps=(zq, qa))
-                xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), OPA)
-                partq = warpgroup_mma(xq, w2s.index(ch), partq)
+            zq = warpgroup_mma(qa, w1s.index(ch), zero, use_acc=False, is_async=True)
+            zq, qa = warpgroup_mma_wait(0, deps=(zq, qa))
+            xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), OPA)
+            partq = warpgroup_mma(xq, w2s.index(ch), partq)
+        if S > 1:
+            gl.store(xch_ptr + ((2 + n % 2) * S + s) * BS * D + tile, partq.to(gl.bfloat16))
+        else:
             _mlp_out_rows(partq, q_ptr, o_ptr, t0, T, rows, cols, gl.load(lnw_ptr + cols)[None, :],
                           gl.load(lnb_ptr + cols)[None, :], D, eps)
+    if S > 1:
+        patience = _cluster_barrier(patience)
+        _out_half(xch_ptr, q_ptr, o_ptr + patience, lnw_ptr, lnb_ptr, NB - 1, T, s, eps, S)
+        if s == 0:
+            gl.store(b2_ptr + chain * D + cols, gl.load(b2_at + cols))
     async_copy.wait_group(0)  # the last (masked) copies, before the program's shared memory is released
+
+
+@gluon.jit
+def _out_half(xch_ptr, q_ptr, o_ptr, lnw_ptr, lnb_ptr, n, T, s, eps, S: gl.constexpr):
+    """Program s's rows of mini-batch n's output, from the sum of the chain's S = 2 partial Z_q2 in `xch`."""
+    gl.static_assert(S == 2)
+    rows = s * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, HALF))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, HALF))
+    zq2 = gl.zeros([32, 64], gl.float32, layout=HALF)
+    for j in gl.static_range(S):
+        zq2 += gl.load(xch_ptr + ((2 + n % 2) * S + j) * 64 * 64 + rows[:, None] * 64 + cols[None, :]).to(gl.float32)
+    _mlp_out_rows(zq2, q_ptr, o_ptr, n * 64, T, rows, cols, gl.load(lnw_ptr + cols)[None, :],
+                  gl.load(lnb_ptr + cols)[None, :], 64, eps)
 
 
 @gluon.jit
@@ -576,21 +641,28 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     async_copy.wait_group(0)
 
 
-def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch):
-    """Runs the forward of `args` (`_mlp_fwd_kernel`'s first 15) where it applies: more chains than half
-    the SMs (so the portable kernel would give a chain two programs or fewer) and all of them resident at
-    one program each (`programs_per_sm(kernel, device)`); `launch` is `triton.py`'s `_launch`. Returns
-    whether it ran."""
+def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch, cluster_size):
+    """Runs the forward of `args` (`_mlp_fwd_kernel`'s first 15) where it applies: one program a chain where
+    the chains outnumber half the SMs and all of them are resident at once (`programs_per_sm(kernel, device)`),
+    two a chain as a thread-block cluster where they are at most half the SMs but more than a quarter and the
+    GPU holds all N clusters at once (`cluster_size(q, N, 2, build)`, `triton.py`'s `_cluster_size`; v37).
+    Fewer chains keep the portable kernel, four programs a chain, one an SM, which is faster there.
+    `launch` is `triton.py`'s `_launch`. Returns whether it ran."""
     q = args[0]
     N, F = q.shape[0], 4 * D_HOPPER
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    if 2 * N <= sms:
+    if 4 * N <= sms:
         return False
-    options = dict(F=F, G=group, SAVE=save, num_warps=WARPS)
-    kernel = _mlp_fwd_hopper.warmup(*args, T, H, NG, eps, grid=(1, ), **options)
-    if N > programs_per_sm(kernel, q.device) * sms:
+    S = 2 if 2 * N <= sms else 1
+    xch = q.new_empty((N, 4, S, D_HOPPER, D_HOPPER)) if S > 1 else q
+    xb2 = q.new_empty((N * S, D_HOPPER), dtype=torch.float32) if S > 1 else q
+    options = dict(F=F, G=group, SAVE=save, S=S, num_warps=WARPS)
+    kernel = _mlp_fwd_hopper.warmup(*args, xch, xb2, T, H, NG, eps, grid=(1, ), **options)
+    if S == 1 and N > programs_per_sm(kernel, q.device) * sms:
         return False
-    launch(_mlp_fwd_hopper, (N, ), *args, T, H, NG, eps, **options)
+    if S > 1 and cluster_size(q, N, S, lambda: kernel) != S:
+        return False
+    launch(_mlp_fwd_hopper, (N * S, ), *args, xch, xb2, T, H, NG, eps, cluster=S, **options)
     return True
 
 

@@ -1255,7 +1255,8 @@ def _hopper_forward(q, causal, common, args, T, H, NG, eps, group, save):
     """Runs the MLP forward with the Hopper kernel (`hopper.py`, v32 and v33) where it applies; returns whether
     it ran."""
     hopper = _hopper(q, causal, common)
-    return hopper is not None and hopper.forward(args, T, H, NG, eps, group, save, _programs_per_sm, _launch)
+    return hopper is not None and hopper.forward(args, T, H, NG, eps, group, save, _programs_per_sm, _launch,
+                                                 _cluster_size)
 
 
 def _hopper_backward(q, causal, common, *args):
