@@ -167,9 +167,9 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         _handoff()
         partq = warpgroup_mma(ones, g2s, zero + b2)  # b2's update, where Z_q2 starts
         gl.store(b2_at + bcast, partq, mask=first)
-        keep = ((n + 1) % G == 0) & (n + 1 < NB)  # the updated state opens a checkpoint group
-        cg = chain * NG + (n + 1) // G
         if SAVE:
+            keep = ((n + 1) % G == 0) & (n + 1 < NB)  # the updated state opens a checkpoint group
+            cg = chain * NG + (n + 1) // G
             if keep & (s == 0):
                 gl.store(cb2_ptr + cg * D + bcast, partq, mask=first)
         if S > 1:
@@ -654,7 +654,7 @@ def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch, cluster_s
     if 4 * N <= sms:
         return False
     S = 2 if 2 * N <= sms else 1
-    xch = q.new_empty((N, 4, S, D_HOPPER, D_HOPPER)) if S > 1 else q
+    xch = q.new_empty((N, 4, S, D_HOPPER, D_HOPPER)) if S > 1 else q  # unread at S = 1
     xb2 = q.new_empty((N * S, D_HOPPER), dtype=torch.float32) if S > 1 else q
     options = dict(F=F, G=group, SAVE=save, S=S, num_warps=WARPS)
     kernel = _mlp_fwd_hopper.warmup(*args, xch, xb2, T, H, NG, eps, grid=(1, ), **options)

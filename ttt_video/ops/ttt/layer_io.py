@@ -446,8 +446,9 @@ class _NormRope(torch.autograd.Function):
         rope = cos is not None
         cos, sin = (cos.float().contiguous(), sin.float().contiguous()) if rope else (weight, bias)  # unread without
         weight, bias = weight.contiguous(), bias.contiguous()
-        y = x.new_empty(B, L, H, DH).transpose(1, 2)  # the heads of each token together, as attention gives its
-        # output in q's layout and the output projection reads that as is
+        # each token's heads together: attention gives its output in q's layout, which the output projection
+        # then reads as it is
+        y = x.new_empty(B, L, H, DH).transpose(1, 2)
         _norm_rope_kernel[(B * H * triton.cdiv(L, HEAD_BLOCK), )](
             x, cos, sin, weight, bias, y, H, L, B * H, *x.stride()[:3], *y.stride()[:3], eps, DH=DH, BL=HEAD_BLOCK,
             ROPE=rope, num_warps=4)
