@@ -407,10 +407,9 @@ def test_cuda_mlp_forward_takes_the_hopper_kernel_where_it_applies(monkeypatch):
     """The bf16 TTT-MLP forward at head dim 64 and mini-batch 64 runs the Hopper kernel (`hopper.py`): one
     program a chain with more chains than half the SMs and at most as many (here as many: 132 chains of 2
     heads on an H100), two a chain as a cluster with at most half as many and more than a quarter (48 chains,
-    as a CogVideoX-5B layer's pass). With and
-    without checkpoints (T = 1,000: a last mini-batch of 40 tokens) it gives the reference's outputs, states
-    and gradients (the backward starting from its checkpoints), and the portable kernel's outputs; 2 chains
-    and causal mini-batches keep the portable kernel."""
+    as a CogVideoX-5B layer's pass). With and without checkpoints (T = 1,000: a last mini-batch of 40 tokens)
+    it gives the reference's outputs, states and gradients (the backward starting from its checkpoints), and
+    the portable kernel's outputs; 2 chains and causal mini-batches keep the portable kernel."""
     from ttt_video.ops.ttt import hopper
 
     triton_impl = _module()

@@ -1373,7 +1373,8 @@ def _linear_backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, de
     `_linear_queries_kernel` recomputes a window's groups side by side (one program a chain and group) and
     runs their queries' halves, then `_linear_keys_kernel` carries the adjoint (`carry`, in place) back
     through the window, one program a chain; the queries' kernels a window ahead of the keys' on a stream
-    of their own (`run_windows`, two sets of scratch), as in `hopper.backward`. Returns the LayerNorm weight and bias gradients' rows: `[N, D]` and `[N, D]`."""
+    of their own (`run_windows`, two sets of scratch), as in `hopper.backward`. Returns the LayerNorm weight
+    and bias gradients' rows: `[N, D]` and `[N, D]`."""
     N, _, D = q.shape
     shapes = linear_backward_scratch(N, NG, common["G"], common["BS"], D)
     sets = [[q.new_empty(shape, dtype=torch.float32) for shape in shapes[:-1]] for _ in range(2)]
