@@ -98,7 +98,8 @@ def test_hopper_kernels_compile_for_sm90(tmp_path):
     kernels (the queries' halves with the group recompute, the keys' halves). Their products
     are wgmma, counted as written in the loops (4 instructions of K = 16 a product): the forward's 8 a
     hidden chunk and the bias updates' column sums, b1's a chunk and b2's (40), waited for in 7 groups; the
-    queries' kernel's forward step and the query path's reverse (68, in 10 groups); the keys' kernel's 8
+    queries' kernel's forward step and the query path's reverse (60, in 10 groups: the step's update takes
+    X2 and GELU'(Z1) from its first pass, and the reverse X_q2 and GELU'(Z_q1) from the step); the keys' kernel's 8
     products a chunk in its first pass, 6 in its second and b2's column sum (60, in 5 groups). The tokens
     come in by `cp.async` (and the keys' kernel's states and adjoint chunks), shared-memory writes are
     fenced for the products, each shared memory holds W1 and W2 in bf16 beside the token and gradient
@@ -108,7 +109,7 @@ def test_hopper_kernels_compile_for_sm90(tmp_path):
     run = subprocess.run([sys.executable, "-c", COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    expect = {"forward-False-1": (40, 7), "forward-True-1": (40, 7), "forward-True-2": (40, 7), "queries": (68, 10),
+    expect = {"forward-False-1": (40, 7), "forward-True-1": (40, 7), "forward-True-2": (40, 7), "queries": (60, 10),
               "keys": (60, 5)}
     lines = [line.split() for line in run.stdout.splitlines()]
     assert [line[0] for line in lines] == list(expect)

@@ -103,7 +103,8 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         b2_at = xb2_ptr + pid * D
         gl.store(b2_at + cols, gl.load(b2_ptr + chain * D + cols))
 
-    w1s, w2s, kb, qb, vb, x2s, g1s, g2s = _step_buffers(NCH)
+    w1s, w2s, kb, qb, vb, x2s, g1s, g2s = _step_buffers(NCH, 1)
+    x2s = x2s.index(0)
     cg = chain * NG  # the first checkpoint: the state as it comes in
     for c in gl.static_range(NCH):
         w1t = rows[:, None] * F + c * FC + cols[None, :]
@@ -184,7 +185,10 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
             b1 = b1n
             b1n = gl.load(b1_ptr + (ch + 1) % NCH * FC + cols)[None, :]  # at the last, the next step's first
             p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
-            w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1)
+            x2, gp = _gelu_d(z1 + b1, True)
+            g1s.store((p * gp).to(gl.bfloat16))  # -G1
+            x2s.store(x2.to(gl.bfloat16))
+            w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, w1, w2, b1)
             gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
             gl.store(w1_ptr + rows[:, None] * F + ch * FC + cols[None, :], w1)
             gl.store(w2_ptr + (ch * FC + rows[:, None]) * D + cols[None, :], w2)
@@ -237,29 +241,41 @@ def _ranges():
 
 
 @gluon.jit
-def _step_buffers(NCH: gl.constexpr):
+def _step_buffers(NCH: gl.constexpr, NX: gl.constexpr):
     """The shared memory of a forward step (`_mlp_fwd_hopper`, `_mlp_queries_hopper`): the W1 `[D, FC]` and W2
-    `[FC, D]` chunks in bf16, k (two buffers), q and v, a chunk's X2 and -G1, and -G2."""
+    `[FC, D]` chunks in bf16, k (two buffers), q and v, NX chunks' X2, a chunk's -G1, and -G2."""
     w1s = gl.allocate_shared_memory(gl.bfloat16, [NCH, 64, 64], TILE)
     w2s = gl.allocate_shared_memory(gl.bfloat16, [NCH, 64, 64], TILE)
     kb = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 64], TILE)
     qb = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
     vb = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
-    x2s = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
+    x2s = gl.allocate_shared_memory(gl.bfloat16, [NX, 64, 64], TILE)
     g1s = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
     g2s = gl.allocate_shared_memory(gl.bfloat16, [64, 64], TILE)
     return w1s, w2s, kb, qb, vb, x2s, g1s, g2s
 
 
 @gluon.jit
-def _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1):
-    """A hidden chunk's update from its products p = -G2 W2^T and z1 = k W1 (b1, a row, not yet added), with
-    -G2 in g2s: W1 += k^T (-G1), W2 += X2^T (-G2) and b1 += ones^T (-G1) as a tile whose rows are all the
-    bias, -G1 and X2 staged in g1s and x2s. `ones` is the ones tile in registers or shared memory; a
-    register one is left out of the wait's `deps`, the wait following its product at once."""
+def _first_chunk(xs, w1c, w2c, x2c, gpc, zero, b1, part):
+    """A hidden chunk of a pass through the state: part + gelu(X W1 + b1) W2, with X (k, or q) in xs and the
+    chunk's W1 and W2 in w1c and w2c; X2 = gelu(X W1 + b1) and GELU'(X W1 + b1) are kept in x2c and gpc (bf16
+    and float16) for what takes them later (the chunk's update, the query path's reverse), so that it need
+    not run X W1 and the GELU again."""
+    z1 = warpgroup_mma(xs, w1c, zero, use_acc=False, is_async=True)
+    z1 = warpgroup_mma_wait(0, deps=(z1, ))
     x2, gp = _gelu_d(z1 + b1, True)
-    g1s.store((p * gp).to(gl.bfloat16))  # -G1
-    x2s.store(x2.to(gl.bfloat16))
+    x2 = x2.to(gl.bfloat16)
+    x2c.store(x2)
+    gpc.store(gp.to(gl.float16))
+    return warpgroup_mma(gl.convert_layout(x2, OPA), w2c, part)
+
+
+@gluon.jit
+def _chunk_update(kt, g2s, g1s, x2s, ones, zero, w1, w2, b1):
+    """A hidden chunk's update with -G2, -G1 and X2 in g2s, g1s and x2s (each thread's writes not yet fenced):
+    W1 += k^T (-G1), W2 += X2^T (-G2) and b1 += ones^T (-G1) as a tile whose rows are all the bias. `ones` is
+    the ones tile in registers or shared memory; a register one is left out of the wait's `deps`, the wait
+    following its product at once."""
     _handoff()
     w1 = warpgroup_mma(kt.permute((1, 0)), g1s, w1, is_async=True)
     w2 = warpgroup_mma(x2s.permute((1, 0)), g2s, w2, is_async=True)
@@ -527,7 +543,10 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     dq_ptr += chain * T * D
     eta_ptr += chain * T
 
-    w1s, w2s, kb, qb, vb, x2s, g1s, g2s = _step_buffers(NCH)
+    # every chunk's X2 and GELU'(Z1) from the first pass for its update, then X_q2 and GELU'(Z_q1) for the
+    # query path's reverse
+    w1s, w2s, kb, qb, vb, x2c, g1s, g2s = _step_buffers(NCH, NCH)
+    gpc = gl.allocate_shared_memory(gl.float16, [NCH, 64, 64], TILE)
     ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], TILE)
     ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=MMA))
     for c in gl.static_range(NCH):
@@ -564,10 +583,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         part = zero
         for ch in range(NCH):
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
-            z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
-            z1 = warpgroup_mma_wait(0, deps=(z1, ))
-            x2 = gl.convert_layout(_gelu(z1 + b1, True).to(gl.bfloat16), OPA)
-            part = warpgroup_mma(x2, w2s.index(ch), part)
+            part = _first_chunk(kt, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, part)
         z2 = part + b2
         gl.store(pb + P_Z2 + vtile, z2)
         target = vb.load(MMA).to(gl.float32) - kt.load(MMA).to(gl.float32)
@@ -582,12 +598,13 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             gl.store(sb2_ptr + (slot + 1) * D + bcast, partq, mask=first)
         for ch in range(NCH):
             p = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
-            z1 = warpgroup_mma(kt, w1s.index(ch), zero, use_acc=False, is_async=True)
             w1 = gl.load(w1_ptr + ch * FC + wtile)
             w2 = gl.load(w2_ptr + ch * FC * D + vtile)
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
-            p, z1 = warpgroup_mma_wait(0, deps=(p, z1))
-            w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2s, ones, zero, p, z1, w1, w2, b1)
+            gp = gpc.index(ch).load(MMA).to(gl.float32)
+            p = warpgroup_mma_wait(0, deps=(p, ))
+            g1s.store((p * gp).to(gl.bfloat16))  # -G1
+            w1, w2, b1 = _chunk_update(kt, g2s, g1s, x2c.index(ch), ones, zero, w1, w2, b1)
             gl.store(b1_ptr + ch * FC + bcast, b1, mask=first)
             gl.store(w1_ptr + ch * FC + wtile, w1)
             gl.store(w2_ptr + ch * FC * D + vtile, w2)
@@ -598,10 +615,9 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             w1s.index(ch).store(w1.to(gl.bfloat16))
             w2s.index(ch).store(w2.to(gl.bfloat16))
             _handoff()
-            zq = warpgroup_mma(qb, w1s.index(ch), zero, use_acc=False, is_async=True)
-            zq = warpgroup_mma_wait(0, deps=(zq, ))
-            xq = gl.convert_layout(_gelu(zq + b1, True).to(gl.bfloat16), OPA)
-            partq = warpgroup_mma(xq, w2s.index(ch), partq)
+            # the queries through the updated chunk; its X_q2 and GELU'(Z_q1) replace X2's and GELU'(Z1)'s (the
+            # update's products are done: the handoff above) for the query path's reverse
+            partq = _first_chunk(qb, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, partq)
         # the output's LayerNorm, then the query path's reverse through the updated state
         do = _load_rows(do_ptr, t0, T, rows, cols, D)
         xhq, rstdq = _ln(partq, D, eps)
@@ -615,19 +631,16 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         gl.store(pb + P_B2 + bcast, qb2, mask=first)
         dq = do
         for ch in range(NCH):
-            zq = warpgroup_mma(qb, w1s.index(ch), zero, use_acc=False, is_async=True)
             r = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
-            b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
-            zq, r = warpgroup_mma_wait(0, deps=(zq, r))
-            xq, gpq = _gelu_d(zq + b1, True)
-            _barrier()  # the last chunk's products are done with g1s and x2s
+            gpq = gpc.index(ch).load(MMA).to(gl.float32)
+            r = warpgroup_mma_wait(0, deps=(r, ))
+            _barrier()  # the last chunk's products are done with g1s
             g1s.store((r * gpq).to(gl.bfloat16))
-            x2s.store(xq.to(gl.bfloat16))
             _handoff()
             dq = warpgroup_mma(g1s, w1s.index(ch).permute((1, 0)), dq, is_async=True)
             qw1 = warpgroup_mma(qb.permute((1, 0)), g1s, zero, use_acc=False, is_async=True)
             qb1 = warpgroup_mma(ones, g1s, zero, use_acc=False, is_async=True)
-            qw2 = warpgroup_mma(x2s.permute((1, 0)), g2s, zero, use_acc=False, is_async=True)
+            qw2 = warpgroup_mma(x2c.index(ch).permute((1, 0)), g2s, zero, use_acc=False, is_async=True)
             dq, qw1, qb1, qw2 = warpgroup_mma_wait(0, deps=(dq, qw1, qb1, qw2))
             gl.store(pl + ch * FC + wtile, qw1.to(gl.bfloat16))
             gl.store(pl + P_W2 + ch * FC * D + vtile, qw2.to(gl.bfloat16))
