@@ -137,7 +137,8 @@ def _mlp_fwd_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, o_ptr, lnw_ptr, lnb_ptr, w1_pt
         b2 = gl.load(b2_at + cols)[None, :]
         async_copy.wait_group(0)  # this mini-batch's k, q and v
         _handoff()
-        # first pass: Z2 = gelu(k W1 + b1) W2
+        # first pass: Z2 = gelu(k W1 + b1) W2 (not `_chunk_pass`: keeping X2 and GELU' for the update is
+        # slower here, NOTES.md after v38)
         part = zero
         for ch in range(NCH):
             b1 = b1n
@@ -257,7 +258,7 @@ def _step_buffers(NCH: gl.constexpr, NX: gl.constexpr):
 
 
 @gluon.jit
-def _first_chunk(xs, w1c, w2c, x2c, gpc, zero, b1, part):
+def _chunk_pass(xs, w1c, w2c, x2c, gpc, zero, b1, part):
     """A hidden chunk of a pass through the state: part + gelu(X W1 + b1) W2, with X (k, or q) in xs and the
     chunk's W1 and W2 in w1c and w2c; X2 = gelu(X W1 + b1) and GELU'(X W1 + b1) are kept in x2c and gpc (bf16
     and float16) for what takes them later (the chunk's update, the query path's reverse), so that it need
@@ -584,7 +585,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         part = zero
         for ch in range(NCH):
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
-            part = _first_chunk(kt, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, part)
+            part = _chunk_pass(kt, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, part)
         z2 = part + b2
         gl.store(pb + P_Z2 + vtile, z2)
         target = vb.load(MMA).to(gl.float32) - kt.load(MMA).to(gl.float32)
@@ -618,7 +619,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             _handoff()
             # the queries through the updated chunk; its X_q2 and GELU'(Z_q1) replace X2's and GELU'(Z1)'s (the
             # update's products are done: the handoff above) for the query path's reverse
-            partq = _first_chunk(qb, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, partq)
+            partq = _chunk_pass(qb, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, partq)
         # the output's LayerNorm, then the query path's reverse through the updated state
         do = _load_rows(do_ptr, t0, T, rows, cols, D)
         xhq, rstdq = _ln(partq, D, eps)
