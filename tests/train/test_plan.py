@@ -163,7 +163,7 @@ def test_cogvideox_plans_compare_offload_and_parts_and_propose_the_least_recompu
     totals = [by[s].total for s in plan.RECOMPUTE]
     assert totals == sorted(totals, reverse=True) and by[True, True, True].host > 0 == by[True, False, False].host
     for fastest in plan.RECOMPUTE[1:]:
-        budget = by[fastest].total / plan.HEADROOM
+        budget = by[fastest].total / plan.HEADROOM * (1 + 1e-12)  # no less than the total through rounding
         assert plan.propose(rows, budget) is by[fastest]
     table = plan.format_plan(cfg, rows, by[True, False, True], 2**40)
     assert all(name in table for name in ("off", "on", "on+offload", "on+parts+offload"))

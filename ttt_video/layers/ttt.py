@@ -87,12 +87,13 @@ class TTT(nn.Module):
 class BidirectionalTTT(nn.Module):
     """A TTT pass over the sequence, then one over the reversed sequence (shared TTT weights),
     each added through a tanh gate initialised small so a pretrained block starts near itself.
-    With `checkpoint_passes`, training keeps only each pass's input and recomputes the pass in
-    backward, so one pass's activations are held at a time (long-video training). Inside a
-    checkpointed block (CogVideoX's part-wise recompute) the TTT kernels' results of each pass's run
-    in the block's recompute are kept for the pass's own recompute, which then skips the kernels
-    (`ops.memo`: one TTT forward a pass fewer, for the output and inner-state checkpoints held
-    from the block's recompute to the pass's backward)."""
+    `checkpoint_passes` is for a checkpointed block (CogVideoX's part-wise recompute): training keeps
+    only the first pass's input and recomputes that pass in backward, so the block's recompute holds one
+    pass's activations, the second's, whose backward comes first. The TTT kernels' results of the first
+    pass's run in the block's recompute are kept for the pass's own recompute, which then skips the kernels
+    (`ops.memo`: one TTT forward fewer, for the output and inner-state checkpoints held from the block's
+    recompute to the pass's backward). The second pass runs once in the block's recompute: a checkpoint of
+    its own would run its projections and norms once more for one pass's activations less."""
 
     def __init__(self, dim, num_heads, kind="mlp", mini_batch_size=64, base_lr=1.0, gate_init=0.1, impl=None):
         super().__init__()
@@ -101,16 +102,14 @@ class BidirectionalTTT(nn.Module):
         self.norm_bwd = nn.LayerNorm(dim, eps=1e-6)
         self.gate_fwd = nn.Parameter(torch.full((dim,), float(gate_init)))
         self.gate_bwd = nn.Parameter(torch.full((dim,), float(gate_init)))
-        self._memos = (OpMemo(), OpMemo())  # each pass's TTT results between its runs in backward
+        self._memo = OpMemo()  # the first pass's TTT results between its runs in backward
 
     def forward(self, x, cos, sin, checkpoint_passes=False):
-        for reverse in (False, True):
-            if checkpoint_passes and torch.is_grad_enabled():
-                x = checkpoint(self._gated_pass, x, cos, sin, reverse, use_reentrant=False,
-                               context_fn=self._memos[reverse].contexts)
-            else:
-                x = self._gated_pass(x, cos, sin, reverse)
-        return x
+        if checkpoint_passes and torch.is_grad_enabled():
+            x = checkpoint(self._gated_pass, x, cos, sin, False, use_reentrant=False, context_fn=self._memo.contexts)
+        else:
+            x = self._gated_pass(x, cos, sin, False)
+        return self._gated_pass(x, cos, sin, True)
 
     def _gated_pass(self, x, cos, sin, reverse):
         norm, gate = (self.norm_bwd, self.gate_bwd) if reverse else (self.norm_fwd, self.gate_fwd)
