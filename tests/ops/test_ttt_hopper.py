@@ -13,23 +13,31 @@ pytest.importorskip("triton.experimental.gluon")
 
 COMPILE = """
 import sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import mangle_type
 from ttt_video.ops.ttt import hopper
 
+# the TMA stores' descriptors: [64, 64] bf16 tiles in the kernels' shared layout
+TILES = mangle_type(TensorDescriptor.from_tensor(torch.zeros(64, 64, dtype=torch.bfloat16), [64, 64],
+                                                 hopper.TILE.value))
 
-def build(name, fn, pointers, low, scalars, constants):
-    signature = {p: "*bf16" if p in low else "*fp32" for p in pointers}
+
+def build(name, fn, pointers, low, scalars, constants, descs=()):
+    signature = {p: TILES if p in descs else "*bf16" if p in low else "*fp32" for p in pointers}
     signature.update({s: "fp32" if s == "eps" else "i32" for s in scalars})
     signature.update({c: "constexpr" for c in constants}, num_warps="constexpr")
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + 1)}  # the pointers and T, as launched
+    # the pointers and T divisible by 16, as launched
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(pointers + [""]) if p not in descs}
     source = GluonASTSource(fn, signature, {**constants, "num_warps": hopper.WARPS}, aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hopper.WARPS})
     ptx = kernel.asm["ptx"]
     open(f"{sys.argv[1]}/{name}.ptx", "w").write(ptx)
     print(name, kernel.metadata.shared, ptx.count("wgmma.mma_async"), ptx.count("cp.async.cg"),
-          ptx.count("wgmma.wait_group"), ptx.count("fence.proxy.async"))
+          ptx.count("wgmma.wait_group"), ptx.count("fence.proxy.async"), ptx.count("cp.async.bulk.tensor"))
 
 
 tokens = ["q_ptr", "k_ptr", "v_ptr", "eta_ptr"]
@@ -40,10 +48,11 @@ for save, split in ((False, 1), (True, 1), (True, 2)):
           ["T", "H", "NG", "eps"], {"F": 256, "G": 16, "SAVE": save, "S": split})
 states = ["sw1_ptr", "sb1_ptr", "sw2_ptr", "sb2_ptr", "par_ptr", "parl_ptr"]
 low = ["sw1_ptr", "sw2_ptr", "parl_ptr"]
+descs = ["sw1_desc", "sw2_desc", "parl_desc"]
 pend = 64 * 256 + 256 + 64 + 64 * 64
 build("queries", hopper._mlp_queries_hopper, tokens + ["do_ptr", "dq_ptr", "lnw_ptr", "lnb_ptr"] + ckpt + ["run_ptr"]
-      + states + ["dlnw_ptr", "dlnb_ptr"], tokens + ["do_ptr", "dq_ptr"] + low, ["T", "H", "NG", "g_lo", "WG", "eps"],
-      {"F": 256, "G": 16, "PEND": pend})
+      + [name.replace("_ptr", "_desc") if name in low else name for name in states] + ["dlnw_ptr", "dlnb_ptr"],
+      tokens + ["do_ptr", "dq_ptr"], ["T", "H", "NG", "g_lo", "WG", "eps"], {"F": 256, "G": 16, "PEND": pend}, descs)
 build("keys", hopper._mlp_keys_hopper, tokens[1:] + ["lnw_ptr", "lnb_ptr"] + states[:3] + ["dw1_ptr", "db1_ptr",
       "dw2_ptr", "db2_ptr"] + states[4:] + ["dk_ptr", "dv_ptr", "deta_ptr", "dlnw_ptr", "dlnb_ptr"],
       tokens[1:] + ["dk_ptr", "dv_ptr"] + low, ["T", "H", "n_lo", "n_hi", "NSLOT", "eps"], {"F": 256, "PEND": pend})
@@ -113,8 +122,9 @@ def test_hopper_kernels_compile_for_sm90(tmp_path):
               "keys": (60, 5)}
     lines = [line.split() for line in run.stdout.splitlines()]
     assert [line[0] for line in lines] == list(expect)
-    for name, shared, wgmma, copies, waits, fences in lines:
+    for name, shared, wgmma, copies, waits, fences, stores in lines:
         assert 64 * 1024 < int(shared) <= 227 * 1024, name  # W1 and W2 of the chain (or half of them) in bf16
         assert (int(wgmma), int(waits)) == expect[name]
         assert int(copies) > 0 and int(fences) > 0, name
+        assert (int(stores) > 0) == (name == "queries"), name  # its bf16 tiles go out by TMA
         assert _unguarded_register_operands((tmp_path / f"{name}.ptx").read_text()) == [], name

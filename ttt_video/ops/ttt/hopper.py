@@ -36,7 +36,8 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .buffers import mlp_hopper_backward_scratch
 from .triton import (_cluster_barrier, _gelu, _gelu_d, _gelu_parts, _inner_grad, _inner_grad_bwd, _ln, _ln_bwd,
@@ -53,8 +54,10 @@ ROWS = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0]))
 HALF = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0]))  # [32, 64]: half a tile's rows
 # the warp groups split each product's N in halves of 64 bytes: the swizzle must not be wider
 TILE = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=512 // WARPS, element_bitwidth=16, rank=2))
-# names that later Tritons changed: `cp.async` into shared memory and the CTA's barrier (3.6's first)
+# names that later Tritons changed: `cp.async` into shared memory, the TMA store and the CTA's barrier (3.6's
+# first)
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
@@ -318,11 +321,10 @@ def _keys_prefetch(k_ptr, w1_ptr, w2_ptr, kb, w1s, w2s, t0, T, F: gl.constexpr, 
 @gluon.jit
 def _adj_prefetch(dw1_ptr, dw2_ptr, pl, stg32, stg16, c, F: gl.constexpr, trows, tcols, D: gl.constexpr):
     """Starts copying chunk c of the adjoint's float32 W1 and W2 (at dw*_ptr) into `stg32` and of the queries'
-    half's bf16 parts of them (at pl) into `stg16`."""
-    w1t = trows[:, None] * F + c * 64 + tcols[None, :]
-    w2t = (c * 64 + trows[:, None]) * D + tcols[None, :]
-    _async_load(stg32.index(0), dw1_ptr + w1t)
-    _async_load(stg16.index(0), pl + w1t)
+    half's bf16 parts of them (at pl, chunk by chunk: `_mlp_queries_hopper`) into `stg16`."""
+    w2t = (c * 64 + trows[:, None]) * D + tcols[None, :]  # also chunk c's tile of a part
+    _async_load(stg32.index(0), dw1_ptr + trows[:, None] * F + c * 64 + tcols[None, :])
+    _async_load(stg16.index(0), pl + w2t)
     _async_load(stg32.index(1), dw2_ptr + w2t)
     _async_load(stg16.index(1), pl + D * F + w2t)
     async_copy.commit_group()
@@ -501,21 +503,42 @@ def _mlp_keys_hopper(k_ptr, v_ptr, eta_ptr, lnw_ptr, lnb_ptr, sw1_ptr, sb1_ptr, 
 
 
 @gluon.jit
+def _state_out(sw1_desc, sw2_desc, w1s, w2s, slot, c, F: gl.constexpr):
+    """TMA stores of chunk c of the bf16 state in w1s and w2s (written, fenced, then a barrier) to `slot`."""
+    _tma_store(sw1_desc, [(slot * 64).to(gl.int32), c * 64], w1s.index(c))
+    _tma_store(sw2_desc, [(slot * F + c * 64).to(gl.int32), 0], w2s.index(c))
+
+
+@gluon.jit
+def _parts_out(parl_desc, stage, slot, c, PROW: gl.constexpr, P_W2: gl.constexpr):
+    """TMA stores of chunk c's parts of W1's and W2's adjoint from the stage (written, fenced, then a barrier)
+    to `slot`'s tiles (PROW rows of 64 a slot, W2's part from its row P_W2; W1's chunk by chunk too)."""
+    row = (slot * PROW + c * 64).to(gl.int32)
+    _tma_store(parl_desc, [row, 0], stage.index(c % 2 * 2))
+    _tma_store(parl_desc, [row + P_W2, 0], stage.index(c % 2 * 2 + 1))
+
+
+@gluon.jit
 def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, lnb_ptr, cw1_ptr, cb1_ptr, cw2_ptr,
-                        cb2_ptr, run_ptr, sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr, par_ptr, parl_ptr, dlnw_ptr, dlnb_ptr,
-                        T, H, NG, g_lo, WG, eps, F: gl.constexpr, G: gl.constexpr, PEND: gl.constexpr,
+                        cb2_ptr, run_ptr, sw1_desc, sb1_ptr, sw2_desc, sb2_ptr, par_ptr, parl_desc, dlnw_ptr,
+                        dlnb_ptr, T, H, NG, g_lo, WG, eps, F: gl.constexpr, G: gl.constexpr, PEND: gl.constexpr,
                         num_warps: gl.constexpr):
     """Program (chain, gw) recomputes group g_lo + gw from its checkpoint: for each of its mini-batches it
     writes the state before (slot gw * G + j of the window's scratch) and what the keys' half takes from
-    the queries' half (Z2, the query path's part of the adjoint of the state after), and stores dq."""
+    the queries' half (Z2, the query path's part of the adjoint of the state after), and stores dq.
+    The bf16 tiles (the states' W1 and W2, the parts of the adjoint's) go out as TMA stores from shared
+    memory (`backward`'s descriptors: `[64, 64]` tiles of the scratch seen as rows of F or 64): the states'
+    from the tiles the products read, the parts' through a stage of two buffers, each chunk's issued after
+    the next chunk's first barrier."""
     D: gl.constexpr = 64
     BS: gl.constexpr = 64
     FC: gl.constexpr = 64
     NCH: gl.constexpr = F // FC
-    P_W2: gl.constexpr = D * F
     P_B1: gl.constexpr = D * F
     P_B2: gl.constexpr = P_B1 + F
     P_Z2: gl.constexpr = P_B2 + D
+    PROW: gl.constexpr = PEND * 2 // 64  # a slot's rows in parl_desc
+    gl.static_assert(PEND * 2 % 64 == 0)
 
     pid = gl.program_id(0)
     chain = (pid // WG).to(gl.int64)
@@ -549,6 +572,8 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     # query path's reverse
     w1s, w2s, kb, qb, vb, x2c, g1s, g2s = _step_buffers(NCH, NCH)
     gpc = gl.allocate_shared_memory(gl.float16, [NCH, 64, 64], TILE)
+    # two buffers of a chunk's parts of W1's and W2's adjoint (buffer b: tiles 2 b and 2 b + 1)
+    stage = gl.allocate_shared_memory(gl.bfloat16, [4, 64, 64], TILE)
     ones = gl.allocate_shared_memory(gl.bfloat16, [BS, BS], TILE)
     ones.store(gl.full([BS, BS], 1.0, gl.bfloat16, layout=MMA))
     for c in gl.static_range(NCH):
@@ -558,11 +583,12 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         gl.store(w1_ptr + c * FC + wtile, cw1)
         gl.store(w2_ptr + c * FC * D + vtile, cw2)
         gl.store(b1_ptr + c * FC + cols, cb1)
-        gl.store(sw1_ptr + slot0 * D * F + c * FC + wtile, cw1.to(gl.bfloat16))
-        gl.store(sw2_ptr + slot0 * F * D + c * FC * D + vtile, cw2.to(gl.bfloat16))
         gl.store(sb1_ptr + slot0 * F + c * FC + cols, cb1)
         w1s.index(c).store(cw1.to(gl.bfloat16))
         w2s.index(c).store(cw2.to(gl.bfloat16))
+    _handoff()
+    for c in gl.static_range(NCH):
+        _state_out(sw1_desc, sw2_desc, w1s, w2s, slot0, c, F)
     b2c = gl.load(cb2_ptr + cg * D + cols)
     gl.store(b2_ptr + cols, b2c)
     gl.store(sb2_ptr + slot0 * D + cols, b2c)
@@ -577,11 +603,12 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         t0 = n * BS
         slot = slot0 + j
         pb = par_ptr + slot * PEND
-        pl = parl_ptr + slot * PEND * 2
         kt = kb.index(j % 2)
         b2 = gl.load(b2_ptr + cols)[None, :]
         async_copy.wait_group(0)
         _handoff()
+        if j > 0:
+            _parts_out(parl_desc, stage, slot - 1, NCH - 1, PROW, D * F // 64)
         part = zero
         for ch in range(NCH):
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
@@ -598,6 +625,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         nxt = j + 1 < L
         if nxt:
             gl.store(sb2_ptr + (slot + 1) * D + bcast, partq, mask=first)
+        tma.store_wait(0)  # the TMA stores so far are done with w1s and w2s (the chunks' handoffs then order it)
         for ch in range(NCH):
             p = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
             w1 = gl.load(w1_ptr + ch * FC + wtile)
@@ -612,11 +640,11 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             gl.store(w2_ptr + ch * FC * D + vtile, w2)
             if nxt:
                 gl.store(sb1_ptr + (slot + 1) * F + ch * FC + bcast, b1, mask=first)
-                gl.store(sw1_ptr + (slot + 1) * D * F + ch * FC + wtile, w1.to(gl.bfloat16))
-                gl.store(sw2_ptr + (slot + 1) * F * D + ch * FC * D + vtile, w2.to(gl.bfloat16))
             w1s.index(ch).store(w1.to(gl.bfloat16))
             w2s.index(ch).store(w2.to(gl.bfloat16))
             _handoff()
+            if nxt:
+                _state_out(sw1_desc, sw2_desc, w1s, w2s, slot + 1, ch, F)
             # the queries through the updated chunk; its X_q2 and GELU'(Z_q1) replace X2's and GELU'(Z1)'s (the
             # update's products are done: the handoff above) for the query path's reverse
             partq = _chunk_pass(qb, w1s.index(ch), w2s.index(ch), x2c.index(ch), gpc.index(ch), zero, b1, partq)
@@ -636,24 +664,30 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             r = warpgroup_mma(g2s, w2s.index(ch).permute((1, 0)), zero, use_acc=False, is_async=True)
             gpq = gpc.index(ch).load(MMA).to(gl.float32)
             r = warpgroup_mma_wait(0, deps=(r, ))
-            _barrier()  # the last chunk's products are done with g1s
+            _barrier()  # the last chunk's products are done with g1s; its parts are in the stage
+            if ch > 0:
+                _parts_out(parl_desc, stage, slot, ch - 1, PROW, D * F // 64)
             g1s.store((r * gpq).to(gl.bfloat16))
+            tma.store_wait(2)  # all but the last chunk's parts: the stage's other buffer is free after the handoff
             _handoff()
             dq = warpgroup_mma(g1s, w1s.index(ch).permute((1, 0)), dq, is_async=True)
             qw1 = warpgroup_mma(qb.permute((1, 0)), g1s, zero, use_acc=False, is_async=True)
             qb1 = warpgroup_mma(ones, g1s, zero, use_acc=False, is_async=True)
             qw2 = warpgroup_mma(x2c.index(ch).permute((1, 0)), g2s, zero, use_acc=False, is_async=True)
             dq, qw1, qb1, qw2 = warpgroup_mma_wait(0, deps=(dq, qw1, qb1, qw2))
-            gl.store(pl + ch * FC + wtile, qw1.to(gl.bfloat16))
-            gl.store(pl + P_W2 + ch * FC * D + vtile, qw2.to(gl.bfloat16))
+            stage.index(ch % 2 * 2).store(qw1.to(gl.bfloat16))
+            stage.index(ch % 2 * 2 + 1).store(qw2.to(gl.bfloat16))
+            fence_async_shared()  # for the TMA stores after the next barrier
             gl.store(pb + P_B1 + ch * FC + bcast, qb1, mask=first)
         _store_rows(dq_ptr, dq, t0, T, rows, cols, D)
         _barrier()  # every thread's reads of q, k and v before the next mini-batch's copies
         _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((j + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
         eta = _load_eta(eta_ptr, t0 + BS, T, rows)
+    _parts_out(parl_desc, stage, slot0 + L - 1, NCH - 1, PROW, D * F // 64)  # after the last step's barrier
     gl.store(dlnw_ptr + pid * D + cols, dlnw)
     gl.store(dlnb_ptr + pid * D + cols, dlnb)
     async_copy.wait_group(0)
+    tma.store_wait(0)
 
 
 def forward(args, T, H, NG, eps, group, save, programs_per_sm, launch, cluster_size):
@@ -700,10 +734,16 @@ def backward(q, k, v, eta, dout, ln_w, ln_b, ckpt, carry, dq, dk, dv, deta, T, N
     qdln = torch.zeros_like(dln)  # the queries' halves'
     NB = -(-T // D_HOPPER)
 
+    tiles = [(TensorDescriptor.from_tensor(low[p, 0].view(-1, F), [D, D], TILE.value),
+              TensorDescriptor.from_tensor(low[p, 1].view(-1, D), [D, D], TILE.value),
+              TensorDescriptor.from_tensor(par[p].view(torch.bfloat16).view(-1, D), [D, D], TILE.value))
+             for p in range(2)]  # the queries' kernel's TMA stores: the states' W1 and W2, the adjoint's parts
+
     def queries(g_lo, ng, p):
-        _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, low[p, 0], sb1[p], low[p, 1],
-                                        sb2[p], par[p], par[p].view(torch.bfloat16), *ln, T, H, NG, g_lo, ng, eps, F=F,
-                                        G=group, PEND=pend, num_warps=WARPS)
+        sw1, sw2, parl = tiles[p]
+        _mlp_queries_hopper[(N * ng, )](q, k, v, eta, dout, dq, ln_w, ln_b, *ckpt, run, sw1, sb1[p], sw2, sb2[p],
+                                        par[p], parl, *ln, T, H, NG, g_lo, ng, eps, F=F, G=group, PEND=pend,
+                                        num_warps=WARPS)
         qdln.add_(ln[:, :N * ng].view(2, N, ng, D).sum(2))
 
     def keys(g_lo, ng, p):
