@@ -110,7 +110,8 @@ def test_hopper_kernels_compile_for_sm90(tmp_path):
     queries' kernel's forward step and the query path's reverse (60, in 10 groups: the step's update takes
     X2 and GELU'(Z1) from its first pass, and the reverse X_q2 and GELU'(Z_q1) from the step); the keys' kernel's 8
     products a chunk in its first pass, 6 in its second and b2's column sum (60, in 5 groups). The tokens
-    come in by `cp.async` (and the keys' kernel's states and adjoint chunks), shared-memory writes are
+    come in by `cp.async` (and the keys' kernel's states and adjoint chunks), the queries' kernel's bf16
+    tiles (states, the adjoint's parts) go out by TMA and no other kernel's do, shared-memory writes are
     fenced for the products, each shared memory holds W1 and W2 in bf16 beside the token and gradient
     tiles within what an H100 SM gives one program, and no asynchronous product's register operand is
     left free to be reused while it runs."""

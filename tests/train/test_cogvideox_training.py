@@ -215,8 +215,8 @@ def test_long_stages_recompute_blocks_part_by_part_with_the_same_losses(pipeline
                     f"train.checkpoint_parts={parts}", f"train.offload_checkpoints={parts}")
         train(cfg, tmp_path / name, progress=False)
         runs[name] = _losses(tmp_path / name)
-        if name == "parts":  # per step, in the forward and again in the recompute: 2 segments, 2 passes
-            assert calls == {"Block": 2, "_attend": 8, "_gated_pass": 8, "_frames_feed_forward": 8}, calls
+        if name == "parts":  # per step, in the forward and again in the recompute: 2 segments, the first pass
+            assert calls == {"Block": 2, "_attend": 8, "_gated_pass": 4, "_frames_feed_forward": 8}, calls
     assert runs["parts"] == pytest.approx(runs["whole"], rel=1e-5)
 
 

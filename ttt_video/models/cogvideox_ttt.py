@@ -555,14 +555,15 @@ class Block(nn.Module):
     """Attention and feed-forward run segment by segment where nothing is saved for backward
     (inference: one segment's temporaries at a time, not the whole video's). With `parts`,
     training does the same and recomputes the block part by part in backward: each segment's
-    attention, each TTT pass and each segment's worth of feed-forward keep only their inputs, so
-    one part's activations are held at a time. Backward's recompute of the block runs only what gives
-    the parts' inputs, and what it ran once is not run again: each segment's attention keeps its
-    kernel's results for the part's own recompute (`ops.attention`), as `BidirectionalTTT` keeps the
-    TTT kernels' (`ops.memo`), and the video's feed-forward parts, whose outputs feed only the block's
-    output, are skipped there. So a step runs the attention and TTT kernels and the video's feed-forward
-    twice (in its first forward and once in backward), the rest of the attention and TTT parts three
-    times."""
+    attention, the first TTT pass and each segment's worth of feed-forward keep only their inputs, so
+    one part's activations are held at a time, besides the second TTT pass's (`BidirectionalTTT`: it
+    runs once in the block's recompute and its backward comes next). Backward's recompute of the block
+    runs only what gives the parts' inputs, and what it ran once is not run again: each segment's
+    attention keeps its kernel's results for the part's own recompute (`ops.attention`), as the first
+    TTT pass keeps the TTT kernels' (`ops.memo`), and the video's feed-forward parts, whose outputs feed
+    only the block's output, are skipped there. So a step runs the attention and TTT kernels and the
+    video's feed-forward twice (in its first forward and once in backward), the rest of the attention
+    parts and of the first TTT pass three times."""
 
     def __init__(self, cfg):
         super().__init__()

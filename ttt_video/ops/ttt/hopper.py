@@ -17,7 +17,8 @@ products that do not depend on each other are issued together and waited for tog
 asynchronous form); the bias updates' column sums are products too (ones^T -G, v33), so no step sums
 across warps for them; the next mini-batch's q, k and v are copied into shared memory while this one runs
 (`cp.async`); the queries' kernel keeps each hidden chunk's X2 and GELU' in shared memory from the pass that
-makes them to the pass that takes them (v38); and eight warps share each step's element-wise work. The math and its order are those of
+makes them to the pass that takes them (v38) and stores its bf16 tiles by TMA from shared memory (v39); and
+eight warps share each step's element-wise work. The math and its order are those of
 the portable kernels, whose element-wise helpers these call; the rounding points too, except that the
 bias updates and the biases' adjoints sum the bf16 operands of the weights' products (in float32) where
 the portable kernels sum float32, and the keys' kernel keeps the first pass's partial dZ1 in shared
