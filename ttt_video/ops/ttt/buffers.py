@@ -36,7 +36,7 @@ def mlp_hopper_backward_scratch(chains, groups, group, head_dim, hidden, mini_ba
     """Shapes of the Hopper TTT-MLP backward's scratch (`hopper.backward`) for `groups` checkpoint groups of
     `group` mini-batches. Two sets, one a window in flight, of: the window's recomputed states (W1 and W2 in
     bfloat16, b1 and b2 in float32) and what their queries' halves leave the keys' halves (float32 slots:
-    W1's and W2's parts in bfloat16, then b1's, b2's and Z2). Then the float32 states that the recompute
+    W1's and W2's parts in bfloat16 as `[64, 64]` tiles a hidden chunk, then b1's, b2's and Z2). Then the float32 states that the recompute
     steps (one a chain and group of a window) and their LayerNorm gradient rows (float32, weight and
     bias)."""
     D, F, bs = head_dim, hidden, mini_batch_size
