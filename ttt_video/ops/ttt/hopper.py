@@ -539,6 +539,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
     P_B2: gl.constexpr = P_B1 + F
     P_Z2: gl.constexpr = P_B2 + D
     PROW: gl.constexpr = PEND * 2 // 64  # a slot's rows in parl_desc
+    PW2: gl.constexpr = D * F // 64  # the first of them that holds W2's part
     gl.static_assert(PEND * 2 % 64 == 0)
 
     pid = gl.program_id(0)
@@ -609,7 +610,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         async_copy.wait_group(0)
         _handoff()
         if j > 0:
-            _parts_out(parl_desc, stage, slot - 1, NCH - 1, PROW, D * F // 64)
+            _parts_out(parl_desc, stage, slot - 1, NCH - 1, PROW, PW2)
         part = zero
         for ch in range(NCH):
             b1 = gl.load(b1_ptr + ch * FC + cols)[None, :]
@@ -667,7 +668,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
             r = warpgroup_mma_wait(0, deps=(r, ))
             _barrier()  # the last chunk's products are done with g1s; its parts are in the stage
             if ch > 0:
-                _parts_out(parl_desc, stage, slot, ch - 1, PROW, D * F // 64)
+                _parts_out(parl_desc, stage, slot, ch - 1, PROW, PW2)
             g1s.store((r * gpq).to(gl.bfloat16))
             tma.store_wait(2)  # all but the last chunk's parts: the stage's other buffer is free after the handoff
             _handoff()
@@ -684,7 +685,7 @@ def _mlp_queries_hopper(q_ptr, k_ptr, v_ptr, eta_ptr, do_ptr, dq_ptr, lnw_ptr, l
         _barrier()  # every thread's reads of q, k and v before the next mini-batch's copies
         _hopper_prefetch(q_ptr, k_ptr, v_ptr, qb, kb.index((j + 1) % 2), vb, t0 + BS, T, trows, tcols, D)
         eta = _load_eta(eta_ptr, t0 + BS, T, rows)
-    _parts_out(parl_desc, stage, slot0 + L - 1, NCH - 1, PROW, D * F // 64)  # after the last step's barrier
+    _parts_out(parl_desc, stage, slot0 + L - 1, NCH - 1, PROW, PW2)  # after the last step's barrier
     gl.store(dlnw_ptr + pid * D + cols, dlnw)
     gl.store(dlnb_ptr + pid * D + cols, dlnb)
     async_copy.wait_group(0)
